@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets up what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+SESSIONS ?=
+ARGS ?=
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
+	touch $@
+
+demo: setup
+	$(BIN)/bkd-edge demo $(if $(SESSIONS),--sessions $(SESSIONS)) $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: setup
+	$(BIN)/python scripts/bench_runtime.py $(if $(SESSIONS),--sessions $(SESSIONS)) $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check bundlekd_edge tests scripts
+	$(BIN)/ruff format --check bundlekd_edge tests scripts
+
+clean:
+	rm -rf $(VENV) demo-out bench-out .pytest_cache

@@ -1,0 +1,80 @@
+"""`bkd-edge demo`: generate, print and score bundles with the default student, end to end."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import click
+
+from ..data import load_sessions
+from ..files import write_json
+from ..metrics import Prediction, evaluate
+from ..prompts import item_title
+from ..report import quality_table, table
+from .generate_cmd import engine_options, load_engine
+
+
+def sample_sessions_path() -> Path:
+    """The built-in sample: 20 sessions the project wrote itself (not a real data set)."""
+    return Path(str(resources.files("bundlekd_edge") / "sample" / "sessions.jsonl"))
+
+
+@click.command()
+@engine_options
+@click.option(
+    "--sessions",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Sessions JSONL (default: the built-in 20-session sample).",
+)
+@click.option("--split", type=str, help="Split to run (default: 'test' when --sessions has one, else all).")
+@click.option("--limit", type=int, help="Only the first N sessions.")
+@click.option("--show", default=5, show_default=True, help="How many sessions to print in full.")
+@click.option(
+    "--out",
+    default="demo-out",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for predictions.jsonl, scores.json and summary.json.",
+)
+def demo(model, n_ctx, threads, seed, sessions, split, limit, show, out):
+    """Generate bundles offline, print some, then the quality table and the latency/memory table."""
+    from ..runtime.batch import latency_rows, latency_summary, run_sessions
+
+    if sessions is None:
+        sessions = sample_sessions_path()
+        click.echo(
+            f"Data: the built-in SAMPLE ({sessions.name}: 20 sessions written by bundlekd-edge, "
+            "not a real data set). Use --sessions FILE for real data."
+        )
+    elif split is None and any(s.split == "test" for s in load_sessions(sessions)):
+        split = "test"
+    rows = load_sessions(sessions, split=split)[:limit]
+    click.echo(f"Sessions: {len(rows)} from {sessions}" + (f" (split {split})" if split else ""))
+
+    engine = load_engine(model, n_ctx, threads, seed)
+    click.echo(f"Model: {engine.model_path.name} ({engine.model_size / 2**20:.0f} MiB, {engine.threads} threads)")
+    gens = run_sessions(engine, rows, out / "predictions.jsonl")
+
+    for session, g in list(zip(rows, gens))[:show]:
+        titles = {it.id: item_title(it.title, 48) for it in session.items}
+        number = {iid: i for i, iid in enumerate(session.item_ids(), 1)}
+        click.echo(f"\n== {session.session_id}: {len(session.items)} items, {g.timing.total_s:.2f} s")
+        for iid in session.item_ids():
+            click.echo(f"   {number[iid]:>2}. {titles[iid]}")
+        for label, bundles in (("predicted", g.bundles), ("truth", [vars(b) for b in session.bundles])):
+            for b in bundles or [{"items": [], "intent": "(none)"}]:
+                nums = ", ".join(str(number[x]) for x in b["items"])
+                click.echo(f"   {label:>9}: [{nums}] {b['intent']}")
+
+    scores = evaluate(
+        rows, {g.session_id: Prediction(g.session_id, [b["items"] for b in g.bundles], g.valid) for g in gens}
+    )
+    summary = latency_summary(gens, engine)
+    write_json(out / "scores.json", scores)
+    write_json(out / "summary.json", {"run": engine.describe(), "sessions_file": str(sessions), **summary})
+    click.echo("\nQuality\n" + quality_table(scores))
+    click.echo(
+        "\nLatency and memory\n" + table(latency_rows(summary), [("measure", "measure", ""), ("value", "value", "")])
+    )
+    click.echo(f"\nWritten: {out}/predictions.jsonl, {out}/scores.json, {out}/summary.json")

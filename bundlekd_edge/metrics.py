@@ -1,0 +1,129 @@
+"""Bundle-generation metrics: the paper's precision / recall / coverage and the strict matched scores.
+
+The paper's metrics have no one-to-one matching (a predicted bundle "hits" when it is a subset of
+some ground-truth bundle), so they are easy to game; the strict scores match predicted to
+ground-truth bundles one-to-one by maximal summed Jaccard. Report both, always side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from . import BkdError
+from .data import Session, iter_jsonl
+
+METRIC_KEYS = (
+    "precision", "recall", "coverage",
+    "strict_precision", "strict_recall", "strict_f1", "exact_match",
+    "valid_rate", "hallucination_rate", "empty_rate",
+)  # fmt: skip
+
+
+@dataclass
+class Prediction:
+    session_id: str
+    bundles: list[list[str]]  # item ids, as predicted (may name items outside the session)
+    valid: bool = True  # False when the model's raw output was not valid JSON
+
+
+def load_predictions(path: str | Path) -> dict[str, Prediction]:
+    """Read a predictions JSONL: {"session_id": ..., "bundles": [{"items": [...], ...}], ...} a line."""
+    preds: dict[str, Prediction] = {}
+    for n, obj in iter_jsonl(path):
+        where = f"{path}:{n}"
+        if not isinstance(obj, dict) or "session_id" not in obj:
+            raise BkdError(f"{where}: missing field 'session_id'")
+        sid = str(obj["session_id"])
+        if sid in preds:
+            raise BkdError(f"{where}: duplicate prediction for session {sid!r}")
+        raw = obj.get("bundles")
+        if not isinstance(raw, list):
+            raise BkdError(f"{where}: field 'bundles' must be a list")
+        bundles = []
+        for j, b in enumerate(raw):
+            if not isinstance(b, dict) or not isinstance(b.get("items"), list):
+                raise BkdError(f"{where}: bundles[{j}]: expected an object with an 'items' list")
+            bundles.append([str(x) for x in b["items"]])
+        preds[sid] = Prediction(sid, bundles, bool(obj.get("valid", True)))
+    return preds
+
+
+def _jaccard(a: frozenset, b: frozenset) -> float:
+    return len(a & b) / len(a | b)
+
+
+def score_session(predicted: list[frozenset], gold: list[frozenset]) -> dict:
+    """Scores of one session. `predicted` holds only bundles of >= 2 items."""
+    hits, coverage = 0, []
+    for p in predicted:
+        for g in gold:  # first ground-truth bundle in list order that contains p
+            if p <= g:
+                hits += 1
+                coverage.append(len(p) / len(g))
+                break
+    matched, exact = 0.0, 0
+    if predicted:
+        sim = np.array([[_jaccard(p, g) for g in gold] for p in predicted])
+        rows, cols = linear_sum_assignment(sim, maximize=True)
+        matched = float(sim[rows, cols].sum())
+        exact = int(sum(predicted[r] == gold[c] for r, c in zip(rows, cols)))
+    n_p, n_g = len(predicted), len(gold)
+    return {
+        "precision": hits / n_p if n_p else 0.0,
+        "recall": hits / n_g,
+        "coverage": coverage,
+        "strict_precision": matched / n_p if n_p else 0.0,
+        "strict_recall": matched / n_g,
+        "exact_match": exact / n_g,
+    }
+
+
+def evaluate(gold: list[Session], preds: dict[str, Prediction]) -> dict:
+    """Score predictions against the gold sessions (averages over the gold sessions).
+
+    A gold session with no prediction counts as empty (all zero). A prediction for a session
+    the gold file does not hold is an error: it means the files do not belong together.
+    """
+    gold_ids = {s.session_id for s in gold}
+    unknown = [sid for sid in preds if sid not in gold_ids]
+    if unknown:
+        raise BkdError(f"predictions name {len(unknown)} session(s) not in the gold file, e.g. {unknown[0]!r}")
+
+    totals = {k: 0.0 for k in ("precision", "recall", "strict_precision", "strict_recall", "exact_match")}
+    coverage: list[float] = []
+    valid = empty = missing = mentions = hallucinated = 0
+    for s in gold:
+        pred = preds.get(s.session_id)
+        if pred is None:
+            missing += 1
+            pred = Prediction(s.session_id, [], valid=False)
+        members = set(s.item_ids())
+        predicted = []
+        for b in pred.bundles:
+            mentions += len(b)
+            hallucinated += sum(1 for x in b if x not in members)
+            if len(set(b)) >= 2:  # singleton bundles are dropped
+                predicted.append(frozenset(b))
+        valid += pred.valid
+        empty += not predicted
+        scores = score_session(predicted, [frozenset(b.items) for b in s.bundles])
+        coverage.extend(scores.pop("coverage"))
+        for k, v in scores.items():
+            totals[k] += v
+
+    n = len(gold)
+    out = {k: v / n for k, v in totals.items()}
+    out["coverage"] = sum(coverage) / len(coverage) if coverage else 0.0
+    sp, sr = out["strict_precision"], out["strict_recall"]
+    out["strict_f1"] = 2 * sp * sr / (sp + sr) if sp + sr else 0.0
+    out["valid_rate"] = valid / n
+    out["hallucination_rate"] = hallucinated / mentions if mentions else 0.0
+    out["empty_rate"] = empty / n
+    out["sessions"] = n
+    out["missing_predictions"] = missing
+    out["predicted_bundles"] = sum(len(p.bundles) for p in preds.values() if p.session_id in gold_ids)
+    return {k: out[k] for k in (*METRIC_KEYS, "sessions", "missing_predictions", "predicted_bundles")}

@@ -1,0 +1,97 @@
+"""Run an engine over many sessions: predictions file, progress bar, latency and memory summary."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..data import Session
+from ..files import atomic_write
+from .engine import Engine, Generation
+
+
+def run_sessions(
+    engine: Engine,
+    sessions: list[Session],
+    out: str | Path | None = None,
+    knowledge: str = "",
+    progress: bool = True,
+) -> list[Generation]:
+    """Generate bundles for every session; write predictions JSONL to `out` (atomically) if given.
+
+    Every prompt is tokenized and checked against the context first, so a session that does
+    not fit stops the run before any time is spent generating.
+    """
+    for s in sessions:
+        engine.prompt_tokens(s, knowledge)
+    gens: list[Generation] = []
+    bar = tqdm(sessions, desc="generate", unit="session", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    if out is None:
+        for s in bar:
+            gens.append(engine.generate(s, knowledge))
+        return gens
+    with atomic_write(out) as f:
+        for s in bar:
+            g = engine.generate(s, knowledge)
+            gens.append(g)
+            f.write(json.dumps(g.to_record(), ensure_ascii=False) + "\n")
+            bar.set_postfix(p50=f"{np.median([x.timing.total_s for x in gens]):.2f}s", refresh=False)
+    return gens
+
+
+def _pct(values, q) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def latency_summary(gens: list[Generation], engine: Engine) -> dict:
+    """Per-session latency percentiles, token rates over the whole run, memory now and at peak."""
+    t = [g.timing for g in gens]
+    total = [x.total_s for x in t]
+    ttft = [x.ttft_s for x in t]
+    prefill_s = sum(x.prefill_s for x in t)
+    decode_s = sum(x.decode_s for x in t)
+    return {
+        "sessions": len(gens),
+        "valid_rate": sum(g.valid for g in gens) / len(gens) if gens else 0.0,
+        "latency_p50_s": _pct(total, 50),
+        "latency_p95_s": _pct(total, 95),
+        "ttft_p50_s": _pct(ttft, 50),
+        "ttft_p95_s": _pct(ttft, 95),
+        "prompt_tokens_mean": float(np.mean([x.prompt_tokens for x in t])) if t else 0.0,
+        "completion_tokens_mean": float(np.mean([x.completion_tokens for x in t])) if t else 0.0,
+        "prefill_tps": sum(x.prefill_tokens for x in t) / prefill_s if prefill_s else 0.0,
+        "decode_tps": sum(x.completion_tokens for x in t) / decode_s if decode_s else 0.0,
+        "sessions_per_min": 60 * len(t) / sum(total) if total else 0.0,
+        **engine.memory(),
+    }
+
+
+LATENCY_ROWS = [
+    ("latency_p50_s", "per-session latency p50 (s)", ".3f"),
+    ("latency_p95_s", "per-session latency p95 (s)", ".3f"),
+    ("ttft_p50_s", "time to first token p50 (s)", ".3f"),
+    ("ttft_p95_s", "time to first token p95 (s)", ".3f"),
+    ("prompt_tokens_mean", "prompt tokens (mean)", ".1f"),
+    ("completion_tokens_mean", "answer tokens (mean)", ".1f"),
+    ("prefill_tps", "prefill tokens/s", ".1f"),
+    ("decode_tps", "decode tokens/s", ".1f"),
+    ("sessions_per_min", "sessions per minute", ".1f"),
+    ("peak_rss", "peak RSS (MiB)", "mib"),
+    ("rss_file", "RSS file-backed now (MiB)", "mib"),
+    ("rss_anon", "RSS anonymous now (MiB)", "mib"),
+    ("model_file_bytes", "model file (MiB)", "mib"),
+]
+
+
+def latency_rows(summary: dict) -> list[dict]:
+    rows = []
+    for key, label, spec in LATENCY_ROWS:
+        value = summary.get(key)
+        if value is not None and spec == "mib":
+            value, spec = value / 2**20, ".1f"
+        rows.append({"measure": label, "value": None if value is None else format(value, spec)})
+    return rows

@@ -1,0 +1,200 @@
+"""The edge engine: one llama.cpp model, greedy schema-constrained bundle generation, timings, memory.
+
+Imports neither torch nor transformers: this is what runs on a laptop.
+
+Prompts are rendered with the chat template stored in the GGUF and tokenized here, so we know
+the exact token count before generating (a session that does not fit is an error, never a
+silently cut prompt). The static part of the prompt comes first and the engine never resets
+the model between sessions: llama-cpp-python then reuses the KV cache of the longest common
+token prefix, so a shared prefix is evaluated once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import llama_cpp
+from llama_cpp import Llama, LlamaGrammar
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from .. import BkdError
+from ..data import Session
+from ..prompts import PromptConfig, build_messages, max_answer_tokens, output_grammar, parse_answer
+from .memory import memory_snapshot
+from .model_file import check_gguf_magic, inspect_gguf, resolve_model
+
+# Used only when a GGUF carries no chat template (e.g. a base model): ChatML, as SmolLM2 uses.
+FALLBACK_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    n_ctx: int = 2048
+    n_threads: int = 0  # 0: every core the process may use
+    n_batch: int = 512
+    seed: int = 0
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+
+@dataclass
+class Timing:
+    prompt_tokens: int  # tokens in the prompt
+    prefill_tokens: int  # of those, evaluated now (the rest came from the reused KV cache)
+    completion_tokens: int
+    ttft_s: float  # request start to first generated token, wall clock
+    prefill_s: float  # llama.cpp's own prompt-eval timer
+    decode_s: float  # llama.cpp's own eval timer
+    total_s: float
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.completion_tokens / self.decode_s if self.decode_s else 0.0
+
+
+@dataclass
+class Generation:
+    session_id: str
+    bundles: list[dict]  # [{"items": [item ids], "intent": str}]
+    valid: bool
+    error: str
+    raw: str
+    timing: Timing
+
+    def to_record(self) -> dict:
+        """One line of a predictions file."""
+        return {
+            "session_id": self.session_id,
+            "bundles": self.bundles,
+            "valid": self.valid,
+            **({"error": self.error} if self.error else {}),
+            "raw": self.raw,
+            "timing": asdict(self.timing),
+        }
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class Engine:
+    """A loaded model that turns sessions into bundles."""
+
+    def __init__(self, model: str | Path = "default", config: EngineConfig = EngineConfig()):
+        self.config = config
+        self.model_path = check_gguf_magic(resolve_model(model))
+        threads = config.n_threads or default_threads()
+        t0 = time.perf_counter()
+        try:
+            self.llm = Llama(
+                model_path=str(self.model_path),
+                n_ctx=config.n_ctx,
+                n_batch=config.n_batch,
+                n_threads=threads,
+                n_threads_batch=threads,
+                seed=config.seed,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as e:
+            inspect_gguf(self.model_path)  # raises a precise error for a damaged or truncated file
+            raise BkdError(f"{self.model_path}: llama.cpp could not load this model ({e})") from None
+        self.load_s = time.perf_counter() - t0
+        self.threads = threads
+        self.model_size = self.model_path.stat().st_size
+        template = self.llm.metadata.get("tokenizer.chat_template") or FALLBACK_TEMPLATE
+        vocab = self.llm._model
+        self._format = Jinja2ChatFormatter(
+            template, vocab.token_get_text(self.llm.token_eos()), vocab.token_get_text(self.llm.token_bos())
+        )
+        self._grammars: dict[int, LlamaGrammar] = {}
+
+    # -- prompt -------------------------------------------------------------------------
+
+    def prompt_tokens(self, session: Session, knowledge: str = "") -> list[int]:
+        """The exact tokens the model sees for this session; raises if they do not fit the context."""
+        messages = build_messages(session, self.config.prompt, knowledge)
+        text = self._format(messages=messages).prompt
+        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=self.llm._model.add_bos_token(), special=True)
+        need = len(tokens) + max_answer_tokens(len(session.items), self.config.prompt)
+        if need > self.config.n_ctx:
+            raise BkdError(
+                f"session {session.session_id!r} does not fit the context window: {len(tokens)} prompt tokens "
+                f"+ up to {need - len(tokens)} answer tokens > n_ctx {self.config.n_ctx} "
+                "(raise --n-ctx or use a smaller pack)"
+            )
+        return tokens
+
+    def grammar(self, n_items: int) -> LlamaGrammar:
+        if n_items not in self._grammars:
+            gbnf = output_grammar(n_items, self.config.prompt)
+            self._grammars[n_items] = LlamaGrammar.from_string(gbnf, verbose=False)
+        return self._grammars[n_items]
+
+    # -- generation ---------------------------------------------------------------------
+
+    def generate(self, session: Session, knowledge: str = "") -> Generation:
+        tokens = self.prompt_tokens(session, knowledge)
+        n_items = len(session.items)
+        ctx = self.llm._ctx.ctx
+        llama_cpp.llama_perf_context_reset(ctx)
+        t0 = time.perf_counter()
+        first, pieces = None, []
+        stream = self.llm.create_completion(
+            tokens,
+            max_tokens=max_answer_tokens(n_items, self.config.prompt),
+            temperature=0.0,
+            grammar=self.grammar(n_items),
+            stream=True,
+        )
+        finish = None
+        for chunk in stream:
+            if first is None:
+                first = time.perf_counter()
+            choice = chunk["choices"][0]
+            pieces.append(choice["text"])
+            finish = choice.get("finish_reason") or finish
+        total = time.perf_counter() - t0
+        perf = llama_cpp.llama_perf_context(ctx)
+        timing = Timing(
+            prompt_tokens=len(tokens),
+            prefill_tokens=perf.n_p_eval,
+            completion_tokens=perf.n_eval,  # each generated token is evaluated once; the final EOS is not
+            ttft_s=(first or time.perf_counter()) - t0,
+            prefill_s=perf.t_p_eval_ms / 1000,
+            decode_s=perf.t_eval_ms / 1000,
+            total_s=total,
+        )
+        raw = "".join(pieces)
+        parsed = parse_answer(raw, session)
+        error = parsed.error
+        if finish == "length" and not parsed.valid:
+            error = f"answer cut at max_tokens ({error})"
+        return Generation(session.session_id, parsed.bundles, parsed.valid, error, raw, timing)
+
+    def memory(self) -> dict:
+        return {**memory_snapshot(), "model_file_bytes": self.model_size}
+
+    def describe(self) -> dict:
+        """What produced a result: enough to reproduce it."""
+        return {
+            "model": str(self.model_path),
+            "model_file_bytes": self.model_size,
+            "n_ctx": self.config.n_ctx,
+            "threads": self.threads,
+            "seed": self.config.seed,
+            "load_s": round(self.load_s, 3),
+            "llama_cpp_python": llama_cpp.__version__,
+            "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        }

