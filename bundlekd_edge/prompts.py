@@ -50,13 +50,18 @@ def session_text(session: Session, config: PromptConfig = PromptConfig()) -> str
     return "Session items:\n" + "\n".join(lines)
 
 
-def build_messages(session: Session, config: PromptConfig = PromptConfig(), knowledge: str = "") -> list[dict]:
-    """Chat messages for one session. Static text comes first so llama.cpp can reuse its KV cache."""
+def build_messages(
+    session: Session, config: PromptConfig = PromptConfig(), knowledge: str = "", examples: str = ""
+) -> list[dict]:
+    """Chat messages for one session.
+
+    `knowledge` is static (the same for every session: rules, patterns) and goes into the
+    system message, first, so its KV state is computed once and reused. `examples` depend on
+    the session (retrieved neighbours) and go into the user message, just before the session.
+    """
     system = SYSTEM + "\n\n" + TASK + ("\n\n" + knowledge if knowledge else "") + "\n\n" + CONTRACT
-    return [
-        {"role": "system", "content": system},
-        {"role": "user", "content": session_text(session, config)},
-    ]
+    user = (examples + "\n\n" if examples else "") + session_text(session, config)
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 def max_bundles_for(n_items: int, config: PromptConfig = PromptConfig()) -> int:

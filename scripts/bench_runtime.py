@@ -16,7 +16,6 @@ Target: ours / raw >= 0.95 on decode tokens/s.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

@@ -21,7 +21,8 @@ from llama_cpp import Llama, LlamaGrammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .. import BkdError
-from ..data import Session
+from ..data import Item, Session
+from ..files import sha256_file
 from ..prompts import PromptConfig, build_messages, max_answer_tokens, output_grammar, parse_answer
 from .memory import memory_snapshot
 from .model_file import check_gguf_magic, inspect_gguf, resolve_model
@@ -119,14 +120,14 @@ class Engine:
             template, vocab.token_get_text(self.llm.token_eos()), vocab.token_get_text(self.llm.token_bos())
         )
         self._grammars: dict[int, LlamaGrammar] = {}
+        self._sha256: str | None = None
 
     # -- prompt -------------------------------------------------------------------------
 
-    def prompt_tokens(self, session: Session, knowledge: str = "") -> list[int]:
+    def prompt_tokens(self, session: Session, knowledge: str = "", examples: str = "") -> list[int]:
         """The exact tokens the model sees for this session; raises if they do not fit the context."""
-        messages = build_messages(session, self.config.prompt, knowledge)
-        text = self._format(messages=messages).prompt
-        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=self.llm._model.add_bos_token(), special=True)
+        messages = build_messages(session, self.config.prompt, knowledge, examples)
+        tokens = self._tokenize_chat(messages)
         need = len(tokens) + max_answer_tokens(len(session.items), self.config.prompt)
         if need > self.config.n_ctx:
             raise BkdError(
@@ -136,6 +137,45 @@ class Engine:
             )
         return tokens
 
+    def _tokenize_chat(self, messages: list[dict]) -> list[int]:
+        text = self._format(messages=messages).prompt
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=self.llm._model.add_bos_token(), special=True)
+
+    def prefix_tokens(self, knowledge: str = "") -> list[int]:
+        """The tokens every session's prompt starts with, for this knowledge.
+
+        Found as the common token prefix of two different sessions' prompts, so it is exactly
+        what llama.cpp will match (no guessing where the tokenizer splits the boundary).
+        """
+        a, b = (Session(s, [Item(s, s)]) for s in ("a", "b"))
+        ta = self._tokenize_chat(build_messages(a, self.config.prompt, knowledge))
+        tb = self._tokenize_chat(build_messages(b, self.config.prompt, knowledge))
+        n = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
+        return ta[:n]
+
+    def warm_prefix(self, knowledge: str = "", state_dir: str | Path | None = None) -> dict:
+        """Put the static prefix into the KV cache: from a persisted state when one matches, else
+        by evaluating it (and persisting it when `state_dir` is given)."""
+        from .prefix_cache import load_prefix_state, save_prefix_state
+
+        tokens = self.prefix_tokens(knowledge)
+        if len(tokens) >= self.config.n_ctx:
+            raise BkdError(f"the static prompt prefix is {len(tokens)} tokens, the context window {self.config.n_ctx}")
+        t0 = time.perf_counter()
+        status = load_prefix_state(self, tokens, state_dir) if state_dir else "not persisted"
+        if status != "loaded":
+            self.llm._ctx.kv_cache_clear()
+            self.llm.reset()
+            self.llm.eval(tokens)
+            if state_dir:
+                save_prefix_state(self, tokens, state_dir)
+        return {"tokens": len(tokens), "status": status, "seconds": time.perf_counter() - t0}
+
+    def model_sha256(self) -> str:
+        if self._sha256 is None:
+            self._sha256 = sha256_file(self.model_path)
+        return self._sha256
+
     def grammar(self, n_items: int) -> LlamaGrammar:
         if n_items not in self._grammars:
             gbnf = output_grammar(n_items, self.config.prompt)
@@ -144,8 +184,8 @@ class Engine:
 
     # -- generation ---------------------------------------------------------------------
 
-    def generate(self, session: Session, knowledge: str = "") -> Generation:
-        tokens = self.prompt_tokens(session, knowledge)
+    def generate(self, session: Session, knowledge: str = "", examples: str = "") -> Generation:
+        tokens = self.prompt_tokens(session, knowledge, examples)
         n_items = len(session.items)
         ctx = self.llm._ctx.ctx
         llama_cpp.llama_perf_context_reset(ctx)
