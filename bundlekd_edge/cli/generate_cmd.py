@@ -24,6 +24,14 @@ def engine_options(f):
     return f
 
 
+def load_pack(folder):
+    if folder is None:
+        return None
+    from ..packs import Pack
+
+    return Pack(folder)
+
+
 def load_engine(model, n_ctx, threads, seed):
     from ..runtime import Engine, EngineConfig  # llama.cpp loads only for commands that need it
 
@@ -37,9 +45,10 @@ def load_engine(model, n_ctx, threads, seed):
 @click.option("--limit", type=int, help="Only the first N sessions.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Predictions JSONL to write.")
 @click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), help="Also write the run summary as JSON.")
+@click.option("--pack", type=click.Path(path_type=Path), help="Prompt pack: knowledge and nearest examples for ICL.")
 @click.option("--json", "json_mode", is_flag=True, help="Read one session as JSON on stdin, write its bundles as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def generate(model, n_ctx, threads, seed, sessions, split, limit, out, summary, json_mode, quiet):
+def generate(model, n_ctx, threads, seed, sessions, split, limit, out, summary, pack, json_mode, quiet):
     """Generate bundles for each session with a llama.cpp model (greedy, JSON-schema constrained).
 
     \b
@@ -60,7 +69,7 @@ def generate(model, n_ctx, threads, seed, sessions, split, limit, out, summary, 
     check_split(split)
     rows = load_sessions(sessions, split=split, require_bundles=False)[:limit]
     engine = load_engine(model, n_ctx, threads, seed)
-    gens = run_sessions(engine, rows, out, progress=not quiet)
+    gens = run_sessions(engine, rows, out, pack=load_pack(pack), progress=not quiet)
     result = latency_summary(gens, engine)
     click.echo(
         f"{result['sessions']} sessions -> {out}: {result['valid_rate']:.1%} valid JSON, "
@@ -70,7 +79,13 @@ def generate(model, n_ctx, threads, seed, sessions, split, limit, out, summary, 
     if summary:
         from ..files import write_json
 
-        write_json(summary, {"run": engine.describe(), "sessions_file": str(sessions), "split": split, **result})
+        record = {
+            "run": engine.describe(),
+            "sessions_file": str(sessions),
+            "split": split,
+            "pack": str(pack) if pack else None,
+        }
+        write_json(summary, {**record, **result})
 
 
 def _generate_stdin(model, n_ctx, threads, seed):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from tqdm import tqdm
 
 from ..data import Session
 from ..files import atomic_write
+from ..packs import Pack
 from .engine import Engine, Generation
 
 
@@ -18,27 +20,33 @@ def run_sessions(
     engine: Engine,
     sessions: list[Session],
     out: str | Path | None = None,
-    knowledge: str = "",
+    pack: Pack | None = None,
     progress: bool = True,
 ) -> list[Generation]:
     """Generate bundles for every session; write predictions JSONL to `out` (atomically) if given.
 
-    Every prompt is tokenized and checked against the context first, so a session that does
-    not fit stops the run before any time is spent generating.
+    With a pack, its static knowledge is put in the KV cache first (restored from the pack's
+    persisted state when one matches) and each session gets its nearest examples. Every prompt
+    is checked against the context before any time is spent generating.
     """
+    knowledge = pack.static if pack else ""
+    parts = {}
     for s in sessions:
-        engine.prompt_tokens(s, knowledge)
+        if pack:
+            parts[s.session_id] = pack.prompt_parts(s, lambda k, e, s=s: engine.fits(s, k, e))
+        else:
+            parts[s.session_id] = ("", "")
+        engine.prompt_tokens(s, *parts[s.session_id])  # raises with the reason if it does not fit
+    if pack:
+        engine.warm_prefix(knowledge, pack.state_dir)
     gens: list[Generation] = []
     bar = tqdm(sessions, desc="generate", unit="session", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    if out is None:
+    with atomic_write(out) if out else contextlib.nullcontext() as f:
         for s in bar:
-            gens.append(engine.generate(s, knowledge))
-        return gens
-    with atomic_write(out) as f:
-        for s in bar:
-            g = engine.generate(s, knowledge)
+            g = engine.generate(s, *parts[s.session_id])
             gens.append(g)
-            f.write(json.dumps(g.to_record(), ensure_ascii=False) + "\n")
+            if f:
+                f.write(json.dumps(g.to_record(), ensure_ascii=False) + "\n")
             bar.set_postfix(p50=f"{np.median([x.timing.total_s for x in gens]):.2f}s", refresh=False)
     return gens
 

@@ -137,6 +137,13 @@ class Engine:
             )
         return tokens
 
+    def fits(self, session: Session, knowledge: str = "", examples: str = "") -> bool:
+        try:
+            self.prompt_tokens(session, knowledge, examples)
+            return True
+        except BkdError:
+            return False
+
     def _tokenize_chat(self, messages: list[dict]) -> list[int]:
         text = self._format(messages=messages).prompt
         return self.llm.tokenize(text.encode("utf-8"), add_bos=self.llm._model.add_bos_token(), special=True)

@@ -1,0 +1,134 @@
+"""`bkd-edge pack ...`: build, verify and inspect prompt packs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from .. import BkdError
+from ..data import load_sessions
+from ..packs import Pack, PackConfig, build_pack, verify_pack
+from .generate_cmd import MODEL_HELP
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BKD_CACHE", Path.home() / ".cache" / "bundlekd-edge"))
+
+
+def read_knowledge(folder: Path | None) -> tuple[list[str], dict[str, str]]:
+    """Static lines (rules first, then patterns, in file order) and thoughts by session id."""
+    if folder is None:
+        return [], {}
+    files = sorted(Path(folder).glob("*.jsonl"))
+    if not files:
+        raise BkdError(f"{folder}: no knowledge (*.jsonl) files")
+    rules, patterns, thoughts = [], [], {}
+    for path in files:
+        for n, line in enumerate(path.open(encoding="utf-8"), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                kind, text = rec["kind"], rec["text"].strip()
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise BkdError(f"{path}:{n}: not a knowledge record (needs 'kind' and 'text')") from None
+            if kind == "rule":
+                rules.append(text)
+            elif kind == "pattern":
+                patterns.append(text)
+            elif kind == "thought":
+                for sid in rec.get("source_session_ids", []):
+                    thoughts[str(sid)] = text
+    lines = []
+    if rules:
+        lines += ["Rules for finding bundles:"] + [f"- {r}" for r in rules]
+    if patterns:
+        lines += ["Product types often bundled together:"] + [f"- {p}" for p in patterns]
+    return lines, thoughts
+
+
+def vocab_counter(model: str):
+    """count_tokens(text) under the student's tokenizer (llama.cpp, vocabulary only: fast)."""
+    from llama_cpp import Llama
+
+    from ..runtime.model_file import check_gguf_magic, resolve_model
+
+    llm = Llama(str(check_gguf_magic(resolve_model(model))), vocab_only=True, verbose=False)
+    return lambda text: len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+
+@click.group()
+def pack():
+    """Build, verify and inspect prompt packs (knowledge for in-context learning)."""
+
+
+@pack.command("build")
+@click.argument("knowledge", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--sessions",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Sessions JSONL: its train split becomes the retrieval examples.",
+)
+@click.option("--split", default="train", show_default=True, help="Which split gives the examples.")
+@click.option(
+    "--model", default="default", show_default=True, help="Student whose tokenizer counts tokens. " + MODEL_HELP
+)
+@click.option("--k", default=PackConfig.k, show_default=True, help="Nearest examples put in each prompt.")
+@click.option(
+    "--static-budget",
+    default=PackConfig.static_budget,
+    show_default=True,
+    help="Tokens of static knowledge (rules, patterns) kept, whole lines only.",
+)
+@click.option("--no-thoughts", is_flag=True, help="Leave the teacher's thoughts out of the examples.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="New pack folder.")
+def build_cmd(knowledge, sessions, split, model, k, static_budget, no_thoughts, out):
+    """Build a pack from a KNOWLEDGE folder (from `bkd-edge distill`) and a sessions file.
+
+    Without KNOWLEDGE the pack holds retrieval examples only.
+    """
+    from ..embeddings import export_encoder
+
+    lines, thoughts = read_knowledge(knowledge)
+    examples = load_sessions(sessions, split=split)
+    encoder = export_encoder(cache_dir() / "encoders" / "all-MiniLM-L6-v2")
+    config = PackConfig(k=k, static_budget=static_budget, with_thoughts=not no_thoughts)
+    recipe = {"knowledge": str(knowledge) if knowledge else None, "sessions": str(sessions), "split": split}
+    manifest = build_pack(out, lines, examples, thoughts, vocab_counter(model), encoder, config, recipe)
+    c, t = manifest["counts"], manifest["tokens"]
+    click.echo(
+        f"{out}: {c['static_lines']} static lines ({t['static']} tokens, {c['static_lines_dropped']} dropped "
+        f"by the budget), {c['examples']} examples (~{t['example_mean']:.0f} tokens each, k={k}), "
+        f"{c['thoughts']} with thoughts"
+    )
+
+
+@pack.command("verify")
+@click.argument("folder", type=click.Path(path_type=Path))
+def verify_cmd(folder):
+    """Check every file of a pack against its manifest; name what changed or is missing."""
+    problems = verify_pack(folder)
+    if problems:
+        raise BkdError(f"{folder}: pack is damaged:\n  " + "\n  ".join(problems))
+    click.echo(f"{folder}: ok")
+
+
+@pack.command("show")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def show_cmd(folder, as_json):
+    """Print what a pack holds: recipe, counts, tokens, the static text."""
+    p = Pack(folder)
+    if as_json:
+        click.echo(json.dumps(p.manifest, indent=2))
+        return
+    m = p.manifest
+    click.echo(f"pack {folder} ({m['format']}, made {m['created']} by bkd-edge {m['bkd_edge']})")
+    click.echo(f"recipe: {json.dumps(m['recipe'])}")
+    click.echo(f"counts: {json.dumps(m['counts'])}")
+    click.echo(f"tokens: {json.dumps(m['tokens'])}, k={p.k}")
+    click.echo("static knowledge:\n" + (p.static or "(none)"))

@@ -1,0 +1,200 @@
+"""Prompt packs: the distilled knowledge a student gets in its prompt, as one versioned folder.
+
+    PACK/
+      manifest.json    what made it, token counts, sha256 of every file below
+      static.txt       rules and patterns: the same for every session, so it is the cached prefix
+      examples.jsonl   training sessions with their bundles (and thoughts), for retrieval
+      index.npy        their all-MiniLM-L6-v2 embeddings (float32, L2-normalised)
+      encoder/         the ONNX encoder and its tokenizer: a laptop needs nothing else
+      state/           persisted KV states of the static prefix (made at run time, not hashed)
+
+Trimming policy (never mid-item): static lines are kept whole, in priority order (rules, then
+patterns by confidence), while they fit the static budget; at run time the k nearest examples
+are added most-similar first, and the least similar are dropped whole until the prompt fits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import BkdError, __version__
+from .data import Session
+from .files import sha256_file, write_json, write_jsonl
+from .prompts import item_title, render_answer, session_text
+
+PACK_FORMAT = "bkd-pack/1"
+STATE_DIR = "state"
+
+
+@dataclass(frozen=True)
+class PackConfig:
+    k: int = 3  # retrieved examples per session
+    static_budget: int = 1200  # tokens of static knowledge kept (whole lines only)
+    with_thoughts: bool = True  # show a training session's thought under its bundles
+
+
+def query_text(session: Session) -> str:
+    """What retrieval embeds for a session: its item titles."""
+    return "; ".join(item_title(it.title, 120) for it in session.items)
+
+
+def example_text(example: dict) -> str:
+    text = example["session_text"] + "\nAnswer: " + example["answer"]
+    if example.get("thought"):
+        text += "\nWhy: " + example["thought"]
+    return text
+
+
+# ---------------------------------------------------------------- build
+
+
+def build_pack(
+    out: str | Path,
+    static_lines: list[str],
+    examples: list[Session],
+    thoughts: dict[str, str],
+    count_tokens,
+    encoder_dir: str | Path,
+    config: PackConfig = PackConfig(),
+    recipe: dict | None = None,
+) -> dict:
+    """Write a pack folder atomically (built beside `out`, renamed when complete).
+
+    `static_lines` come in priority order; `count_tokens(text) -> int` is the student's tokenizer.
+    """
+    from .embeddings import TextEncoder
+
+    out = Path(out)
+    if out.exists():
+        raise BkdError(f"{out}: already exists (packs are versioned: choose a new folder)")
+    kept, used = [], 0
+    for line in static_lines:
+        n = count_tokens(line + "\n")
+        if used + n > config.static_budget:
+            continue  # whole lines only; a shorter later line may still fit
+        kept.append(line)
+        used += n
+    static = "\n".join(kept)
+
+    rows = []
+    for s in examples:
+        row = {"session_id": s.session_id, "session_text": session_text(s), "answer": render_answer(s)}
+        if config.with_thoughts and thoughts.get(s.session_id):
+            row["thought"] = thoughts[s.session_id]
+        rows.append(row)
+    example_tokens = [count_tokens(example_text(r)) for r in rows]
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        (tmp / "static.txt").write_text(static + "\n" if static else "", encoding="utf-8")
+        write_jsonl(tmp / "examples.jsonl", rows)
+        shutil.copytree(encoder_dir, tmp / "encoder")
+        vectors = TextEncoder(tmp / "encoder").encode([query_text(s) for s in examples])
+        np.save(tmp / "index.npy", vectors)
+        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+        manifest = {
+            "format": PACK_FORMAT,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "bkd_edge": __version__,
+            "recipe": recipe or {},
+            "config": {"k": config.k, "static_budget": config.static_budget, "with_thoughts": config.with_thoughts},
+            "counts": {
+                "static_lines": len(kept),
+                "static_lines_dropped": len(static_lines) - len(kept),
+                "examples": len(rows),
+                "thoughts": sum(1 for r in rows if "thought" in r),
+            },
+            "tokens": {
+                "static": count_tokens(static) if static else 0,
+                "example_mean": float(np.mean(example_tokens)) if example_tokens else 0.0,
+                "example_max": max(example_tokens, default=0),
+            },
+            "files": {f: sha256_file(tmp / f) for f in files},
+        }
+        write_json(tmp / "manifest.json", manifest)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+# ---------------------------------------------------------------- verify and load
+
+
+def verify_pack(folder: str | Path) -> list[str]:
+    """Problems found, empty when the pack is intact: every file of the manifest, byte for byte."""
+    folder = Path(folder)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.exists():
+        return [f"{manifest_path}: missing (not a pack folder)"]
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        return [f"{manifest_path}: not valid JSON ({e.msg})"]
+    if manifest.get("format") != PACK_FORMAT:
+        return [f"{manifest_path}: format {manifest.get('format')!r}, expected {PACK_FORMAT!r}"]
+    problems = []
+    for name, digest in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.exists():
+            problems.append(f"{path}: missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{path}: changed (sha256 differs from the manifest)")
+    return problems
+
+
+class Pack:
+    """A verified pack, ready to give each session its static knowledge and nearest examples."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        problems = verify_pack(self.folder)
+        if problems:
+            raise BkdError(f"{self.folder}: refusing a damaged pack: " + "; ".join(problems))
+        self.manifest = json.loads((self.folder / "manifest.json").read_text())
+        self.k = self.manifest["config"]["k"]
+        self.static = (self.folder / "static.txt").read_text(encoding="utf-8").strip()
+        self.examples = [json.loads(line) for line in (self.folder / "examples.jsonl").open(encoding="utf-8")]
+        self.index = np.load(self.folder / "index.npy")
+        self._encoder = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.folder / STATE_DIR
+
+    def nearest(self, session: Session, k: int | None = None) -> list[dict]:
+        """The k most similar training sessions, most similar first (never the session itself)."""
+        if not self.examples:
+            return []
+        if self._encoder is None:
+            from .embeddings import TextEncoder
+
+            self._encoder = TextEncoder(self.folder / "encoder")
+        query = self._encoder.encode([query_text(session)])[0]
+        order = np.argsort(-(self.index @ query), kind="stable")
+        picked = [self.examples[i] for i in order if self.examples[i]["session_id"] != session.session_id]
+        return picked[: self.k if k is None else k]
+
+    def examples_text(self, examples: list[dict]) -> str:
+        if not examples:
+            return ""
+        return "Similar past sessions and their bundles:\n\n" + "\n\n".join(example_text(e) for e in examples)
+
+    def prompt_parts(self, session: Session, fits) -> tuple[str, str]:
+        """(static knowledge, examples text) for this session, dropping the least similar
+        examples whole until `fits(knowledge, examples)` says the prompt fits."""
+        chosen = self.nearest(session)
+        while True:
+            text = self.examples_text(chosen)
+            if not chosen or fits(self.static, text):
+                return self.static, text
+            chosen = chosen[:-1]

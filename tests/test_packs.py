@@ -1,0 +1,145 @@
+import json
+
+import pytest
+
+from bundlekd_edge import BkdError
+from bundlekd_edge.data import Session, load_sessions
+from bundlekd_edge.packs import Pack, verify_pack
+from bundlekd_edge.runtime import Engine, EngineConfig
+from bundlekd_edge.runtime.batch import run_sessions
+from tests.conftest import write_lines
+
+KNOWLEDGE = [
+    {"kind": "rule", "text": "A camera and the accessories made for it (bag, battery, card, tripod) form one bundle."},
+    {"kind": "rule", "text": "Cables and adapters that connect the same two devices belong together."},
+    {"kind": "pattern", "text": "camera + camera bag -> memory card (support 0.04, confidence 0.61)"},
+    {
+        "kind": "thought",
+        "text": "A DSLR needs storage and a bag, so they go with it.",
+        "source_session_ids": ["sample-05"],
+    },
+]
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("bkd-cache")
+
+
+@pytest.fixture(scope="session")
+def pack_dir(tmp_path_factory, cache, sample_path):
+    from click.testing import CliRunner
+
+    from bundlekd_edge.cli import main
+
+    root = tmp_path_factory.mktemp("pack")
+    (root / "knowledge").mkdir()
+    write_lines(root / "knowledge" / "knowledge.jsonl", KNOWLEDGE)
+    args = [
+        "pack",
+        "build",
+        str(root / "knowledge"),
+        "--sessions",
+        str(sample_path),
+        "--k",
+        "2",
+        "--out",
+        str(root / "p"),
+    ]
+    r = CliRunner().invoke(main, args, env={"BKD_CACHE": str(cache)}, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "5 static lines" in r.output and "14 examples" in r.output and "1 with thoughts" in r.output
+    return root / "p"
+
+
+def test_pack_holds_knowledge_examples_and_a_manifest(pack_dir):
+    p = Pack(pack_dir)
+    assert p.static.startswith("Rules for finding bundles:\n- A camera")
+    assert "camera + camera bag -> memory card" in p.static
+    assert len(p.examples) == 14 and p.index.shape == (14, 384)
+    assert p.manifest["tokens"]["static"] > 40 and p.manifest["counts"]["thoughts"] == 1
+    assert set(p.manifest["files"]) >= {"static.txt", "examples.jsonl", "index.npy", "encoder/model.onnx"}
+    assert next(e for e in p.examples if e["session_id"] == "sample-05")["thought"].startswith("A DSLR")
+
+
+def test_retrieval_finds_the_same_items_first_and_never_the_session_itself(pack_dir, sample_path):
+    p = Pack(pack_dir)
+    train = load_sessions(sample_path, split="train")
+    for s in train[:5]:
+        twin = Session("someone-else", s.items)
+        assert p.nearest(twin)[0]["session_id"] == s.session_id
+        assert s.session_id not in [e["session_id"] for e in p.nearest(s)]
+        assert len(p.nearest(s)) == 2
+
+
+def test_examples_are_dropped_whole_until_the_prompt_fits(pack_dir, sample_path):
+    p = Pack(pack_dir)
+    s = load_sessions(sample_path, split="test")[0]
+    static, examples = p.prompt_parts(s, lambda k, e: True)
+    assert examples.count("Answer: ") == 2
+    static, examples = p.prompt_parts(s, lambda k, e: e.count("Answer: ") <= 1)
+    assert examples.count("Answer: ") == 1
+    static, examples = p.prompt_parts(s, lambda k, e: not e)
+    assert examples == "" and static == p.static  # the static part is never trimmed per session
+
+
+def test_generate_with_pack_persists_and_reuses_the_prefix(pack_dir, sample_path, cli, tmp_path):
+    out = tmp_path / "pred.jsonl"
+    r = cli("generate", "--sessions", sample_path, "--split", "test", "--pack", pack_dir, "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "100.0% valid JSON" in r.output
+    assert len(list((pack_dir / "state").glob("prefix-*.kv"))) == 1
+    assert verify_pack(pack_dir) == []  # the persisted state is not part of the hashed content
+    engine = Engine("default", EngineConfig())
+    assert engine.warm_prefix(Pack(pack_dir).static, pack_dir / "state")["status"] == "loaded"
+    gens = run_sessions(engine, load_sessions(sample_path, split="test")[:1], pack=Pack(pack_dir), progress=False)
+    assert gens[0].valid and gens[0].timing.prefill_tokens < gens[0].timing.prompt_tokens
+
+
+def test_changed_or_missing_files_are_named_and_the_pack_refused(pack_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(pack_dir, broken)
+    (broken / "static.txt").write_text("Rules: buy everything.\n")
+    (broken / "index.npy").unlink()
+    problems = verify_pack(broken)
+    assert any("static.txt: changed" in p for p in problems) and any("index.npy: missing" in p for p in problems)
+    with pytest.raises(BkdError, match="refusing a damaged pack"):
+        Pack(broken)
+
+
+def test_static_budget_keeps_whole_lines(pack_dir, cache, sample_path, cli, tmp_path):
+    (tmp_path / "k").mkdir()
+    write_lines(tmp_path / "k" / "k.jsonl", KNOWLEDGE)
+    args = [
+        "pack",
+        "build",
+        tmp_path / "k",
+        "--sessions",
+        sample_path,
+        "--static-budget",
+        "30",
+        "--out",
+        tmp_path / "p",
+    ]
+    from click.testing import CliRunner
+
+    from bundlekd_edge.cli import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args], env={"BKD_CACHE": str(cache)})
+    assert r.exit_code == 0, r.output
+    static = (tmp_path / "p" / "static.txt").read_text()
+    for line in static.splitlines():
+        assert line in ("Rules for finding bundles:", "Product types often bundled together:") or any(
+            line == f"- {k['text']}" for k in KNOWLEDGE
+        )
+    assert json.loads((tmp_path / "p" / "manifest.json").read_text())["counts"]["static_lines_dropped"] > 0
+
+
+def test_bad_knowledge_record_names_file_and_line(cli, tmp_path, sample_path):
+    (tmp_path / "k").mkdir()
+    write_lines(tmp_path / "k" / "k.jsonl", [KNOWLEDGE[0], {"text": "no kind"}])
+    r = cli("pack", "build", tmp_path / "k", "--sessions", sample_path, "--out", tmp_path / "p")
+    assert r.exit_code == 1 and "k.jsonl:2: not a knowledge record" in r.output
+    assert not (tmp_path / "p").exists()
