@@ -28,13 +28,14 @@ def main():
 
 
 def _register():
-    from . import data_cmds, demo_cmd, eval_cmd, generate_cmd, pack_cmds
+    from . import data_cmds, demo_cmd, distill_cmd, eval_cmd, generate_cmd, pack_cmds
 
     main.add_command(data_cmds.data)
     main.add_command(generate_cmd.generate)
     main.add_command(eval_cmd.eval_)
     main.add_command(demo_cmd.demo)
     main.add_command(pack_cmds.pack)
+    main.add_command(distill_cmd.distill)
 
 
 _register()

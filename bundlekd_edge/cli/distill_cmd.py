@@ -1,0 +1,162 @@
+"""`bkd-edge distill`: extract knowledge from training sessions into a knowledge folder."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .. import BkdError
+
+FORMAT_HELP = "Comma-separated: patterns (Apriori, no teacher), rules (self-reflection), thoughts (rationales)."
+
+
+@click.command()
+@click.option("--sessions", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Sessions JSONL.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Knowledge folder.")
+@click.option("--teacher", help="http(s)://HOST[:PORT][/v1] (OpenAI-compatible) or gguf:PATH (gguf:default).")
+@click.option("--teacher-model", default="", help="Model name at the endpoint [default: the first it lists].")
+@click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True, help="NAME of the API key's variable.")
+@click.option("--formats", default="patterns", show_default=True, help=FORMAT_HELP)
+@click.option("--sampling", default="random", show_default=True, help="Which sessions: random.")
+@click.option("--ratio", default=1.0, show_default=True, help="Share of the training sessions to distil from.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--split", default="train", show_default=True, help="Distil from this split only.")
+@click.option("--min-support", default=0.01, show_default=True, help="Patterns: share of training bundles.")
+@click.option("--min-confidence", default=0.3, show_default=True, help="Patterns: association-rule confidence.")
+@click.option("--batch-size", default=5, show_default=True, help="Rules: sessions per reflection.")
+@click.option("--rules-per-batch", default=5, show_default=True, help="Rules: most rules one reflection may write.")
+@click.option("--rule-chars", default=200, show_default=True, help="Rules: longest rule, in characters.")
+@click.option("--why-chars", default=240, show_default=True, help="Thoughts: longest explanation of one bundle.")
+@click.option("--attempts", default=3, show_default=True, help="Asks per teacher answer before it is a failure.")
+@click.option("--concurrency", default=4, show_default=True, help="HTTP teacher calls in flight.")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds per HTTP request.")
+@click.option("--retries", default=4, show_default=True, help="Retries on 429/5xx/timeouts/connection errors.")
+@click.option("--n-ctx", default=4096, show_default=True, help="GGUF teacher: context window.")
+@click.option(
+    "--cache", type=click.Path(file_okay=False, path_type=Path), help="Teacher call cache [OUT/teacher-cache]."
+)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def distill(sessions, out, teacher, teacher_model, api_key_env, formats, sampling, ratio, seed, split, min_support,
+            min_confidence, batch_size, rules_per_batch, rule_chars, why_chars, attempts, concurrency, timeout,
+            retries, n_ctx, cache, quiet):  # fmt: skip
+    """Distil knowledge (patterns, rules, thoughts) from training sessions into OUT.
+
+    \b
+    Every teacher call is cached in OUT/teacher-cache (one JSON file per call), so a rerun costs
+    nothing and an interrupted run resumes where it stopped. The API key is read from the
+    variable named by --api-key-env and never written anywhere.
+    Feed OUT to `bkd-edge pack build OUT --sessions FILE --out PACK`.
+    """
+    from ..data import check_split, load_sessions
+    from ..files import sha256_file
+    from ..knowledge import store
+    from ..knowledge.sampling import sample_sessions
+
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in click.get_current_context().params.items()}
+    wanted = [f.strip() for f in formats.split(",") if f.strip()]
+    unknown = [f for f in wanted if f not in store.FORMATS]
+    if unknown or not wanted:
+        raise BkdError(f"--formats {formats!r}: choose from {', '.join(store.FORMATS)}")
+    needs_teacher = [f for f in wanted if f != "patterns"]
+    if needs_teacher and not teacher:
+        raise BkdError(f"--formats {','.join(needs_teacher)} needs a --teacher (URL or gguf:PATH)")
+    check_split(split)
+    rows = load_sessions(sessions, split=split)
+    picked = sample_sessions(rows, sampling, ratio, seed)
+    t0 = time.perf_counter()
+
+    client = None
+    if needs_teacher:
+        from ..knowledge import TeacherConfig, make_teacher
+
+        cache_dir = cache or out / store.CACHE_DIR
+        config = TeacherConfig(model=teacher_model, api_key_env=api_key_env, timeout_s=timeout, retries=retries,
+                               concurrency=concurrency, cache_dir=cache_dir, n_ctx=n_ctx)  # fmt: skip
+        client = make_teacher(teacher, config)
+
+    counts, failures, extra, produced = {}, [], {}, {}
+    for fmt in wanted:
+        if fmt == "patterns":
+            from ..knowledge.patterns import PatternConfig, mine_patterns, type_stats
+
+            found = mine_patterns(picked, PatternConfig(min_support=min_support, min_confidence=min_confidence))
+            records = [
+                store.Record("pattern", p.text(), list(p.session_ids), "patterns",
+                             extra={"pattern": p.kind, "lhs": list(p.lhs), "rhs": list(p.rhs), "support": p.support,
+                                    "confidence": p.confidence, "lift": p.lift})
+                for p in found
+            ]  # fmt: skip
+            extra["types"] = type_stats(picked)
+        elif fmt == "rules":
+            from ..knowledge.rules import RuleConfig, distill_rules
+
+            with _bar(quiet, "rules") as bar:
+                records, failed, scores = distill_rules(
+                    client, picked, RuleConfig(batch_size, rules_per_batch, rule_chars, attempts), progress=bar
+                )
+            failures += failed
+            extra["teacher_scores"] = scores
+        else:
+            from ..knowledge.thoughts import ThoughtConfig, distill_thoughts
+
+            with _bar(quiet, "thoughts", total=len(picked)) as bar:
+                records, failed = distill_thoughts(
+                    client, picked, ThoughtConfig(why_chars=why_chars, attempts=attempts), progress=bar
+                )
+            failures += failed
+        produced[fmt] = records
+        counts[fmt] = len(records)
+
+    # Written only now: a run stopped by a dead teacher leaves the folder as it was (its finished
+    # calls are in the cache, so the rerun picks up from there).
+    for fmt, records in produced.items():
+        store.write_records(out, fmt, records)
+
+    stats = client.stats if client else None
+    run = {
+        "command": "distill",
+        "args": args,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "sessions": {
+            "file": str(sessions),
+            "sha256": sha256_file(sessions),
+            "split": split,
+            "available": len(rows),
+            "sampled": len(picked),
+            "ids": [s.session_id for s in picked],
+        },  # fmt: skip
+        "teacher": client.describe() if client else None,
+        "counts": counts,
+        "calls": stats.to_dict() if stats else None,
+        "failures": failures,
+        **extra,
+    }
+    store.write_manifest(out, run)
+    made = ", ".join(f"{n} {fmt}" for fmt, n in counts.items())
+    line = f"distilled {made} from {len(picked)} of {len(rows)} {split} sessions -> {out}"
+    if stats:
+        line += f"; {stats.summary()}; {len(failures)} answer(s) failed validation"
+    click.echo(line)
+
+
+class _bar:
+    """A tqdm bar over teacher calls (retries and later stages add to its total)."""
+
+    def __init__(self, quiet: bool, desc: str, total: int | None = None):
+        from tqdm import tqdm
+
+        self.tqdm = tqdm(total=total, desc=desc, unit="call", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.tqdm.close()
+
+    def __call__(self, index, reply):
+        self.tqdm.update(1)
+        self.tqdm.set_postfix(cached="yes" if reply.cached else "no", refresh=False)

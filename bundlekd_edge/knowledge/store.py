@@ -1,0 +1,137 @@
+"""The knowledge store: plain JSONL knowledge records with provenance, and a manifest.
+
+    KNOWLEDGE_DIR/
+      patterns.jsonl   one record a line: {"kind": "pattern"|"rule"|"thought", "text": ...,
+      rules.jsonl        "source_session_ids": [...], "teacher_model": ..., "prompt_sha256": ...,
+      thoughts.jsonl     "format": "patterns"|"rules"|"thoughts", ...extra fields}
+      manifest.json    what made it (each run: command args, teacher, counts) and sha256 of every file
+      teacher-cache/   the teacher call cache (resumable; not part of the knowledge, not hashed)
+
+Every file is written atomically. Formats accumulate: distilling rules into a folder that already
+holds patterns keeps them, and the manifest lists every run and hashes every knowledge file, so
+`bkd-edge pack build` reads one consistent folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .. import BkdError, __version__
+from ..files import sha256_file, write_json, write_jsonl
+
+STORE_FORMAT = "bkd-knowledge/1"
+KINDS = ("pattern", "rule", "thought")
+FORMATS = {"patterns": "pattern", "rules": "rule", "thoughts": "thought"}  # format -> record kind
+CACHE_DIR = "teacher-cache"
+
+
+@dataclass
+class Record:
+    kind: str  # pattern | rule | thought
+    text: str
+    source_session_ids: list[str]
+    format: str  # patterns | rules | thoughts: which distillation format made it
+    teacher_model: str = ""  # empty for patterns: mined, no teacher
+    prompt_sha256: list[str] = field(default_factory=list)  # cache keys of the teacher calls behind it
+    extra: dict = field(default_factory=dict)  # e.g. support/confidence of a pattern
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        extra = d.pop("extra")
+        return {**d, **extra}
+
+
+def record_from_dict(obj: dict, where: str) -> Record:
+    try:
+        kind, text = obj["kind"], obj["text"]
+    except (KeyError, TypeError):
+        raise BkdError(f"{where}: not a knowledge record (needs 'kind' and 'text')") from None
+    if kind not in KINDS or not isinstance(text, str):
+        raise BkdError(f"{where}: field 'kind' must be one of {', '.join(KINDS)} and 'text' a string")
+    known = {"kind", "text", "source_session_ids", "format", "teacher_model", "prompt_sha256"}
+    keys = obj.get("prompt_sha256") or []
+    return Record(
+        kind,
+        text,
+        [str(s) for s in obj.get("source_session_ids") or []],
+        str(obj.get("format") or ""),
+        str(obj.get("teacher_model") or ""),
+        [keys] if isinstance(keys, str) else list(keys),
+        {k: v for k, v in obj.items() if k not in known},
+    )
+
+
+def write_records(folder: str | Path, fmt: str, records: list[Record]) -> Path:
+    if fmt not in FORMATS:
+        raise BkdError(f"unknown knowledge format {fmt!r} (choose from {', '.join(FORMATS)})")
+    path = Path(folder) / f"{fmt}.jsonl"
+    write_jsonl(path, (r.to_dict() for r in records))
+    return path
+
+
+def read_records(folder: str | Path) -> list[Record]:
+    """Every record of every knowledge file in the folder, in format order then file order."""
+    folder = Path(folder)
+    out = []
+    for fmt in FORMATS:
+        path = folder / f"{fmt}.jsonl"
+        if not path.exists():
+            continue
+        for n, line in enumerate(path.open(encoding="utf-8"), 1):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise BkdError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                out.append(record_from_dict(obj, f"{path}:{n}"))
+    return out
+
+
+def write_manifest(folder: str | Path, run: dict) -> dict:
+    """Add this run to the manifest and re-hash every knowledge file (written last, atomically)."""
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    runs = []
+    if path.exists():
+        try:
+            runs = json.loads(path.read_text()).get("runs", [])
+        except (json.JSONDecodeError, AttributeError):
+            raise BkdError(f"{path}: not valid JSON; remove it or choose a new --out folder") from None
+    files = sorted(p.name for p in folder.glob("*.jsonl"))
+    counts = {}
+    for name in files:
+        counts[name] = sum(1 for line in (folder / name).open(encoding="utf-8") if line.strip())
+    manifest = {
+        "format": STORE_FORMAT,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "bkd_edge": __version__,
+        "runs": [*runs, run],
+        "records": counts,
+        "files": {name: sha256_file(folder / name) for name in files},
+    }
+    write_json(path, manifest)
+    return manifest
+
+
+def verify_store(folder: str | Path) -> list[str]:
+    """Problems found, empty when every file the manifest names is present and unchanged."""
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if not path.exists():
+        return [f"{path}: missing (not a knowledge folder)"]
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        return [f"{path}: not valid JSON ({e.msg})"]
+    if manifest.get("format") != STORE_FORMAT:
+        return [f"{path}: format {manifest.get('format')!r}, expected {STORE_FORMAT!r}"]
+    problems = []
+    for name, digest in manifest.get("files", {}).items():
+        if not (folder / name).exists():
+            problems.append(f"{folder / name}: missing")
+        elif sha256_file(folder / name) != digest:
+            problems.append(f"{folder / name}: changed (sha256 differs from the manifest)")
+    return problems

@@ -1,0 +1,137 @@
+"""Prompt-pack prefix benchmark: what the cached and the persisted static prefix buy, side by side.
+
+For each pack (its static knowledge is the prefix; retrieval examples are left out here so the
+prefix effect is measured alone, `--k` puts them back):
+
+  reuse   time to first token per session, prefix reused from the KV cache (how `generate`
+          runs) vs the whole prompt evaluated for every session;           target <= 0.1x
+  cold    first session in a fresh process: prefix state loaded from the pack vs the prefix
+          evaluated (model load excluded, state load included);            target <= 0.15x
+  p50     per-session latency with the reused prefix                        target <= 1.0 s (1,500-token pack)
+
+Each cold measurement runs in its own subprocess, alternating the two sides.
+
+    python scripts/bench_packs.py PACK [PACK ...] [--sessions FILE --split test] [--limit 20] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bundlekd_edge.cli.demo_cmd import sample_sessions_path
+from bundlekd_edge.data import load_sessions
+from bundlekd_edge.files import write_json
+from bundlekd_edge.packs import Pack
+from bundlekd_edge.report import table
+from bundlekd_edge.runtime import Engine
+
+
+def reuse_run(pack: Pack, sessions, k: int) -> dict:
+    engine = Engine("default")
+    parts = {s.session_id: pack.prompt_parts(s, lambda kn, ex, s=s: engine.fits(s, kn, ex)) for s in sessions}
+    examples = {sid: (ex if k else "") for sid, (_, ex) in parts.items()}
+    engine.warm_prefix(pack.static)
+    reused = [engine.generate(s, pack.static, examples[s.session_id]).timing for s in sessions]
+    cold = []
+    for s in sessions:
+        engine.llm._ctx.kv_cache_clear()
+        engine.llm.reset()  # forget everything: the whole prompt is evaluated again
+        cold.append(engine.generate(s, pack.static, examples[s.session_id]).timing)
+    return {
+        "prefix_tokens": len(engine.prefix_tokens(pack.static)),
+        "ttft_reused_p50_s": statistics.median(t.ttft_s for t in reused),
+        "ttft_full_p50_s": statistics.median(t.ttft_s for t in cold),
+        "latency_reused_p50_s": statistics.median(t.total_s for t in reused),
+        "latency_full_p50_s": statistics.median(t.total_s for t in cold),
+    }
+
+
+COLD = """
+import json, sys, time
+from bundlekd_edge.data import load_sessions
+from bundlekd_edge.packs import Pack
+from bundlekd_edge.runtime import Engine
+pack, state, sessions, split, sid = sys.argv[1:6]
+p = Pack(pack)
+s = next(x for x in load_sessions(sessions, split=split or None) if x.session_id == sid)
+e = Engine("default")
+e.model_sha256()  # hashing the GGUF is a one-time cost of the key, not of the prefix
+t0 = time.perf_counter()
+warm = e.warm_prefix(p.static, state) if state else {"status": "evaluated"}
+g = e.generate(s, p.static)
+first = time.perf_counter() - t0 - g.timing.total_s + g.timing.ttft_s
+print(json.dumps({"status": warm["status"], "first_token_s": first}))
+"""
+
+
+def cold_run(pack_dir: Path, sessions_path: Path, split: str | None, session_ids: list[str]) -> dict:
+    state = Path(tempfile.mkdtemp(prefix="bkd-state-"))
+    try:
+        # Persist the state once (what the first `generate --pack` run on a laptop leaves behind).
+        e = Engine("default")
+        e.warm_prefix(Pack(pack_dir).static, state)
+        del e
+        loaded, evaluated = [], []
+        for i, sid in enumerate(session_ids):
+            order = [(loaded, str(state)), (evaluated, "")]
+            for bucket, st in order if i % 2 == 0 else order[::-1]:
+                args = [sys.executable, "-c", COLD, str(pack_dir), st, str(sessions_path), split or "", sid]
+                out = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+                if st and out["status"] != "loaded":
+                    raise SystemExit(f"persisted state was not used: {out['status']}")
+                bucket.append(out["first_token_s"])
+        return {"cold_loaded_p50_s": statistics.median(loaded), "cold_evaluated_p50_s": statistics.median(evaluated)}
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("packs", nargs="+", type=Path)
+    ap.add_argument("--sessions", type=Path, default=None)
+    ap.add_argument("--split", default=None)
+    ap.add_argument("--limit", type=int, default=20)
+    ap.add_argument("--cold", type=int, default=3, help="fresh-process runs per side")
+    ap.add_argument("--k", type=int, default=0, help="retrieved examples per prompt (0: the prefix alone)")
+    ap.add_argument("--out", type=Path, default=Path("bench-out/packs.json"))
+    args = ap.parse_args()
+    path = args.sessions or sample_sessions_path()
+    split = args.split or ("test" if args.sessions else None)
+    sessions = load_sessions(path, split=split)[: args.limit]
+
+    rows = []
+    for pack_dir in args.packs:
+        pack = Pack(pack_dir)
+        row = {"pack": str(pack_dir), **reuse_run(pack, sessions, args.k)}
+        row.update(cold_run(pack_dir, path, split, [s.session_id for s in sessions[: args.cold]]))
+        row["reuse_ratio"] = row["ttft_reused_p50_s"] / row["ttft_full_p50_s"]
+        row["cold_ratio"] = row["cold_loaded_p50_s"] / row["cold_evaluated_p50_s"]
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    write_json(args.out, {"sessions_file": str(path), "split": split, "sessions": len(sessions), "k": args.k,
+                          "rows": rows})  # fmt: skip
+    cols = [
+        ("pack", "pack", ""),
+        ("prefix_tokens", "prefix tokens", ""),
+        ("ttft_reused_p50_s", "TTFT reused", ".3f"),
+        ("ttft_full_p50_s", "TTFT full", ".3f"),
+        ("reuse_ratio", "ratio (<=0.1)", ".3f"),
+        ("cold_loaded_p50_s", "cold, state loaded", ".3f"),
+        ("cold_evaluated_p50_s", "cold, evaluated", ".3f"),
+        ("cold_ratio", "ratio (<=0.15)", ".3f"),
+        ("latency_reused_p50_s", "latency p50 (s)", ".3f"),
+    ]
+    print(f"{len(sessions)} sessions from {path}" + (f" (split {split})" if split else "") + f", k={args.k}")
+    print(table(rows, cols))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
