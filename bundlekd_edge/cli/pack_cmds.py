@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
@@ -12,10 +11,6 @@ from .. import BkdError
 from ..data import load_sessions
 from ..packs import Pack, PackConfig, build_pack, verify_pack
 from .generate_cmd import MODEL_HELP
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("BKD_CACHE", Path.home() / ".cache" / "bundlekd-edge"))
 
 
 def read_knowledge(folder: Path | None) -> tuple[list[str], dict[str, str]]:
@@ -91,11 +86,11 @@ def build_cmd(knowledge, sessions, split, model, k, static_budget, no_thoughts, 
 
     Without KNOWLEDGE the pack holds retrieval examples only.
     """
-    from ..embeddings import export_encoder
+    from ..embeddings import default_encoder_dir
 
     lines, thoughts = read_knowledge(knowledge)
     examples = load_sessions(sessions, split=split)
-    encoder = export_encoder(cache_dir() / "encoders" / "all-MiniLM-L6-v2")
+    encoder = default_encoder_dir()
     config = PackConfig(k=k, static_budget=static_budget, with_thoughts=not no_thoughts)
     recipe = {"knowledge": str(knowledge) if knowledge else None, "sessions": str(sessions), "split": split}
     manifest = build_pack(out, lines, examples, thoughts, vocab_counter(model), encoder, config, recipe)

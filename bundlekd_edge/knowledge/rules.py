@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ..data import Session
 from ..metrics import score_session
 from ..prompts import TASK, PromptConfig, build_messages, item_title, max_answer_tokens, output_schema, parse_answer
-from .ask import ask_checked
+from .ask import Outcome, ask_checked
 from .store import Record
 from .teachers import Teacher
 
@@ -135,14 +135,14 @@ def merge_rules(found: list[tuple[str, list[str], list[str]]], near: float = 0.8
     return [(t, s, k) for t, s, k, _ in merged]
 
 
-def distill_rules(
-    teacher: Teacher,
-    sessions: list[Session],
-    config: RuleConfig = RuleConfig(),
-    prompt: PromptConfig = PromptConfig(),
-    progress=None,
-) -> tuple[list[Record], list[dict], dict]:
-    """Rule records, failures ([{"stage", "session_ids", "errors"}]) and scores of the teacher's own bundles."""
+def teacher_answers(
+    teacher: Teacher, sessions: list[Session], attempts: int = 3, prompt: PromptConfig = PromptConfig(), progress=None
+) -> tuple[list[tuple[Session, Outcome, dict]], list[dict]]:
+    """The teacher answers each session with the runtime's prompt; each answer is scored.
+
+    Returns (session, outcome, strict scores) for the answered sessions, and the failures. The
+    calls are cached, so difficulty sampling and rule distillation share them.
+    """
     gen_requests = [
         {
             "messages": build_messages(s, prompt),
@@ -152,7 +152,7 @@ def distill_rules(
         for s in sessions
     ]
     generated = ask_checked(
-        teacher, gen_requests, lambda i, text: check_bundles(sessions[i], text), config.attempts, on_done=progress
+        teacher, gen_requests, lambda i, text: check_bundles(sessions[i], text), attempts, on_done=progress
     )
     failures, scored = [], []
     for s, out in zip(sessions, generated):
@@ -160,8 +160,29 @@ def distill_rules(
             failures.append({"stage": "rules/generate", "session_ids": [s.session_id], "errors": out.errors})
             continue
         predicted = [frozenset(b["items"]) for b in out.value]
-        scores = score_session(predicted, [frozenset(b.items) for b in s.bundles])
-        scored.append((s, out, scores))
+        scored.append((s, out, score_session(predicted, [frozenset(b.items) for b in s.bundles])))
+    return scored, failures
+
+
+def teacher_errors(teacher: Teacher, sessions: list[Session], attempts: int = 3, progress=None) -> list[float]:
+    """Per session, 1 - the strict F1 of the teacher's own answer (1.0 when it gave none)."""
+    scored, _ = teacher_answers(teacher, sessions, attempts, progress=progress)
+    f1 = {}
+    for s, _, sc in scored:
+        p, r = sc["strict_precision"], sc["strict_recall"]
+        f1[s.session_id] = 2 * p * r / (p + r) if p + r else 0.0
+    return [1.0 - f1.get(s.session_id, 0.0) for s in sessions]
+
+
+def distill_rules(
+    teacher: Teacher,
+    sessions: list[Session],
+    config: RuleConfig = RuleConfig(),
+    prompt: PromptConfig = PromptConfig(),
+    progress=None,
+) -> tuple[list[Record], list[dict], dict]:
+    """Rule records, failures ([{"stage", "session_ids", "errors"}]) and scores of the teacher's own bundles."""
+    scored, failures = teacher_answers(teacher, sessions, config.attempts, prompt, progress)
 
     batches = [scored[i : i + config.batch_size] for i in range(0, len(scored), config.batch_size)]
     reflect_requests = [
