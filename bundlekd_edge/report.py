@@ -29,6 +29,12 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 
 def _is_number(v) -> bool:
+    if isinstance(v, str):
+        try:
+            float(v)
+            return True
+        except ValueError:
+            return False
     return isinstance(v, (int, float)) and not isinstance(v, bool) or v is None
 
 
