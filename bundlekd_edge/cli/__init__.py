@@ -28,7 +28,7 @@ def main():
 
 
 def _register():
-    from . import data_cmds, demo_cmd, distill_cmd, eval_cmd, generate_cmd, pack_cmds
+    from . import data_cmds, demo_cmd, distill_cmd, eval_cmd, export_cmd, generate_cmd, pack_cmds, train_cmd
 
     main.add_command(data_cmds.data)
     main.add_command(generate_cmd.generate)
@@ -36,6 +36,8 @@ def _register():
     main.add_command(demo_cmd.demo)
     main.add_command(pack_cmds.pack)
     main.add_command(distill_cmd.distill)
+    main.add_command(train_cmd.train)
+    main.add_command(export_cmd.export)
 
 
 _register()

@@ -94,7 +94,12 @@ def inspect_gguf(path: str | Path) -> ModelFile:
 
 
 def resolve_model(model: str | Path) -> Path:
-    """'default' or a path to a .gguf file (an export folder is resolved by the export stage)."""
+    """'default', a path to a .gguf file, or an export folder ('EXPORT' or 'EXPORT:Q8_0' to pick a quant)."""
     if str(model) == DEFAULT_MODEL:
         return default_model_path()
+    from ..export.folder import resolve_export, split_quant  # no torch: reads the manifest only
+
+    folder, quant = split_quant(str(model))
+    if Path(folder).is_dir():
+        return resolve_export(folder, quant)
     return Path(model)

@@ -1,0 +1,59 @@
+"""`bkd-edge export RUN_DIR`: merge, GGUF, quantise, parity gate, one deployable folder."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+
+def _exit_on_sigterm() -> None:
+    """A killed command (SIGTERM) unwinds like Ctrl-C: temp files and folders are removed."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Export folder to create.")
+@click.option("--quant", "quants", default="Q8_0,Q4_K_M", show_default=True, help="Comma-separated quant types.")
+@click.option("--golden", default=8, show_default=True, help="Val sessions in the parity check.")
+@click.option("--gen-max-tokens", default=0, help="Cap on generated tokens per golden session (0: the contract's).")
+@click.option("--min-top1", type=float, help="Parity gate: min top-1 agreement of quants below 8 bits (default 0.8).")
+@click.option("--min-bundles", type=float, help="Parity gate: min identical-bundle rate below 8 bits (default 0.5).")
+@click.option("--keep-f16", is_flag=True, help="Also ship the GGUF f16 file.")
+@click.option("--no-ollama", is_flag=True, help="No Ollama Modelfile.")
+@click.option("--threads", default=0, help="CPU threads for quantisation and parity; 0 = all.")
+def export(run_dir, out, quants, golden, gen_max_tokens, min_top1, min_bundles, keep_f16, no_ollama, threads):
+    """Merge the run's LoRA into its base, write GGUF f16, quantise, check parity, package.
+
+    \b
+    The result is one folder: model-<QUANT>.gguf files, manifest.json (sha256 of every file,
+    base, adapter, recipe, parity), a model card README.md and an Ollama Modelfile. Run it with
+      bkd-edge generate --model OUT [--sessions ...]       (Q4_K_M; OUT:Q8_0 for another quant)
+    The export fails, leaving nothing behind, when a stage diverges from the merged model.
+    """
+    from ..export.build import export_run  # torch loads only for this command
+    from ..export.parity import Gate
+
+    gate = Gate()
+    if min_top1 is not None:
+        gate = Gate(**{**gate.__dict__, "quant_top1": min_top1})
+    if min_bundles is not None:
+        gate = Gate(**{**gate.__dict__, "quant_bundles": min_bundles})
+    _exit_on_sigterm()
+    manifest = export_run(
+        run_dir,
+        out,
+        quants=[q for q in quants.split(",") if q.strip()],
+        golden=golden,
+        gate=gate,
+        gen_max_tokens=gen_max_tokens,
+        keep_f16=keep_f16,
+        ollama=not no_ollama,
+        threads=threads,
+        log=click.echo,
+    )
+    sizes = ", ".join(f"{q} {m['bytes'] / 2**20:.0f} MiB" for q, m in manifest["models"].items())
+    click.echo(f"{out}: {sizes}; parity passed; {manifest['timings']['total_s']:.0f} s")

@@ -1,0 +1,137 @@
+"""Loading a base (GGUF dequantised through transformers, or an HF folder) and greedy generation."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import BkdError
+from ..data import Session
+from ..metrics import Prediction, evaluate
+from ..prompts import max_answer_tokens, parse_answer
+from .sft import GGUFChatTokenizer, HFChatTokenizer, PromptMaker, answer_json
+
+
+@dataclass(frozen=True)
+class Base:
+    kind: str  # "gguf" or "hf"
+    path: Path  # the .gguf file or the HF folder
+
+
+def resolve_base(base: str) -> Base:
+    if base == "default":
+        from ..runtime.model_file import default_model_path
+
+        return Base("gguf", default_model_path())
+    path = Path(base)
+    if path.is_file():
+        from ..runtime.model_file import check_gguf_magic
+
+        return Base("gguf", check_gguf_magic(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BkdError(f"{path}: not an HF model folder (no config.json)")
+        return Base("hf", path)
+    raise BkdError(f"{base}: no such base model ('default', a .gguf file or an HF model folder)")
+
+
+def tokenizer_for(base: Base):
+    return GGUFChatTokenizer(base.path) if base.kind == "gguf" else HFChatTokenizer(base.path)
+
+
+def pick_device(want: str = "auto") -> str:
+    import torch
+
+    if want == "cuda" and not torch.cuda.is_available():
+        raise BkdError("device 'cuda' asked for, but torch sees no CUDA device")
+    return "cuda" if want == "auto" and torch.cuda.is_available() else ("cpu" if want == "auto" else want)
+
+
+def clear_gguf_quantizer(model) -> None:
+    """A model loaded from GGUF carries a GGUF 'quantizer' although its weights are plain floats;
+    saving or merging it then fails, so drop it."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def load_base_model(base: Base, dtype, device: str = "cpu", qlora: bool = False):
+    """The base as a float HF model (GGUF weights dequantised), or 4-bit for QLoRA on CUDA."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
+    kwargs = {"dtype": dtype}
+    if qlora:
+        if device != "cuda":
+            raise BkdError("QLoRA (qlora = true) needs a CUDA GPU; use plain LoRA on CPU")
+        try:
+            import bitsandbytes  # noqa: F401  (only on the CUDA path)
+        except ImportError:
+            raise BkdError("QLoRA needs bitsandbytes: pip install bitsandbytes") from None
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+        kwargs["device_map"] = {"": 0}
+    try:
+        if base.kind == "gguf":
+            model = AutoModelForCausalLM.from_pretrained(str(base.path.parent), gguf_file=base.path.name, **kwargs)
+            if not qlora:
+                clear_gguf_quantizer(model)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(base.path), **kwargs)
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        raise BkdError(f"{base.path}: transformers could not load this base ({type(e).__name__}: {e})") from None
+    if not qlora:
+        model.to(device)
+    return model
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+        os.environ.setdefault("OMP_NUM_THREADS", str(n))
+
+
+def generate_answer(model, tok, prompt_ids: list[int], max_new_tokens: int) -> str:
+    """Greedy continuation of the prompt, decoded (stops at the end-of-turn token)."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tok.eos_id,
+            pad_token_id=tok.eos_id,
+        )
+    new = out[0, len(prompt_ids) :].tolist()
+    if new and new[-1] == tok.eos_id:
+        new = new[:-1]
+    return tok.decode(new)
+
+
+def score_model(model, tok, maker: PromptMaker, sessions: list[Session], max_tokens: int = 0) -> dict:
+    """Generate greedily for each session, parse with the output contract, score (strict F1 ...)."""
+    was_training = model.training
+    model.eval()
+    preds, raws = {}, {}
+    for s in sessions:
+        cap = max_answer_tokens(len(s.items), maker.config)
+        raw = generate_answer(model, tok, tok.prompt_ids(maker.messages(s)), min(cap, max_tokens or cap))
+        parsed = parse_answer(answer_json(raw), s)
+        preds[s.session_id] = Prediction(s.session_id, [b["items"] for b in parsed.bundles], parsed.valid)
+        raws[s.session_id] = raw
+    if was_training:
+        model.train()
+    return {"scores": evaluate(sessions, preds), "raw": raws}

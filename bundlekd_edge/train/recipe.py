@@ -1,0 +1,127 @@
+"""Training recipes: a small TOML or JSON file under `train/`, loaded into a dataclass.
+
+Every field has a default that works, so a recipe names only what it changes (peft style).
+Unknown keys and wrong types are errors naming the file and the key: a typo must not silently
+train with a default.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from .. import BkdError
+
+MODES = ("sft", "knowledge", "thoughts")
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    base: str = "default"  # 'default' (SmolLM2-135M-Instruct GGUF), a .gguf file, or an HF model folder
+    sessions: str = ""  # sessions JSONL (train and val splits); relative paths are from the working directory
+    mode: str = "sft"  # sft: session -> bundles; knowledge: pack content in the prompt; thoughts: rationale first
+    pack: str = ""  # prompt pack folder (mode 'knowledge')
+    thoughts: str = ""  # JSONL of {"session_id", "thought"} (mode 'thoughts'; else a session's "thought" field)
+    limit_train: int = 0  # use only the first N training sessions (0: all)
+    max_len: int = 512  # tokens per example/packed row; longer examples are dropped whole, never cut
+    packing: bool = True  # pack short examples into rows of max_len (attention stays within an example)
+
+    # LoRA
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    qlora: bool = False  # 4-bit base with bitsandbytes (CUDA only)
+
+    # optimisation
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    epochs: int = 1
+    max_steps: int = 0  # optimizer steps; 0: as many as `epochs` take
+    max_minutes: float = 0.0  # wall-clock budget: stop (evaluate, keep the best) after this; 0: none
+    batch_size: int = 4  # rows per micro-batch (per process)
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    threads: int = 0  # CPU threads for torch; 0: torch's default
+
+    # evaluation, checkpoints, logging
+    eval_sessions: int = 16  # val sessions generated and scored (strict F1) at each evaluation
+    eval_every: int = 0  # optimizer steps between evaluations; 0: at the end of each epoch
+    eval_max_tokens: int = 0  # cap on generated tokens per val session; 0: the output contract's bound
+    save_every: int = 50  # optimizer steps between resumable checkpoints
+    log_every: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_type(value, default, where: str):
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, list):
+        ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise BkdError(f"{where}: expected {type(default).__name__}, got {value!r}")
+    return value
+
+
+def recipe_from_dict(obj: dict, where: str = "recipe") -> Recipe:
+    known = {f.name: f for f in fields(Recipe)}
+    values = {}
+    for key, value in obj.items():
+        if key not in known:
+            raise BkdError(f"{where}: unknown key {key!r} (known: {', '.join(known)})")
+        f = known[key]
+        default = f.default if f.default is not MISSING else f.default_factory()
+        values[key] = _check_type(value, default, f"{where}: {key}")
+    recipe = Recipe(**values)
+    if recipe.mode not in MODES:
+        raise BkdError(f"{where}: mode {recipe.mode!r} is not one of {', '.join(MODES)}")
+    if recipe.mode == "knowledge" and not recipe.pack:
+        raise BkdError(f"{where}: mode 'knowledge' needs `pack` (a prompt pack folder)")
+    if recipe.device not in ("auto", "cpu", "cuda"):
+        raise BkdError(f"{where}: device {recipe.device!r} is not one of auto, cpu, cuda")
+    if recipe.precision not in ("auto", "bf16", "fp32"):
+        raise BkdError(f"{where}: precision {recipe.precision!r} is not one of auto, bf16, fp32")
+    for key in ("max_len", "batch_size", "grad_accum", "epochs", "lora_r"):
+        if getattr(recipe, key) < 1:
+            raise BkdError(f"{where}: {key} must be >= 1")
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
+    """Read a .toml or .json recipe; `overrides` (from the command line) win over the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise BkdError(f"{path}: no such recipe file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            obj = json.loads(text)
+        else:
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+            obj = tomllib.loads(text)
+    except (ValueError, json.JSONDecodeError) as e:
+        raise BkdError(f"{path}: not a valid {path.suffix.lstrip('.') or 'TOML'} recipe ({e})") from None
+    if not isinstance(obj, dict):
+        raise BkdError(f"{path}: a recipe is a table of keys")
+    obj.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return recipe_from_dict(obj, str(path))

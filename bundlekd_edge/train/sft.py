@@ -1,0 +1,218 @@
+"""SFT examples for the three ways of using knowledge, tokenized exactly like the runtime.
+
+    sft        session -> bundles (the knowledge is only in the weights)
+    knowledge  the pack's static knowledge and nearest examples in the prompt -> bundles
+    thoughts   session -> rationale, then the bundles
+
+Prompts come from `prompts.build_messages` and targets from `prompts.render_answer`, rendered
+through the GGUF's chat template and tokenized by llama.cpp itself, exactly as
+`runtime/engine.py` does, so training tokens equal inference tokens. The answer is tokenized on
+its own after the prompt (as the model generates it) and ends with the end-of-turn token the
+runtime stops on. Loss is on the answer tokens only.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import BkdError
+from ..data import Session, iter_jsonl
+from ..prompts import PromptConfig, build_messages, render_answer
+
+IGNORE = -100  # label of tokens without loss (prompt, padding)
+
+
+class GGUFChatTokenizer:
+    """The runtime's tokenization: the GGUF's chat template and llama.cpp's tokenizer (vocab only)."""
+
+    def __init__(self, gguf_path: str | Path):
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        from ..runtime.engine import FALLBACK_TEMPLATE
+
+        self.llm = Llama(str(gguf_path), vocab_only=True, verbose=False)
+        vocab = self.llm._model
+        template = self.llm.metadata.get("tokenizer.chat_template") or FALLBACK_TEMPLATE
+        eos, bos = self.llm.token_eos(), self.llm.token_bos()
+        self._format = Jinja2ChatFormatter(template, vocab.token_get_text(eos), vocab.token_get_text(bos))
+        self.eos_id = eos
+        self._add_bos = vocab.add_bos_token()
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        text = self._format(messages=messages).prompt
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True)
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.llm.detokenize(ids).decode("utf-8", errors="replace")
+
+
+class HFChatTokenizer:
+    """For a base given as an HF folder: its tokenizer and chat template."""
+
+    def __init__(self, folder: str | Path):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(str(folder))
+        if not self.tok.chat_template:
+            raise BkdError(f"{folder}: the tokenizer has no chat template")
+        self.eos_id = self.tok.eos_token_id
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+@dataclass
+class Example:
+    session_id: str
+    prompt_ids: list[int]
+    answer_ids: list[int]  # the target, ending with the end-of-turn token
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.answer_ids)
+
+
+def load_thoughts(path: str | Path) -> dict[str, str]:
+    thoughts = {}
+    for where, obj in iter_jsonl(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get("thought"), str) or "session_id" not in obj:
+            raise BkdError(f'{where}: expected {{"session_id": ..., "thought": "..."}}')
+        thoughts[str(obj["session_id"])] = obj["thought"].strip()
+    return thoughts
+
+
+def target_text(session: Session, mode: str, thought: str = "") -> str:
+    answer = render_answer(session)
+    if mode == "thoughts" and thought:
+        return " ".join(thought.split()) + "\n" + answer  # one line of rationale, then the contract's JSON
+    return answer
+
+
+def answer_json(text: str) -> str:
+    """The JSON part of a generated answer (after a rationale, in mode 'thoughts')."""
+    at = text.rfind('{"bundles"')
+    return text[at:] if at >= 0 else text
+
+
+class PromptMaker:
+    """Messages for a session in a mode; holds the pack for mode 'knowledge'."""
+
+    def __init__(self, mode: str, config: PromptConfig = PromptConfig(), pack=None):
+        if mode == "knowledge" and pack is None:
+            raise BkdError("mode 'knowledge' needs a prompt pack")
+        self.mode, self.config, self.pack = mode, config, pack
+
+    def messages(self, session: Session, fits=None) -> list[dict]:
+        if self.mode != "knowledge":
+            return build_messages(session, self.config)
+        knowledge, examples = self.pack.prompt_parts(session, fits or (lambda k, e: True))
+        return build_messages(session, self.config, knowledge, examples)
+
+
+def build_examples(
+    sessions: list[Session], tok, maker: PromptMaker, max_len: int, thoughts: dict[str, str] | None = None
+) -> tuple[list[Example], dict]:
+    """Tokenized examples; those longer than max_len are dropped whole (a cut answer teaches nothing)."""
+    thoughts = thoughts or {}
+    examples, dropped, without_thought = [], 0, 0
+    for s in sessions:
+        thought = thoughts.get(s.session_id) or str(s.extra.get("thought") or "")
+        if maker.mode == "thoughts" and not thought:
+            without_thought += 1
+        answer = tok.text_ids(target_text(s, maker.mode, thought)) + [tok.eos_id]
+
+        def fits(knowledge, ex, s=s, n=len(answer)):
+            from ..prompts import build_messages as bm
+
+            return len(tok.prompt_ids(bm(s, maker.config, knowledge, ex))) + n <= max_len
+
+        prompt = tok.prompt_ids(maker.messages(s, fits))
+        if len(prompt) + len(answer) > max_len:
+            dropped += 1
+            continue
+        examples.append(Example(s.session_id, prompt, answer))
+    if maker.mode == "thoughts" and without_thought == len(sessions):
+        raise BkdError("mode 'thoughts': no session has a thought (give `thoughts` = a JSONL of session_id, thought)")
+    stats = {
+        "examples": len(examples),
+        "dropped_too_long": dropped,
+        "without_thought": without_thought,
+        "tokens": sum(len(e) for e in examples),
+        "answer_tokens": sum(len(e.answer_ids) for e in examples),
+    }
+    return examples, stats
+
+
+@dataclass
+class Row:
+    """One training sequence: one example, or several packed back to back."""
+
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]  # restart at 0 for each example: attention stays within an example
+
+
+def make_rows(examples: list[Example], max_len: int, packing: bool, seed: int = 0) -> list[Row]:
+    """One row per example, or (packing) first-fit: each example goes to the first row it fits."""
+    order = list(examples)
+    random.Random(seed).shuffle(order)  # pack a fixed, seeded mix (rows are reshuffled every epoch)
+    rows: list[Row] = []
+    for ex in order:
+        row = next((r for r in rows if len(r.input_ids) + len(ex) <= max_len), None) if packing else None
+        if row is None:
+            row = Row([], [], [])
+            rows.append(row)
+        row.input_ids += ex.prompt_ids + ex.answer_ids
+        row.labels += [IGNORE] * len(ex.prompt_ids) + ex.answer_ids
+        row.position_ids += list(range(len(ex)))
+    return rows
+
+
+def collate(rows: list[Row], pad_id: int) -> dict:
+    """Pad to the longest row; the padding is its own segment (positions from 0) with no loss."""
+    import torch
+
+    width = max(len(r.input_ids) for r in rows)
+    ids, labels, pos = [], [], []
+    for r in rows:
+        pad = width - len(r.input_ids)
+        ids.append(r.input_ids + [pad_id] * pad)
+        labels.append(r.labels + [IGNORE] * pad)
+        pos.append(r.position_ids + list(range(pad)))
+    return {
+        "input_ids": torch.tensor(ids),
+        "labels": torch.tensor(labels),
+        "position_ids": torch.tensor(pos),
+    }
+
+
+def dump_examples(path: str | Path, examples: list[Example], tok, limit: int = 3) -> None:
+    """A few decoded examples beside the run, to see what the model is trained on."""
+    from ..files import atomic_write
+
+    with atomic_write(path) as f:
+        for e in examples[:limit]:
+            f.write(
+                json.dumps(
+                    {
+                        "session_id": e.session_id,
+                        "prompt": tok.decode(e.prompt_ids),
+                        "answer": tok.decode(e.answer_ids),
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )

@@ -1,0 +1,348 @@
+"""Train -> export -> generate on a tiny budget (a few steps, a handful of sample sessions).
+
+One session-scoped run (interrupted after a step, then resumed) and one export are shared by
+every test here; the rest are cheap checks of the data, the recipe and the error paths.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bundlekd_edge import BkdError
+from bundlekd_edge.data import Bundle, Item, Session, load_sessions
+from bundlekd_edge.files import sha256_file, write_json
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+TINY = {
+    "name": "tiny",
+    "limit_train": 4,
+    "max_len": 512,
+    "max_steps": 2,
+    "batch_size": 2,
+    "lr": 1e-3,
+    "warmup_steps": 1,
+    "eval_sessions": 1,
+    "eval_max_tokens": 16,
+    "eval_every": 2,  # one evaluation, at the end
+    "save_every": 1,
+    "device": "cpu",
+}
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, sample_path):
+    """A 2-step run, killed (simulated) after step 1 and resumed to the end."""
+    from bundlekd_edge.train.recipe import recipe_from_dict
+    from bundlekd_edge.train.trainer import Interrupted, train
+
+    recipe = recipe_from_dict({**TINY, "sessions": str(sample_path)})
+    out = tmp_path_factory.mktemp("train") / "run"
+    with pytest.raises(Interrupted):
+        train(recipe, out, progress=False, stop_after=1)
+    assert not (out / "adapter").exists()  # an interrupted run never looks complete
+    assert json.loads((out / "checkpoints/last/progress.json").read_text())["step"] == 1
+    with pytest.raises(BkdError, match="--resume"):
+        train(recipe, out, progress=False)
+    train(recipe, out, resume=True, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(trained_run):
+    from bundlekd_edge.export.build import export_run
+    from bundlekd_edge.export.parity import Gate
+
+    out = trained_run.parent / "export"
+    # a 2-step model is unstable under greedy decoding: gate the bundle rate of the quants off, keep top-1
+    gate = Gate(q8_bundles=0.0, quant_bundles=0.0)
+    manifest = export_run(trained_run, out, golden=1, gen_max_tokens=12, gate=gate, log=lambda *a: None)
+    return out, manifest
+
+
+# ------------------------------------------------------------------ SFT data
+
+
+def _session(n=4, bundles=(("i1", "i2"),), sid="s1"):
+    return Session(
+        sid, [Item(f"i{k}", f"Product {k}") for k in range(1, n + 1)], [Bundle(tuple(b), "Kit") for b in bundles]
+    )
+
+
+@pytest.fixture(scope="module")
+def gguf_tok():
+    from bundlekd_edge.runtime import default_model_path
+    from bundlekd_edge.train.sft import GGUFChatTokenizer
+
+    return GGUFChatTokenizer(default_model_path())
+
+
+def test_training_tokens_equal_runtime_tokens(engine, gguf_tok, sample_path):
+    from bundlekd_edge.prompts import build_messages
+
+    for s in load_sessions(sample_path)[:3]:
+        assert gguf_tok.prompt_ids(build_messages(s)) == engine.prompt_tokens(s)
+    assert gguf_tok.eos_id == engine.llm.token_eos()  # the runtime stops on the token the target ends with
+
+
+class StubPack:
+    def prompt_parts(self, session, fits):
+        knowledge, examples = "Rule: cameras go with lenses.", "Similar past sessions and their bundles:\n\nA, B"
+        assert fits(knowledge, examples)
+        return knowledge, examples
+
+
+def test_three_modes_share_the_prompt_builder_and_output_contract(gguf_tok):
+    from bundlekd_edge.prompts import render_answer
+    from bundlekd_edge.train.sft import PromptMaker, answer_json, build_examples
+
+    s = _session()
+    answer = render_answer(s)
+    (sft,), _ = build_examples([s], gguf_tok, PromptMaker("sft"), 512)
+    assert gguf_tok.decode(sft.answer_ids[:-1]) == answer and sft.answer_ids[-1] == gguf_tok.eos_id
+    (know,), _ = build_examples([s], gguf_tok, PromptMaker("knowledge", pack=StubPack()), 512)
+    assert "cameras go with lenses" in gguf_tok.decode(know.prompt_ids) and know.answer_ids == sft.answer_ids
+    (thought,), _ = build_examples([s], gguf_tok, PromptMaker("thoughts"), 512, {"s1": "Both are  kits."})
+    text = gguf_tok.decode(thought.answer_ids[:-1])
+    assert text == "Both are kits.\n" + answer and answer_json(text) == answer
+    assert thought.prompt_ids == sft.prompt_ids
+    with pytest.raises(BkdError, match="no session has a thought"):
+        build_examples([s], gguf_tok, PromptMaker("thoughts"), 512)
+    examples, stats = build_examples([s, _session(sid="s2")], gguf_tok, PromptMaker("sft"), len(sft) - 1)
+    assert examples == [] and stats["dropped_too_long"] == 2  # dropped whole, never cut
+
+
+def test_packing_masks_the_prompt_and_keeps_attention_within_an_example():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bundlekd_edge.train.sft import IGNORE, Example, collate, make_rows
+
+    a, b, c = Example("a", [5, 6, 7], [8, 9, 2]), Example("b", [5, 7], [9, 2]), Example("c", [4] * 9, [3, 2])
+    rows = make_rows([a, b, c], max_len=12, packing=True)
+    assert len(rows) == 2 and sum(len(r.input_ids) for r in rows) == 6 + 4 + 11  # two of them share a row
+    unpacked = make_rows([a, b, c], max_len=12, packing=False)
+    assert len(unpacked) == 3
+    for r in rows:
+        kept = [t for t, y in zip(r.input_ids, r.labels) if y != IGNORE]
+        assert all(y in (IGNORE, t) for t, y in zip(r.input_ids, r.labels)) and kept[-1] == 2
+
+    # packed logits equal per-example logits: position ids restart, attention stays within an example
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    packed = collate(make_rows([a, b], max_len=12, packing=True), pad_id=0)
+    assert packed["input_ids"].shape == (1, 10)
+    with torch.no_grad():
+        both = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        first = model(input_ids=torch.tensor([a.prompt_ids + a.answer_ids]), use_cache=False).logits
+        second = model(input_ids=torch.tensor([b.prompt_ids + b.answer_ids]), use_cache=False).logits
+    order = [r.input_ids[:3] for r in make_rows([a, b], 12, True)]
+    one, two = (first, second) if order[0] == [5, 6, 7] else (second, first)
+    assert torch.allclose(both[0, : one.shape[1]], one[0], atol=1e-5)
+    assert torch.allclose(both[0, one.shape[1] :], two[0], atol=1e-5)
+
+
+# ------------------------------------------------------------------ recipes
+
+
+def test_recipes_load_and_bad_keys_are_named(tmp_path):
+    from bundlekd_edge.train.recipe import Recipe, load_recipe
+
+    for path in sorted(Path("train").glob("*.toml")):
+        assert isinstance(load_recipe(path), Recipe)
+    cpu = load_recipe("train/cpu-smollm2.toml", {"max_steps": 7, "sessions": None})
+    assert cpu.max_steps == 7 and cpu.device == "cpu" and cpu.sessions.endswith("sessions.jsonl")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('lr = "fast"\n')
+    with pytest.raises(BkdError, match=r"bad.toml: lr: expected float"):
+        load_recipe(bad)
+    bad.write_text("learning_rate = 1e-4\n")
+    with pytest.raises(BkdError, match="unknown key 'learning_rate'"):
+        load_recipe(bad)
+    bad.write_text('mode = "knowledge"\n')
+    with pytest.raises(BkdError, match="needs `pack`"):
+        load_recipe(bad)
+    (tmp_path / "r.json").write_text('{"mode": "sft", "epochs": 2}')
+    assert load_recipe(tmp_path / "r.json").epochs == 2
+
+
+def test_qlora_without_cuda_is_a_clear_error():
+    from bundlekd_edge.train.model import Base, load_base_model, pick_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(BkdError, match="QLoRA .* needs a CUDA GPU"):
+        load_base_model(Base("gguf", Path("x.gguf")), torch.float32, "cpu", qlora=True)
+    with pytest.raises(BkdError, match="no CUDA device"):
+        pick_device("cuda")
+
+
+# ------------------------------------------------------------------ train
+
+
+def test_run_folder_is_complete_and_was_resumed(trained_run):
+    run = json.loads((trained_run / "run.json").read_text())
+    assert run["status"] == "complete" and run["steps"] == 2 and run["precision"] == "fp32"
+    assert (trained_run / "adapter/adapter_config.json").is_file()
+    assert (trained_run / "adapter/adapter_model.safetensors").is_file()
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == [1, 2]  # resumed at step 1, nothing logged twice
+    assert all(r["tokens_per_s"] > 0 and r["loss"] > 0 for r in rows if "loss" in r)
+    evals = [r for r in rows if "eval" in r]
+    assert evals and all(0 <= r["eval"]["strict_f1"] <= 1 for r in evals)
+    assert run["best_step"] in [r["step"] for r in evals]
+    data = json.loads((trained_run / "data.json").read_text())
+    assert data["examples"] >= 1 and data["answer_tokens"] > 0
+    assert json.loads((trained_run / "recipe.json").read_text())["max_steps"] == 2
+    with pytest.raises(BkdError, match="already complete"):
+        from bundlekd_edge.train.trainer import check_run_dir
+
+        check_run_dir(trained_run, resume=True)
+
+
+# ------------------------------------------------------------------ export
+
+
+def test_export_folder_layout_manifest_and_parity(exported):
+    out, manifest = exported
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["Modelfile", "README.md", "manifest.json", "model-Q4_K_M.gguf", "model-Q8_0.gguf"]
+    assert manifest["files"].keys() == {n for n in names if n != "manifest.json"}
+    for name, digest in manifest["files"].items():
+        assert sha256_file(out / name) == digest
+    assert not list(out.parent.glob(".export.tmp-*"))
+    q8, q4 = manifest["models"]["Q8_0"], manifest["models"]["Q4_K_M"]
+    assert 8 < q8["bits_per_weight"] < 9 and q8["fallbacks"] == 0
+    assert q4["bits_per_weight"] < q8["bits_per_weight"] and q4["fallbacks"] > 0  # width 576: k-quants fall back
+    assert q4["bytes"] < q8["bytes"] < 200 * 2**20
+    stages = {r["stage"]: r for r in manifest["parity"]["stages"]}
+    assert list(stages) == ["merge", "F16", "Q8_0", "Q4_K_M"] and all(r["passed"] for r in stages.values())
+    assert stages["merge"]["top1_agreement"] >= 0.99 and stages["F16"]["top1_agreement"] >= 0.97
+    assert stages["F16"]["identical_bundles"] == 1.0
+    assert manifest["default_quant"] == "Q4_K_M" and manifest["recipe"]["max_steps"] == 2
+    assert manifest["adapter"]["files"]["adapter_model.safetensors"]
+
+    from gguf import GGUFReader
+
+    from bundlekd_edge.runtime import default_model_path
+
+    base, q = GGUFReader(default_model_path()), GGUFReader(out / "model-Q8_0.gguf")
+    assert {t.name for t in q.tensors} == {t.name for t in base.tensors}
+    for key in ("tokenizer.chat_template", "tokenizer.ggml.eos_token_id", "llama.rope.freq_base"):
+        assert q.fields[key].contents() == base.fields[key].contents()
+    assert q.fields["general.file_type"].contents() == 7  # MOSTLY_Q8_0
+    assert "# tiny" not in (out / "README.md").read_text() and "| Q4_K_M |" in (out / "README.md").read_text()
+    assert (out / "Modelfile").read_text().startswith("FROM ./model-Q4_K_M.gguf")
+
+
+def test_generate_and_eval_with_the_export_folder(exported, sample_path, cli, tmp_path):
+    out, _ = exported
+    pred = tmp_path / "pred.jsonl"
+    r = cli("generate", "--model", out, "--sessions", sample_path, "--split", "test", "--limit", "1", "--out", pred,
+            "--quiet", "--summary", tmp_path / "run.json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "run.json").read_text())
+    assert summary["run"]["model"] == str(out / "model-Q4_K_M.gguf")
+    rows = [json.loads(line) for line in pred.read_text().splitlines()]
+    assert len(rows) == 1 and all(row["valid"] for row in rows)  # the grammar holds for the fine-tuned model
+    r = cli("generate", "--model", f"{out}:Q8_0", "--sessions", sample_path, "--split", "test", "--limit", "1",
+            "--out", tmp_path / "p8.jsonl", "--quiet", "--summary", tmp_path / "run8.json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "run8.json").read_text())["run"]["model"].endswith("model-Q8_0.gguf")
+    r = cli("eval", "--gold", sample_path, "--pred", pred, "--split", "test", "--json")
+    assert r.exit_code == 0 and "strict_f1" in json.loads(r.output)
+    r = cli("generate", "--model", f"{out}:Q5_K_M", "--sessions", sample_path, "--out", tmp_path / "x.jsonl")
+    assert r.exit_code == 1 and "no Q5_K_M model in this export (has Q8_0, Q4_K_M)" in r.output
+
+
+def test_export_folder_with_a_changed_file_is_refused(tmp_path):
+    from bundlekd_edge.export.folder import EXPORT_FORMAT, resolve_export
+    from bundlekd_edge.runtime.model_file import resolve_model
+
+    (tmp_path / "model-Q4_K_M.gguf").write_bytes(b"GGUF fake")
+    write_json(tmp_path / "manifest.json", {
+        "format": EXPORT_FORMAT, "default_quant": "Q4_K_M",
+        "models": {"Q4_K_M": {"file": "model-Q4_K_M.gguf"}},
+        "files": {"model-Q4_K_M.gguf": sha256_file(tmp_path / "model-Q4_K_M.gguf")},
+    })  # fmt: skip
+    assert resolve_model(tmp_path) == tmp_path / "model-Q4_K_M.gguf"
+    (tmp_path / "model-Q4_K_M.gguf").write_bytes(b"GGUF changed")
+    with pytest.raises(BkdError, match="refusing a changed model file"):
+        resolve_model(tmp_path)
+    with pytest.raises(BkdError, match="not an export folder"):
+        resolve_export(tmp_path / "..")
+
+
+def test_export_folder_lookup_imports_no_torch():
+    code = (
+        "import sys; from bundlekd_edge.runtime.model_file import resolve_model; import bundlekd_edge.export.folder;"
+        "import bundlekd_edge.cli.train_cmd, bundlekd_edge.cli.export_cmd;"
+        "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def _fake_run(tmp_path, base, adapter=True):
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    if adapter:
+        (run / "adapter/adapter_config.json").write_text("{}")
+    write_json(run / "run.json", {"base": {"kind": "gguf", "path": str(base), "sha256": None}})
+    write_json(run / "recipe.json", {"sessions": "bundlekd_edge/sample/sessions.jsonl"})
+    return run
+
+
+def test_export_bad_input_gets_clear_errors_and_leaves_nothing(tmp_path):
+    import gguf
+
+    from bundlekd_edge.export.build import export_run
+
+    gemma = tmp_path / "gemma.gguf"
+    w = gguf.GGUFWriter(str(gemma), "gemma3")
+    w.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    out = tmp_path / "out"
+    with pytest.raises(BkdError, match="architecture 'gemma3' is not supported by the GGUF writer"):
+        export_run(_fake_run(tmp_path, gemma), out)
+    with pytest.raises(BkdError, match="no adapter"):
+        export_run(_fake_run(tmp_path / "b", gemma, adapter=False), out)
+    with pytest.raises(BkdError, match="unknown quant type 'Q3_FAST'"):
+        export_run(_fake_run(tmp_path / "c", gemma), out, quants=["Q8_0", "q3_fast"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "c", "gemma.gguf", "run"]
+
+
+def test_disk_full_during_export_leaves_nothing(trained_run, monkeypatch):
+    import errno
+
+    import gguf
+
+    from bundlekd_edge.export import build, parity
+
+    def full(self, *a, **k):
+        self.fout[0].write(b"\0" * 1000)  # half-written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+    monkeypatch.setattr(parity, "hf_generate", lambda model, tok, golden: [""] * len(golden))
+    out = trained_run.parent / "full"
+    with pytest.raises(BkdError, match="No space left on device.*nothing was left behind"):
+        build.export_run(trained_run, out, golden=1, gen_max_tokens=8, log=lambda *a: None)
+    assert not out.exists() and not list(trained_run.parent.glob(".full.tmp-*"))
+
+
+def test_cli_train_and_export_errors(cli, tmp_path):
+    r = cli("train", tmp_path / "missing.toml")
+    assert r.exit_code == 1 and "no such recipe file" in r.output
+    r = cli("export", tmp_path, "--out", tmp_path / "x")
+    assert r.exit_code == 1 and "no adapter" in r.output
+    shutil.rmtree(tmp_path / "x", ignore_errors=True)
