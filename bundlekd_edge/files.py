@@ -65,3 +65,16 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def check_files(folder: str | os.PathLike, digests: dict[str, str]) -> list[str]:
+    """Problems with the files a manifest lists (missing, changed); empty when every sha256 matches."""
+    folder = Path(folder)
+    problems = []
+    for name, digest in digests.items():
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{path}: changed (sha256 differs from the manifest)")
+    return problems

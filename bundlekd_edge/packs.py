@@ -26,7 +26,7 @@ import numpy as np
 
 from . import BkdError, __version__
 from .data import Session
-from .files import sha256_file, write_json, write_jsonl
+from .files import check_files, sha256_file, write_json, write_jsonl
 from .prompts import item_title, render_answer, session_text
 
 PACK_FORMAT = "bkd-pack/1"
@@ -142,14 +142,7 @@ def verify_pack(folder: str | Path) -> list[str]:
         return [f"{manifest_path}: not valid JSON ({e.msg})"]
     if manifest.get("format") != PACK_FORMAT:
         return [f"{manifest_path}: format {manifest.get('format')!r}, expected {PACK_FORMAT!r}"]
-    problems = []
-    for name, digest in manifest.get("files", {}).items():
-        path = folder / name
-        if not path.exists():
-            problems.append(f"{path}: missing")
-        elif sha256_file(path) != digest:
-            problems.append(f"{path}: changed (sha256 differs from the manifest)")
-    return problems
+    return check_files(folder, manifest.get("files", {}))
 
 
 class Pack:

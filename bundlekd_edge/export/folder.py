@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from .. import BkdError
-from ..files import sha256_file
+from ..files import check_files, sha256_file
 
 EXPORT_FORMAT = "bkd-export/1"
 MANIFEST = "manifest.json"
@@ -52,14 +52,7 @@ def verify_export(folder: str | Path, manifest: dict | None = None) -> list[str]
     """Problems with the folder's files (missing, changed); empty when every sha256 matches."""
     folder = Path(folder)
     manifest = manifest or read_manifest(folder)
-    problems = []
-    for name, digest in manifest.get("files", {}).items():
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif sha256_file(path) != digest:
-            problems.append(f"{path}: changed (sha256 differs from the manifest)")
-    return problems
+    return check_files(folder, manifest.get("files", {}))
 
 
 def resolve_export(folder: str | Path, quant: str | None = None) -> Path:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import BkdError, __version__
-from ..files import sha256_file, write_json, write_jsonl
+from ..files import check_files, sha256_file, write_json, write_jsonl
 
 STORE_FORMAT = "bkd-knowledge/1"
 KINDS = ("pattern", "rule", "thought")
@@ -128,10 +128,4 @@ def verify_store(folder: str | Path) -> list[str]:
         return [f"{path}: not valid JSON ({e.msg})"]
     if manifest.get("format") != STORE_FORMAT:
         return [f"{path}: format {manifest.get('format')!r}, expected {STORE_FORMAT!r}"]
-    problems = []
-    for name, digest in manifest.get("files", {}).items():
-        if not (folder / name).exists():
-            problems.append(f"{folder / name}: missing")
-        elif sha256_file(folder / name) != digest:
-            problems.append(f"{folder / name}: changed (sha256 differs from the manifest)")
-    return problems
+    return check_files(folder, manifest.get("files", {}))
