@@ -78,3 +78,17 @@ def check_files(folder: str | os.PathLike, digests: dict[str, str]) -> list[str]
         elif sha256_file(path) != digest:
             problems.append(f"{path}: changed (sha256 differs from the manifest)")
     return problems
+
+
+def verify_folder(folder: str | os.PathLike, fmt: str, kind: str) -> list[str]:
+    """Problems of a folder whose manifest.json names its format and the sha256 of its files."""
+    path = Path(folder) / "manifest.json"
+    if not path.exists():
+        return [f"{path}: missing (not a {kind} folder)"]
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        return [f"{path}: not valid JSON ({e.msg})"]
+    if manifest.get("format") != fmt:
+        return [f"{path}: format {manifest.get('format')!r}, expected {fmt!r}"]
+    return check_files(folder, manifest.get("files", {}))

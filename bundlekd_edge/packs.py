@@ -26,7 +26,7 @@ import numpy as np
 
 from . import BkdError, __version__
 from .data import Session
-from .files import check_files, sha256_file, write_json, write_jsonl
+from .files import sha256_file, verify_folder, write_json, write_jsonl
 from .prompts import item_title, render_answer, session_text
 
 PACK_FORMAT = "bkd-pack/1"
@@ -132,17 +132,7 @@ def build_pack(
 
 def verify_pack(folder: str | Path) -> list[str]:
     """Problems found, empty when the pack is intact: every file of the manifest, byte for byte."""
-    folder = Path(folder)
-    manifest_path = folder / "manifest.json"
-    if not manifest_path.exists():
-        return [f"{manifest_path}: missing (not a pack folder)"]
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as e:
-        return [f"{manifest_path}: not valid JSON ({e.msg})"]
-    if manifest.get("format") != PACK_FORMAT:
-        return [f"{manifest_path}: format {manifest.get('format')!r}, expected {PACK_FORMAT!r}"]
-    return check_files(folder, manifest.get("files", {}))
+    return verify_folder(folder, PACK_FORMAT, "pack")
 
 
 class Pack:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import BkdError, __version__
-from ..files import check_files, sha256_file, write_json, write_jsonl
+from ..files import sha256_file, verify_folder, write_json, write_jsonl
 
 STORE_FORMAT = "bkd-knowledge/1"
 KINDS = ("pattern", "rule", "thought")
@@ -118,14 +118,4 @@ def write_manifest(folder: str | Path, run: dict) -> dict:
 
 def verify_store(folder: str | Path) -> list[str]:
     """Problems found, empty when every file the manifest names is present and unchanged."""
-    folder = Path(folder)
-    path = folder / "manifest.json"
-    if not path.exists():
-        return [f"{path}: missing (not a knowledge folder)"]
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        return [f"{path}: not valid JSON ({e.msg})"]
-    if manifest.get("format") != STORE_FORMAT:
-        return [f"{path}: format {manifest.get('format')!r}, expected {STORE_FORMAT!r}"]
-    return check_files(folder, manifest.get("files", {}))
+    return verify_folder(folder, STORE_FORMAT, "knowledge")
