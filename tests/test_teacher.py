@@ -2,15 +2,8 @@
 GGUF on 127.0.0.1) and, for retry/backoff only, a tiny scripted HTTP server."""
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -19,51 +12,7 @@ from bundlekd_edge import BkdError
 from bundlekd_edge.knowledge import CallCache, TeacherConfig, TeacherError, make_teacher
 from bundlekd_edge.knowledge.teachers import normalise_base_url
 from bundlekd_edge.prompts import PromptConfig, output_schema
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LlamaServer:
-    """`python -m llama_cpp.server` on a free loopback port, serving the default model."""
-
-    def __init__(self):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = None
-
-    def start(self, wait_s: float = 90.0) -> "LlamaServer":
-        from bundlekd_edge.runtime import default_model_path
-
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(default_model_path()), "--host", "127.0.0.1",
-               "--port", str(self.port), "--n_ctx", "2048", "--n_threads", "1"]  # fmt: skip
-        # The server logs a lot to stderr: a file, not a pipe nobody reads (a full pipe blocks it).
-        self.log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"llama_cpp.server exited: {self.log.read().decode(errors='replace')[-2000:]}")
-            try:
-                no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-                with no_proxy.open(self.url + "/v1/models", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"llama_cpp.server did not answer on {self.url} within {wait_s} s")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: this kills only what we started
-            self.proc.wait(timeout=10)
-        if self.proc:
-            self.log.close()
+from tests.conftest import LlamaServer, free_port
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,18 @@ def main():
 
 
 def _register():
-    from . import data_cmds, demo_cmd, distill_cmd, eval_cmd, export_cmd, generate_cmd, pack_cmds, train_cmd
+    from . import (
+        bench_cmd,
+        data_cmds,
+        demo_cmd,
+        distill_cmd,
+        eval_cmd,
+        experiment_cmd,
+        export_cmd,
+        generate_cmd,
+        pack_cmds,
+        train_cmd,
+    )
 
     main.add_command(data_cmds.data)
     main.add_command(generate_cmd.generate)
@@ -38,6 +49,8 @@ def _register():
     main.add_command(distill_cmd.distill)
     main.add_command(train_cmd.train)
     main.add_command(export_cmd.export)
+    main.add_command(bench_cmd.bench)
+    main.add_command(experiment_cmd.experiment)
 
 
 _register()

@@ -13,11 +13,18 @@ from ..packs import Pack, PackConfig, build_pack, verify_pack
 from .generate_cmd import MODEL_HELP
 
 
-def read_knowledge(folder: Path | None) -> tuple[list[str], dict[str, str]]:
-    """Static lines (rules first, then patterns, in file order) and thoughts by session id."""
+def read_knowledge(folder: Path | None, formats: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """Static lines (rules first, then patterns, in file order) and thoughts by session id.
+
+    `formats` (e.g. ["patterns", "rules"]) picks which of the folder's knowledge files are read."""
     if folder is None:
         return [], {}
     files = sorted(Path(folder).glob("*.jsonl"))
+    if formats is not None:
+        missing = [f for f in formats if not (Path(folder) / f"{f}.jsonl").is_file()]
+        if missing:
+            raise BkdError(f"{folder}: no {', '.join(missing)} knowledge ({', '.join(f + '.jsonl' for f in missing)})")
+        files = [p for p in files if p.stem in formats]
     if not files:
         raise BkdError(f"{folder}: no knowledge (*.jsonl) files")
     rules, patterns, thoughts = [], [], {}
@@ -80,19 +87,22 @@ def pack():
     help="Tokens of static knowledge (rules, patterns) kept, whole lines only.",
 )
 @click.option("--no-thoughts", is_flag=True, help="Leave the teacher's thoughts out of the examples.")
+@click.option("--formats", help="Only these knowledge formats of KNOWLEDGE, e.g. patterns,rules [default: all].")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="New pack folder.")
-def build_cmd(knowledge, sessions, split, model, k, static_budget, no_thoughts, out):
+def build_cmd(knowledge, sessions, split, model, k, static_budget, no_thoughts, formats, out):
     """Build a pack from a KNOWLEDGE folder (from `bkd-edge distill`) and a sessions file.
 
     Without KNOWLEDGE the pack holds retrieval examples only.
     """
     from ..embeddings import default_encoder_dir
 
-    lines, thoughts = read_knowledge(knowledge)
+    picked = [f.strip() for f in formats.split(",") if f.strip()] if formats else None
+    lines, thoughts = read_knowledge(knowledge, picked)
     examples = load_sessions(sessions, split=split)
     encoder = default_encoder_dir()
     config = PackConfig(k=k, static_budget=static_budget, with_thoughts=not no_thoughts)
-    recipe = {"knowledge": str(knowledge) if knowledge else None, "sessions": str(sessions), "split": split}
+    recipe = {"knowledge": str(knowledge) if knowledge else None, "formats": picked, "sessions": str(sessions),
+              "split": split}  # fmt: skip
     manifest = build_pack(out, lines, examples, thoughts, vocab_counter(model), encoder, config, recipe)
     c, t = manifest["counts"], manifest["tokens"]
     click.echo(

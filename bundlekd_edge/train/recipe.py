@@ -1,17 +1,12 @@
-"""Training recipes: a small TOML or JSON file under `train/`, loaded into a dataclass.
-
-Every field has a default that works, so a recipe names only what it changes (peft style).
-Unknown keys and wrong types are errors naming the file and the key: a typo must not silently
-train with a default.
-"""
+"""Training recipes: a small TOML or JSON file under `train/`, loaded strictly into a dataclass (config.py)."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import BkdError
+from ..config import from_dict, read_config
 
 MODES = ("sft", "knowledge", "thoughts")
 
@@ -63,33 +58,8 @@ class Recipe:
         return asdict(self)
 
 
-def _check_type(value, default, where: str):
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(default, list):
-        ok = isinstance(value, list) and all(isinstance(x, str) for x in value)
-    else:
-        ok = isinstance(value, str)
-    if not ok:
-        raise BkdError(f"{where}: expected {type(default).__name__}, got {value!r}")
-    return value
-
-
 def recipe_from_dict(obj: dict, where: str = "recipe") -> Recipe:
-    known = {f.name: f for f in fields(Recipe)}
-    values = {}
-    for key, value in obj.items():
-        if key not in known:
-            raise BkdError(f"{where}: unknown key {key!r} (known: {', '.join(known)})")
-        f = known[key]
-        default = f.default if f.default is not MISSING else f.default_factory()
-        values[key] = _check_type(value, default, f"{where}: {key}")
-    recipe = Recipe(**values)
+    recipe = from_dict(Recipe, obj, where)
     if recipe.mode not in MODES:
         raise BkdError(f"{where}: mode {recipe.mode!r} is not one of {', '.join(MODES)}")
     if recipe.mode == "knowledge" and not recipe.pack:
@@ -106,22 +76,6 @@ def recipe_from_dict(obj: dict, where: str = "recipe") -> Recipe:
 
 def load_recipe(path: str | Path, overrides: dict | None = None) -> Recipe:
     """Read a .toml or .json recipe; `overrides` (from the command line) win over the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise BkdError(f"{path}: no such recipe file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".json":
-            obj = json.loads(text)
-        else:
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                import tomli as tomllib
-            obj = tomllib.loads(text)
-    except (ValueError, json.JSONDecodeError) as e:
-        raise BkdError(f"{path}: not a valid {path.suffix.lstrip('.') or 'TOML'} recipe ({e})") from None
-    if not isinstance(obj, dict):
-        raise BkdError(f"{path}: a recipe is a table of keys")
+    obj = read_config(path, "recipe")
     obj.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return recipe_from_dict(obj, str(path))

@@ -1,0 +1,333 @@
+"""Non-LLM baselines for bundle generation: the bars a student has to clear.
+
+  whole    the whole session as one bundle
+  pairs    adjacent disjoint pairs (1-2, 3-4, ...)
+  apriori  item types linked by association rules mined (efficient-apriori) from the training bundles
+  cluster  all-MiniLM-L6-v2 title embeddings, average-linkage clustering on cosine distance
+
+Each is fitted on the train split (`fit`) and predicts bundles in the shape an engine's
+Generation.bundles has (`predict`: [{"items": [ids in session order], "intent": ""}]), so its output
+goes through `metrics.evaluate` exactly as a model's does. The learned ones tune their parameters
+on the train split by strict F1 over a small grid; `describe` reports what was chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from . import BkdError
+from .data import Session
+from .metrics import Prediction, evaluate
+
+# Tuning grids. Confidence/threshold grids are coarse on purpose: a finer grid only fits train noise.
+SUPPORT_GRID = (0.002, 0.005, 0.01, 0.02)
+CONFIDENCE_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+DISTANCE_GRID = tuple(round(0.05 * k, 2) for k in range(1, 19))  # 0.05 .. 0.90
+
+
+def _bundle(ids: Iterable[str]) -> dict:
+    return {"items": list(ids), "intent": ""}
+
+
+def to_prediction(session_id: str, bundles: list[dict]) -> Prediction:
+    """One session's predicted bundles as metrics.Prediction (what `evaluate` scores)."""
+    return Prediction(session_id, [list(b["items"]) for b in bundles])
+
+
+def _need_train(name: str, train: list[Session]) -> None:
+    if not train:
+        raise BkdError(f"{name} baseline: no training sessions to fit on")
+
+
+def _strict_f1(sessions: list[Session], bundles: Iterable[list[dict]]) -> float:
+    preds = {s.session_id: to_prediction(s.session_id, b) for s, b in zip(sessions, bundles)}
+    return evaluate(sessions, preds)["strict_f1"]
+
+
+def components(ids: list[str], edges: Iterable[tuple[int, int]]) -> list[dict]:
+    """Connected components of >= 2 items (by index into `ids`), each in session order, ordered by first item."""
+    parent = list(range(len(ids)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in edges:
+        a, b = root(i), root(j)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    groups: dict[int, list[str]] = {}
+    for i, x in enumerate(ids):
+        groups.setdefault(root(i), []).append(x)
+    return [_bundle(g) for g in groups.values() if len(g) >= 2]
+
+
+def _whole(session: Session) -> list[dict]:
+    return [_bundle(session.item_ids())] if len(session.items) >= 2 else []
+
+
+class Baseline:
+    """fit(train sessions) -> self; predict(session) -> bundles; describe() -> fitted parameters."""
+
+    name = ""
+    model_bytes = 0  # bytes of model files it loads (a bench reports them next to an LLM's GGUF)
+
+    def fit(self, train: list[Session]) -> Baseline:
+        return self
+
+    def predict(self, session: Session) -> list[dict]:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"name": self.name}
+
+    def predict_all(self, sessions: list[Session]) -> dict[str, Prediction]:
+        """Predictions keyed by session id, ready for `metrics.evaluate`."""
+        return {s.session_id: to_prediction(s.session_id, self.predict(s)) for s in sessions}
+
+
+class WholeSession(Baseline):
+    name = "whole"
+
+    def predict(self, session: Session) -> list[dict]:
+        return _whole(session)
+
+
+class AdjacentPairs(Baseline):
+    name = "pairs"
+
+    def predict(self, session: Session) -> list[dict]:
+        ids = session.item_ids()
+        return [_bundle(ids[i : i + 2]) for i in range(0, len(ids) - 1, 2)]
+
+
+class AprioriRules(Baseline):
+    """Link two items when their types form an association rule mined from the training bundles.
+
+    Transactions are the type sets of the training bundles (knowledge.patterns.bundle_transactions).
+    Items i, j are linked when the pair {type i, type j} is frequent (support >= min_support) and
+    max(conf(i -> j), conf(j -> i)) >= min_confidence; every frequent itemset of more types is made of
+    such pairs, so pairs are enough. Transactions are *sets*, so Apriori never sees two items of one
+    type bundled together; `same_type` (tuned) links them too. Bundles = connected components.
+    """
+
+    name = "apriori"
+
+    def __init__(
+        self,
+        supports: Iterable[float] = SUPPORT_GRID,
+        confidences: Iterable[float] = CONFIDENCE_GRID,
+        same_type: Iterable[bool] = (False, True),
+        fallback: Iterable[str] = ("none", "whole"),
+    ):
+        self.grid = (tuple(supports), tuple(confidences), tuple(same_type), tuple(fallback))
+        self.params: dict = {}
+        self.confidence: dict[tuple[str, str], float] = {}  # (type, type) sorted -> best rule confidence
+        self.train_f1 = 0.0
+        self.transactions = 0
+
+    def _pair_confidence(self, train: list[Session], min_support: float) -> dict[tuple[str, str], float]:
+        try:
+            from efficient_apriori import apriori  # the `distill` extra, as in knowledge.patterns
+        except ImportError:
+            raise BkdError(
+                "the apriori baseline needs efficient-apriori: pip install 'bundlekd-edge[distill]'"
+            ) from None
+
+        from .knowledge.patterns import bundle_transactions
+
+        transactions, _ = bundle_transactions(train)
+        self.transactions = len(transactions)
+        if not transactions:
+            return {}
+        _, rules = apriori(transactions, min_support=min_support, min_confidence=0.0, max_length=2)
+        best: dict[tuple[str, str], float] = {}
+        for r in rules:  # max_length 2: every rule is one type -> one type
+            key = tuple(sorted((r.lhs[0], r.rhs[0])))
+            best[key] = max(best.get(key, 0.0), r.confidence)
+        return best
+
+    @staticmethod
+    def _edges(types: list[str], confidence: dict, min_confidence: float, same_type: bool) -> list[tuple[int, int]]:
+        edges = []
+        for i in range(len(types)):
+            for j in range(i + 1, len(types)):
+                if types[i] == types[j]:
+                    linked = same_type
+                else:
+                    linked = confidence.get(tuple(sorted((types[i], types[j]))), 0.0) >= min_confidence
+                if linked:
+                    edges.append((i, j))
+        return edges
+
+    def _predict(self, session: Session, types: list[str], confidence: dict, params: dict) -> list[dict]:
+        edges = self._edges(types, confidence, params["min_confidence"], params["same_type"])
+        bundles = components(session.item_ids(), edges)
+        if not bundles and params["fallback"] == "whole":
+            return _whole(session)
+        return bundles
+
+    def fit(self, train: list[Session]) -> AprioriRules:
+        from .knowledge.patterns import item_type
+
+        _need_train(self.name, train)
+        supports, confidences, same_types, fallbacks = self.grid
+        types = [[item_type(it) for it in s.items] for s in train]
+        best = None
+        for min_support in supports:
+            confidence = self._pair_confidence(train, min_support)
+            for min_confidence in confidences:
+                for same_type in same_types:
+                    for fallback in fallbacks:
+                        params = {"min_support": min_support, "min_confidence": min_confidence,
+                                  "same_type": same_type, "fallback": fallback}  # fmt: skip
+                        f1 = _strict_f1(train, (self._predict(s, t, confidence, params) for s, t in zip(train, types)))
+                        if best is None or f1 > best[0]:  # strict '>': ties keep the earlier grid point
+                            best = (f1, params, confidence)
+        if best is None:
+            raise BkdError("apriori baseline: empty tuning grid")
+        self.train_f1, self.params, self.confidence = best
+        return self
+
+    def predict(self, session: Session) -> list[dict]:
+        from .knowledge.patterns import item_type
+
+        if not self.params:
+            raise BkdError("apriori baseline: call fit(train_sessions) before predict")
+        return self._predict(session, [item_type(it) for it in session.items], self.confidence, self.params)
+
+    def describe(self) -> dict:
+        linked = sorted(
+            ((pair, c) for pair, c in self.confidence.items() if c >= self.params.get("min_confidence", 1.1)),
+            key=lambda pc: (-pc[1], pc[0]),
+        )
+        return {
+            "name": self.name,
+            **self.params,
+            "train_strict_f1": round(self.train_f1, 4),
+            "transactions": self.transactions,
+            "linked_type_pairs": len(linked),
+            "top_pairs": [f"{a} + {b} ({c:.2f})" for (a, b), c in linked[:10]],
+        }
+
+
+class TitleClusters(Baseline):
+    """Average-linkage clustering of title embeddings (all-MiniLM-L6-v2) cut at a cosine distance."""
+
+    name = "cluster"
+
+    def __init__(
+        self,
+        thresholds: Iterable[float] = DISTANCE_GRID,
+        fallback: Iterable[str] = ("none", "whole"),
+        encode: Callable[[list[str]], np.ndarray] | None = None,
+    ):
+        self.grid = (tuple(thresholds), tuple(fallback))
+        self._encode = encode  # texts -> L2-normalised rows; default: the ONNX MiniLM encoder
+        self.encoder = "all-MiniLM-L6-v2" if encode is None else "custom"
+        self._vectors: dict[str, np.ndarray] = {}
+        self.params: dict = {}
+        self.train_f1 = 0.0
+
+    @staticmethod
+    def _text(item) -> str:
+        return item.title.strip() or item.id
+
+    def _embed(self, texts: list[str]) -> None:
+        """Encode the texts not cached yet, in one batched call."""
+        # Shortest first: a batch is padded to its longest text, so similar lengths together run ~2.5x faster.
+        new = sorted(dict.fromkeys(t for t in texts if t not in self._vectors), key=len)
+        if not new:
+            return
+        if self._encode is None:
+            from .embeddings import TextEncoder, default_encoder_dir
+
+            folder = default_encoder_dir()
+            self._encode = TextEncoder(folder).encode
+            self.model_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        for text, vector in zip(new, self._encode(new)):
+            self._vectors[text] = vector
+
+    def _linkage(self, session: Session):
+        """The session's average-linkage tree, or None for a one-item session."""
+        from scipy.cluster.hierarchy import linkage
+        from scipy.spatial.distance import pdist
+
+        if len(session.items) < 2:
+            return None
+        vectors = np.stack([self._vectors[self._text(it)] for it in session.items]).astype(np.float64)
+        distances = np.clip(pdist(vectors, "cosine"), 0.0, 2.0)  # float error can dip just below 0
+        return linkage(distances, method="average")
+
+    @staticmethod
+    def _cut(session: Session, tree, params: dict) -> list[dict]:
+        from scipy.cluster.hierarchy import fcluster
+
+        bundles = []
+        if tree is not None:
+            labels = fcluster(tree, params["threshold"], criterion="distance")
+            groups: dict[int, list[str]] = {}
+            for item_id, label in zip(session.item_ids(), labels):
+                groups.setdefault(int(label), []).append(item_id)
+            bundles = [_bundle(g) for g in groups.values() if len(g) >= 2]
+        if not bundles and params["fallback"] == "whole":
+            return _whole(session)
+        return bundles
+
+    def fit(self, train: list[Session]) -> TitleClusters:
+        _need_train(self.name, train)
+        self._embed([self._text(it) for s in train for it in s.items])
+        trees = [self._linkage(s) for s in train]  # the tree does not depend on the cut: build it once
+        thresholds, fallbacks = self.grid
+        scored = []
+        for threshold in sorted(thresholds):
+            for fallback in fallbacks:
+                params = {"threshold": threshold, "fallback": fallback}
+                scored.append((_strict_f1(train, (self._cut(s, t, params) for s, t in zip(train, trees))), params))
+        if not scored:
+            raise BkdError("cluster baseline: empty tuning grid")
+        # Ties (a plateau, common on small train sets): take the middle threshold, not the edge, so
+        # unseen sessions a little tighter or looser than train still cut the same way.
+        self.train_f1 = max(f1 for f1, _ in scored)
+        tied = [params for f1, params in scored if f1 == self.train_f1]
+        self.params = tied[(len(tied) - 1) // 2]
+        return self
+
+    def predict(self, session: Session) -> list[dict]:
+        if not self.params:
+            raise BkdError("cluster baseline: call fit(train_sessions) before predict")
+        self._embed([self._text(it) for it in session.items])
+        return self._cut(session, self._linkage(session), self.params)
+
+    def predict_all(self, sessions: list[Session]) -> dict[str, Prediction]:
+        self._embed([self._text(it) for s in sessions for it in s.items])  # one batched pass, not one per session
+        return super().predict_all(sessions)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "encoder": self.encoder,
+            "linkage": "average",
+            "distance": "cosine",
+            **self.params,
+            "train_strict_f1": round(self.train_f1, 4),
+        }
+
+
+BASELINES: dict[str, type[Baseline]] = {
+    "whole": WholeSession,
+    "pairs": AdjacentPairs,
+    "apriori": AprioriRules,
+    "cluster": TitleClusters,
+}
+
+
+def make_baseline(name: str) -> Baseline:
+    """A new, unfitted baseline by name."""
+    if name not in BASELINES:
+        raise BkdError(f"unknown baseline {name!r} (choose from {', '.join(BASELINES)})")
+    return BASELINES[name]()

@@ -1,0 +1,83 @@
+"""What a bench row runs: an engine spec, parsed from one short command-line string.
+
+    NAME=MODEL[,pack=PACK][,label=TEXT]
+
+MODEL is whatever `bkd-edge generate --model` takes ('default', a .gguf file, EXPORT_DIR[:QUANT]),
+an OpenAI-compatible base URL (http://... or https://..., e.g. a teacher endpoint), or
+`baseline:whole|pairs|apriori|cluster` for a non-LLM baseline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .. import BkdError
+
+KINDS = ("llama", "http", "baseline")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str
+    kind: str  # one of KINDS
+    model: str  # llama: model argument; http: base URL; baseline: baseline name
+    pack: str = ""  # prompt pack folder (LLM engines only)
+    label: str = ""  # free text for the report, e.g. "teacher stand-in"
+
+    def key(self, options: dict) -> str:
+        """Hash of everything a row's numbers depend on: a saved row is reused only when it matches."""
+        blob = json.dumps({"spec": asdict(self), "options": options}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class BenchOptions:
+    """How every row is measured; the same for all rows of one report."""
+
+    sessions: str = ""
+    split: str = "test"
+    limit: int = 0  # 0: every session of the split
+    n_ctx: int = 2048
+    threads: int = 0  # 0: every core the process may use
+    seed: int = 0
+    warmup: int = 1  # sessions generated and discarded after loading (val split when it has sessions)
+    cold: int = 3  # sessions measured with an empty KV cache (TTFT with the prefix evaluated)
+    concurrency: list[int] = field(default_factory=lambda: [1, 2, 4])  # batch throughput levels
+    throughput_sessions: int = 12  # sessions per throughput level (0: skip the throughput test)
+    timeout_s: float = 3600.0  # per engine process
+
+    def measured(self) -> dict:
+        """The options that change a row's numbers (the timeout does not)."""
+        d = asdict(self)
+        d.pop("timeout_s")
+        return d
+
+
+def parse_engine(text: str) -> EngineSpec:
+    name, sep, rest = text.partition("=")
+    name = name.strip()
+    if not sep or not name or not rest:
+        raise BkdError(f"engine {text!r}: expected NAME=MODEL[,pack=PACK][,label=TEXT]")
+    if not all(c.isalnum() or c in "-_." for c in name):
+        raise BkdError(f"engine {text!r}: the name may hold only letters, digits, '-', '_' and '.'")
+    model, *opts = rest.split(",")
+    extra = {}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if not sep or key not in ("pack", "label"):
+            raise BkdError(f"engine {text!r}: unknown option {opt!r} (known: pack=PACK, label=TEXT)")
+        extra[key] = value
+    if model.startswith("baseline:"):
+        kind, model = "baseline", model.removeprefix("baseline:")
+        if extra.get("pack"):
+            raise BkdError(f"engine {text!r}: a baseline takes no pack")
+    elif model.startswith(("http://", "https://")):
+        kind = "http"
+    else:
+        kind, model = "llama", model.removeprefix("gguf:")
+    if extra.get("pack") and not Path(extra["pack"]).is_dir():
+        raise BkdError(f"engine {text!r}: pack {extra['pack']!r} is not a folder")
+    return EngineSpec(name, kind, model, extra.get("pack", ""), extra.get("label", ""))

@@ -1,0 +1,282 @@
+"""Several sessions at once on one loaded model: llama.cpp batched decoding.
+
+`Engine.generate` decodes one session at a time, so each decode step is a matrix-vector
+product that leaves most of the CPU's arithmetic idle while the weights stream through
+cache. Here up to `concurrency` sessions are in flight, each in its own KV sequence of one
+llama.cpp context, and every step feeds the next token of every active sequence to a single
+`llama_decode`: the weights are read once for all of them. A session that finishes frees its
+sequence and the next one is admitted at once (continuous batching), so a long answer never
+holds up the queue. A newly admitted session's prompt is evaluated in calls of its own (see
+`_prefill` for why it does not ride along in the decode batch).
+
+The token prefix every prompt shares (the system message: ~40% of a prompt) is evaluated once
+and kept as a sequence state (its KV cells, a few MiB); an admitted session's sequence starts as
+a copy of it. This is what the sequential engine gets from llama-cpp-python's prefix cache;
+without it every session would pay its full prompt again.
+
+Why not a unified KV cache, where `llama_memory_seq_cp` shares the prefix cells for free? There
+the cells of the sequences interleave in one buffer and attention sums each row over all of
+them (masked), so the sums group differently and greedy outputs drift from `Engine.generate`
+(2 of 4 sample answers changed at 2 in flight). With a stream per sequence, each sequence's
+cells lie exactly as in the engine's own context.
+
+Decoding is the engine's: the same prompt tokens, greedy, constrained by the same per-session
+GBNF grammar, stopped at an end-of-generation token or `max_answer_tokens`. Outputs therefore
+equal `Engine.generate`'s up to float rounding: batched kernels may sum in another order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from llama_cpp import llama_cpp as lib
+
+from .. import BkdError
+from ..data import Session
+from ..prompts import max_answer_tokens, output_grammar, parse_answer
+from .engine import Engine, Generation, Timing
+
+
+@dataclass
+class ConcurrentRun:
+    generations: list[Generation]  # one per session, in input order
+    wall_s: float  # first admission to last answer, wall clock
+    concurrency: int
+
+    @property
+    def sessions_per_min(self) -> float:
+        return 60 * len(self.generations) / self.wall_s if self.wall_s else 0.0
+
+
+@dataclass
+class _Slot:
+    """One session in flight: its sequence in the KV cache and its own grammar-constrained sampler."""
+
+    index: int  # position in the input list
+    seq_id: int
+    prompt: list[int]
+    max_tokens: int
+    sampler: lib.llama_sampler_p
+    started: float
+    prefix_len: int  # prompt tokens shared with every other session, evaluated once for all
+    n_past: int = 0  # tokens of this sequence already put in a batch (or copied from the prefix)
+    next_token: int | None = None  # sampled, not yet decoded
+    answer: list[int] = field(default_factory=list)
+    text: bytearray = field(default_factory=bytearray)
+    first_at: float | None = None
+
+
+def generate_concurrent(
+    engine: Engine,
+    sessions: list[Session],
+    concurrency: int,
+    parts: dict[str, tuple[str, str]] | None = None,
+) -> ConcurrentRun:
+    """Generate bundles for `sessions` with up to `concurrency` of them decoded together.
+
+    `parts` maps a session id to its (knowledge, examples) prompt parts; missing ids get none.
+    Returns the same `Generation` objects as `engine.generate`, in input order.
+    """
+    if concurrency < 1:
+        raise BkdError(f"concurrency must be at least 1, got {concurrency}")
+    parts = parts or {}
+    # Tokenize everything first: a session that does not fit fails the run before any time is spent.
+    prompts = [engine.prompt_tokens(s, *parts.get(s.session_id, ("", ""))) for s in sessions]
+    if not sessions:
+        return ConcurrentRun([], 0.0, concurrency)
+
+    n_seq = min(concurrency, len(sessions))  # no KV cache for sequences that could never be used
+    n_batch = max(engine.config.n_batch, n_seq)  # every active sequence's next token must fit one batch
+    prefix = _common_prefix(prompts)
+    vocab = engine.llm._model.vocab
+    generations: list[Generation | None] = [None] * len(sessions)
+    slots: dict[int, _Slot] = {}  # seq_id -> the session decoding in it
+    free_seqs = list(range(n_seq - 1, -1, -1))  # a stack: pop() hands out 0, 1, ...
+    ctx = _new_context(engine, n_seq, n_batch)
+    batch = lib.llama_batch_init(n_batch, 0, 1)
+
+    def take(slot: _Slot, pos: int) -> None:
+        """Sample the slot's next token from the logits at batch position `pos`; finish the session if done."""
+        # llama_sampler_sample runs the chain (grammar, then greedy) and also accepts the token into
+        # it: calling llama_sampler_accept as well would advance the grammar twice.
+        token = lib.llama_sampler_sample(slot.sampler, ctx, pos)
+        now = time.perf_counter()
+        slot.first_at = slot.first_at or now
+        finish = None
+        if lib.llama_vocab_is_eog(vocab, token):
+            finish = "stop"  # like create_completion: the end token is neither text nor counted
+        else:
+            slot.answer.append(token)
+            slot.text += _piece(vocab, token)
+            slot.next_token = token
+            if len(slot.answer) >= slot.max_tokens:
+                finish = "length"
+        if finish:
+            generations[slot.index] = _generation(sessions[slot.index], slot, finish, now)
+            # Free the sequence's KV cells and its sampler, then hand the sequence id to the next session.
+            lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), slot.seq_id, -1, -1)
+            lib.llama_sampler_free(slot.sampler)
+            del slots[slot.seq_id]
+            free_seqs.append(slot.seq_id)
+
+    try:
+        queue = deque(range(len(sessions)))
+        t0 = time.perf_counter()
+        prefix_state = _prefix_state(ctx, batch, prefix, n_batch)
+        while queue or slots:
+            while queue and free_seqs:
+                i, seq = queue.popleft(), free_seqs.pop()
+                n_items = len(sessions[i].items)
+                slots[seq] = slot = _Slot(
+                    index=i,
+                    seq_id=seq,
+                    prompt=prompts[i],
+                    max_tokens=max_answer_tokens(n_items, engine.config.prompt),
+                    sampler=_new_sampler(vocab, output_grammar(n_items, engine.config.prompt)),
+                    started=time.perf_counter(),
+                    prefix_len=len(prefix),
+                    n_past=len(prefix),
+                )
+                if prefix and not lib.llama_state_seq_set_data(ctx, prefix_state, len(prefix_state), seq):
+                    raise BkdError(f"llama.cpp could not restore the shared prompt prefix into sequence {seq}")
+                take(slot, _prefill(ctx, batch, slot, n_batch))
+
+            # One decode step: the next token of every session in flight, one llama_decode for all.
+            active = list(slots.values())
+            if not active:  # every admitted session ended on its first token
+                continue
+            _decode(ctx, batch, [(s.seq_id, s.n_past, s.next_token, True) for s in active])
+            for pos, slot in enumerate(active):
+                slot.n_past += 1
+                take(slot, pos)
+        wall = time.perf_counter() - t0
+    finally:
+        for slot in slots.values():  # only left when an error stopped the run
+            lib.llama_sampler_free(slot.sampler)
+        lib.llama_batch_free(batch)
+        lib.llama_free(ctx)
+    return ConcurrentRun([g for g in generations if g is not None], wall, concurrency)
+
+
+def _prefill(ctx: lib.llama_context_p, batch: lib.llama_batch, slot: _Slot, n_batch: int) -> int:
+    """Evaluate the rest of a session's prompt; return the batch position of its last token's logits.
+
+    Alone, n_batch tokens a call, as the engine does; not in the decode batch: llama.cpp splits a
+    batch of several sequences into ubatches holding the same number of tokens of each, so beside
+    1-token decodes a prompt is cut into pieces, and a 1-token piece runs another CPU kernel whose
+    rounding moved later logits by up to 0.5 (measured): enough to change greedy answers. Prefill
+    is compute-bound, so batching it with the decodes would gain little anyway.
+    """
+    entries: list[tuple[int, int, int, bool]] = []
+    for start in range(slot.n_past, len(slot.prompt), n_batch):
+        chunk = slot.prompt[start : start + n_batch]
+        last = start + len(chunk) == len(slot.prompt)
+        entries = [(slot.seq_id, start + k, t, last and k == len(chunk) - 1) for k, t in enumerate(chunk)]
+        _decode(ctx, batch, entries)
+    slot.n_past = len(slot.prompt)
+    return len(entries) - 1
+
+
+def _decode(ctx: lib.llama_context_p, batch: lib.llama_batch, entries: list[tuple[int, int, int, bool]]) -> None:
+    """One llama_decode of `entries`: (sequence id, position, token, whether its logits are wanted)."""
+    for n, (seq, pos, token, logits) in enumerate(entries):
+        batch.token[n] = token
+        batch.pos[n] = pos
+        batch.n_seq_id[n] = 1
+        batch.seq_id[n][0] = seq
+        batch.logits[n] = logits
+    batch.n_tokens = len(entries)
+    rc = lib.llama_decode(ctx, batch)
+    if rc != 0:
+        # Not "no KV slot" in normal use: every prompt plus its longest answer fits one sequence's stream.
+        raise BkdError(f"llama_decode failed with code {rc} on a batch of {len(entries)} tokens")
+
+
+def _common_prefix(prompts: list[list[int]]) -> list[int]:
+    """The longest token prefix of all prompts, found on the tokens themselves (no guessing where
+    the tokenizer splits), short of each prompt's last token: that one must be decoded in the
+    session's own sequence to give the logits of its first answer token."""
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return first[:n]
+
+
+def _prefix_state(ctx: lib.llama_context_p, batch: lib.llama_batch, prefix: list[int], n_batch: int) -> ctypes.Array:
+    """Evaluate the shared prefix (in sequence 0, n_batch tokens a call, no logits) and return
+    that sequence's state, to be restored into each session's sequence; sequence 0 is left empty."""
+    for start in range(0, len(prefix), n_batch):
+        _decode(ctx, batch, [(0, start + k, t, False) for k, t in enumerate(prefix[start : start + n_batch])])
+    state = (ctypes.c_uint8 * lib.llama_state_seq_get_size(ctx, 0))()
+    lib.llama_state_seq_get_data(ctx, state, len(state), 0)
+    lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), 0, -1, -1)
+    return state
+
+
+def _new_context(engine: Engine, n_seq: int, n_batch: int) -> lib.llama_context_p:
+    """A second context on the engine's loaded weights (shared, not copied) with n_seq sequences.
+
+    The engine's own context params are copied so that everything affecting numerics (flash
+    attention, KV cache types, ubatch size, threads) matches `Engine.generate`. The KV cache is
+    not unified: each sequence gets its own stream of n_ctx cells, as the engine's single context
+    has (`Engine.prompt_tokens` checks that every prompt and its longest answer fit n_ctx).
+    """
+    params = lib.llama_context_params.from_buffer_copy(engine.llm.context_params)
+    params.n_ctx = n_seq * engine.config.n_ctx
+    params.n_seq_max = n_seq
+    params.n_batch = n_batch
+    params.n_ubatch = min(params.n_ubatch, n_batch)
+    params.kv_unified = False
+    ctx = lib.llama_init_from_model(engine.llm._model.model, params)
+    if not ctx:
+        raise BkdError(f"llama.cpp could not create a context for {n_seq} sequences of {engine.config.n_ctx} tokens")
+    return ctx
+
+
+def _new_sampler(vocab: lib.llama_vocab_p, gbnf: str) -> lib.llama_sampler_p:
+    """Grammar then greedy: the chain `Llama.create_completion(temperature=0, grammar=...)` builds."""
+    chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+    grammar = lib.llama_sampler_init_grammar(vocab, gbnf.encode("utf-8"), b"root")
+    if not grammar:
+        lib.llama_sampler_free(chain)
+        raise BkdError("llama.cpp rejected the output grammar")
+    lib.llama_sampler_chain_add(chain, grammar)  # the chain owns (and frees) what is added to it
+    lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+    return chain
+
+
+def _piece(vocab: lib.llama_vocab_p, token: int) -> bytes:
+    """A token's bytes (a piece may be part of a UTF-8 character: join bytes, decode at the end)."""
+    buf = ctypes.create_string_buffer(64)
+    n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+    if n < 0:  # too small: -n is the size needed
+        buf = ctypes.create_string_buffer(-n)
+        n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
+    return buf.raw[:n]
+
+
+def _generation(session: Session, slot: _Slot, finish: str, now: float) -> Generation:
+    timing = Timing(
+        prompt_tokens=len(slot.prompt),
+        prefill_tokens=len(slot.prompt) - slot.prefix_len,  # the shared prefix is evaluated once, up front
+        completion_tokens=len(slot.answer),
+        ttft_s=(slot.first_at or now) - slot.started,  # from admission, not from the start of the run
+        # One llama_decode call serves many sequences, so llama.cpp's prompt/eval timers cannot be split
+        # per session: left at 0 (Timing's rates read 0 for them). ttft_s and total_s are the honest numbers.
+        prefill_s=0.0,
+        decode_s=0.0,
+        total_s=now - slot.started,
+    )
+    raw = slot.text.decode("utf-8", errors="replace")
+    parsed = parse_answer(raw, session)
+    error = parsed.error
+    if finish == "length" and not parsed.valid:
+        error = f"answer cut at max_tokens ({error})"
+    return Generation(session.session_id, parsed.bundles, parsed.valid, error, raw, timing)
+
+
+__all__ = ["ConcurrentRun", "generate_concurrent"]
