@@ -4,11 +4,12 @@ One model is loaded once. The sequential side is the plain `Engine.generate` loo
 the KV cache of the prompt prefix shared by consecutive sessions); each concurrent side runs
 `generate_concurrent` with up to N sessions in flight in one llama.cpp context. All sides see
 the same sessions, prompts and grammars and decode greedily, so their bundles should agree;
-the table says how often they do. Timings are wall clock for the whole run: on a loaded machine
-they are noisy, and the sides run one after the other, so rerun before trusting small gaps.
+the table says how often they do. Timings are wall clock for the whole run. The sides run one
+after the other, so on a loaded machine use --rounds: each round runs every side, in an order
+rotated by one each round, and a side's time is its median over the rounds.
 
     python scripts/bench_concurrent.py [--sessions FILE --split test] [--limit 24] [--concurrency 1,2,4]
-        [--threads N] [--json OUT]
+        [--threads N] [--rounds N] [--json OUT]
 """
 
 from __future__ import annotations
@@ -28,18 +29,20 @@ from bundlekd_edge.runtime import Engine, EngineConfig, Generation
 from bundlekd_edge.runtime.concurrent import generate_concurrent
 
 
-def side(name: str, gens: list[Generation], wall: float, reference: list[Generation] | None) -> dict:
+def side(name: str, gens: list[Generation], walls: list[float], reference: list[Generation]) -> dict:
     tokens = sum(g.timing.completion_tokens for g in gens)
+    wall = statistics.median(walls)
     return {
         "run": name,
         "sessions": len(gens),
         "wall_s": wall,
+        "wall_s_rounds": walls,
         "sessions_per_min": 60 * len(gens) / wall if wall else 0.0,
         "answer_tokens_per_s": tokens / wall if wall else 0.0,
         "latency_p50_s": statistics.median(g.timing.total_s for g in gens),
         "valid": sum(g.valid for g in gens),
         # Identical bundles (items and intents) to the sequential engine's, session by session.
-        "same_as_sequential": sum(a.bundles == b.bundles for a, b in zip(gens, reference or gens)),
+        "same_as_sequential": sum(a.bundles == b.bundles for a, b in zip(gens, reference)),
     }
 
 
@@ -50,6 +53,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=24)
     ap.add_argument("--concurrency", default="1,2,4", help="comma-separated levels")
     ap.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: every core)")
+    ap.add_argument("--rounds", type=int, default=1, help="run every side this many times (median)")
     ap.add_argument("--model", default="default")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
@@ -61,21 +65,35 @@ def main() -> int:
     engine = Engine(args.model, EngineConfig(n_threads=args.threads))
     engine.generate(sessions[0])  # warm-up: page the weights in, as every side then finds them
 
-    t0 = time.perf_counter()
-    reference = [engine.generate(s) for s in sessions]
-    rows = [side("sequential engine.generate", reference, time.perf_counter() - t0, None)]
-    print(f"sequential: {rows[0]['sessions_per_min']:.1f} sessions/min", file=sys.stderr)
-    for n in levels:
-        run = generate_concurrent(engine, sessions, n)
-        rows.append(side(f"concurrent, {n} in flight", run.generations, run.wall_s, reference))
-        print(f"concurrency {n}: {run.sessions_per_min:.1f} sessions/min", file=sys.stderr)
+    sides = [0, *levels]  # 0: the sequential engine loop
+    walls: dict[int, list[float]] = {n: [] for n in sides}
+    gens: dict[int, list[Generation]] = {}
+    for r in range(args.rounds):
+        for n in sides[r % len(sides) :] + sides[: r % len(sides)]:
+            if n == 0:
+                t0 = time.perf_counter()
+                gens[n] = [engine.generate(s) for s in sessions]
+                walls[n].append(time.perf_counter() - t0)
+            else:
+                run = generate_concurrent(engine, sessions, n)
+                gens[n] = run.generations
+                walls[n].append(run.wall_s)
+            label = f"concurrency {n}" if n else "sequential"
+            print(f"round {r + 1}, {label}: {60 * len(sessions) / walls[n][-1]:.1f} sessions/min", file=sys.stderr)
+    rows = [
+        side(f"concurrent, {n} in flight" if n else "sequential engine.generate", gens[n], walls[n], gens[0])
+        for n in sides
+    ]
     base = rows[0]["sessions_per_min"]
     for r in rows:
         r["speedup"] = r["sessions_per_min"] / base if base else 0.0
 
     load = os.getloadavg()[0]
     print(f"{len(sessions)} sessions from {path}" + (f" (split {split})" if split else ""))
-    print(f"{engine.threads} llama.cpp threads; 1-minute load average {load:.2f} on {os.cpu_count()} cores")
+    print(
+        f"{engine.threads} llama.cpp threads, {args.rounds} round(s); "
+        f"1-minute load average {load:.2f} on {os.cpu_count()} cores"
+    )
     cols = [
         ("run", "run", ""),
         ("sessions_per_min", "sessions/min", ".1f"),
