@@ -40,7 +40,7 @@ def test_tiny_grid_runs_and_resumes(tmp_path, sample_path, cli):
     for row in t["format"] + t["quantity"]:
         assert row["quality"]["sessions"] == 2 and row["quality"]["valid_rate"] == 1.0
     # The knowledge of each quantity really differs: ratio 1.0 mined from all 14 train sessions.
-    ids = {q: json.loads((out / "knowledge" / q / "manifest.json").read_text())["sessions"]["sampled"]
+    ids = {q: json.loads((out / "knowledge" / q / "manifest.json").read_text())["runs"][-1]["sessions"]["sampled"]
            for q in ("random-0.5", "random-1")}  # fmt: skip
     assert ids == {"random-0.5": 7, "random-1": 14}
     for section in ("## Knowledge format (RQ1)", "## Knowledge quantity (RQ2)", "## Knowledge utilisation (RQ3)"):

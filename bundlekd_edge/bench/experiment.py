@@ -162,7 +162,7 @@ class Experiment:
                        for f in c.distilled})  # fmt: skip
         folder = self.out / "knowledge" / cell.quantity
         done = folder / "manifest.json"
-        if done.is_file() and set(json.loads(done.read_text()).get("counts", {})) >= set(want):
+        if done.is_file() and {f"{f}.jsonl" for f in want} <= set(json.loads(done.read_text()).get("records", {})):
             return folder
         self.say(f"distil {','.join(want)} from {cell.quantity} of the train split")
         g = self.grid
