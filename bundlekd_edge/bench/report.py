@@ -124,7 +124,7 @@ def _save(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-KIND_STYLE = {"llama": ("o", "tab:blue"), "http": ("s", "tab:red"), "baseline": ("^", "tab:gray")}
+KIND_MARKER = {"llama": "o", "http": "s", "baseline": "^"}
 
 
 def plot_quality_latency(rows: list[dict], path: Path) -> None:
@@ -136,28 +136,25 @@ def plot_quality_latency(rows: list[dict], path: Path) -> None:
 
     points = [(r, _get(r, "latency", "latency_p50_s"), _get(r, "quality", "strict_f1")) for r in rows]
     points = [(r, max(x, 1e-6), y) for r, x, y in points if x is not None and y is not None]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r, x, y in points:
-        marker, color = KIND_STYLE[r["kind"]]
-        ax.scatter(x, y, marker=marker, color=color, s=60, zorder=3)
-        ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(9, 5))
+    # One colour per engine, one marker per kind, named in the legend: similar engines crowd
+    # together and labels on the points would overlap.
+    colors = plt.get_cmap("tab10").colors
+    for i, (r, x, y) in enumerate(points):
+        ax.scatter(x, y, marker=KIND_MARKER[r["kind"]], color=colors[i % 10], s=70, zorder=3, label=_name(r))
     frontier, best = [], -1.0
     for _, x, y in sorted(points, key=lambda p: (p[1], -p[2])):
         if y > best:
             frontier.append((x, y))
             best = y
     if len(frontier) > 1:
-        ax.step(*zip(*frontier), where="post", color="tab:green", alpha=0.6, label="Pareto frontier")
-        ax.legend(loc="lower right")
+        ax.step(*zip(*frontier), where="post", color="tab:green", alpha=0.5, label="Pareto frontier")
     ax.set_xscale("log")
     ax.set_xlabel("per-session latency p50 (s, log scale)")
     ax.set_ylabel("strict F1")
     ax.set_title("Quality vs latency (up and left is better)")
     ax.grid(True, which="both", alpha=0.3)
-    for kind, (marker, color) in KIND_STYLE.items():
-        ax.scatter([], [], marker=marker, color=color, label={"llama": "LLM (llama.cpp)", "http": "LLM (HTTP)",
-                                                               "baseline": "non-LLM baseline"}[kind])  # fmt: skip
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, title="o LLM, ^ baseline, s HTTP")
     _save(fig, path)
     plt.close(fig)
 
@@ -189,7 +186,7 @@ def plot_memory(rows: list[dict], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("MiB")
     ax.set_title("Memory per engine (RSS after the scored run)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     ax.grid(True, axis="x", alpha=0.3)
     _save(fig, path)
     plt.close(fig)
