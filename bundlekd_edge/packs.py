@@ -173,11 +173,16 @@ class Pack:
         return "Similar past sessions and their bundles:\n\n" + "\n\n".join(example_text(e) for e in examples)
 
     def prompt_parts(self, session: Session, fits) -> tuple[str, str]:
-        """(static knowledge, examples text) for this session, dropping the least similar
-        examples whole until `fits(knowledge, examples)` says the prompt fits."""
+        """(static knowledge, examples text) for this session, trimmed until `fits(knowledge,
+        examples)` says the prompt fits: first the least similar examples, whole; then, for a
+        session too long even without examples, the last (lowest-priority) static lines, whole.
+        Such a session's prompt no longer shares the cached static prefix: it pays its prefill."""
         chosen = self.nearest(session)
-        while True:
-            text = self.examples_text(chosen)
-            if not chosen or fits(self.static, text):
-                return self.static, text
+        while chosen and not fits(self.static, self.examples_text(chosen)):
             chosen = chosen[:-1]
+        if chosen:
+            return self.static, self.examples_text(chosen)
+        lines = self.static.splitlines()
+        while lines and not fits("\n".join(lines), ""):
+            lines = lines[:-1]
+        return "\n".join(lines), ""

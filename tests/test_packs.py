@@ -80,7 +80,11 @@ def test_examples_are_dropped_whole_until_the_prompt_fits(pack_dir, sample_path)
     static, examples = p.prompt_parts(s, lambda k, e: e.count("Answer: ") <= 1)
     assert examples.count("Answer: ") == 1
     static, examples = p.prompt_parts(s, lambda k, e: not e)
-    assert examples == "" and static == p.static  # the static part is never trimmed per session
+    assert examples == "" and static == p.static  # the static part goes only when examples are not enough
+    lines = p.static.splitlines()
+    assert len(lines) >= 2
+    static, examples = p.prompt_parts(s, lambda k, e: not e and len(k.splitlines()) < len(lines))
+    assert examples == "" and static == "\n".join(lines[:-1])  # the last line went, whole
 
 
 def test_generate_with_pack_persists_and_reuses_the_prefix(pack_dir, sample_path, cli, tmp_path):
