@@ -30,6 +30,17 @@ def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
+def _timed(totals: list[float], **extra) -> dict:
+    """Latency of rows timed per session from outside (HTTP requests, baselines)."""
+    return {
+        "sessions": len(totals),
+        "latency_p50_s": _pct(totals, 50),
+        "latency_p95_s": _pct(totals, 95),
+        "sessions_per_min": 60 * len(totals) / sum(totals) if sum(totals) else None,
+        **extra,
+    }
+
+
 def _score(sessions: list[Session], records: list[dict], path: Path) -> dict:
     """Write the predictions (one record a session, as `generate` writes them) and score them."""
     with atomic_write(path) as f:
@@ -156,14 +167,11 @@ def http_row(spec: EngineSpec, opt: BenchOptions, sessions: list[Session], pred_
         records.append({"session_id": s.session_id, "bundles": parsed.bundles, "valid": parsed.valid})
     return {
         "quality": _score(sessions, records, pred_path),
-        "latency": {
-            "sessions": len(sessions),
-            "latency_p50_s": _pct(totals, 50),
-            "latency_p95_s": _pct(totals, 95),
-            "sessions_per_min": 60 * len(totals) / sum(totals) if totals else None,
-            "completion_tokens_mean": completion / len(sessions) if sessions else None,
-            "note": "over HTTP: wall clock per request, no streaming, so no TTFT or prefill/decode split",
-        },
+        "latency": _timed(
+            totals,
+            completion_tokens_mean=completion / len(sessions),
+            note="over HTTP: wall clock per request, no streaming, so no TTFT or prefill/decode split",
+        ),
         "memory": {"note": "the server's process is not measured"},
         "throughput": [],
         "engine": teacher.describe(),
@@ -188,14 +196,8 @@ def baseline_row(spec: EngineSpec, opt: BenchOptions, sessions: list[Session], p
         records.append({"session_id": s.session_id, "bundles": bundles, "valid": True})
     return {
         "quality": _score(sessions, records, pred_path),
-        "latency": {
-            "sessions": len(sessions),
-            "latency_p50_s": _pct(totals, 50),
-            "latency_p95_s": _pct(totals, 95),
-            "sessions_per_min": 60 * len(totals) / sum(totals) if sum(totals) else None,
-            "fit_s": fit_s,
-        },
-        "memory": {**memory_snapshot(), "model_file_bytes": getattr(baseline, "model_bytes", 0)},
+        "latency": _timed(totals, fit_s=fit_s),
+        "memory": {**memory_snapshot(), "model_file_bytes": baseline.model_bytes},
         "throughput": [],
         "engine": baseline.describe(),
     }
