@@ -326,7 +326,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import _save
+    from .report import save_png
 
     t = report["tables"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -358,5 +358,5 @@ def plot(report: dict, path: Path) -> None:
     ax.set_title("RQ3: knowledge utilisation")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)

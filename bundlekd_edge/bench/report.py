@@ -118,7 +118,7 @@ def markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     os.replace(tmp, path)
@@ -155,7 +155,7 @@ def plot_quality_latency(rows: list[dict], path: Path) -> None:
     ax.set_title("Quality vs latency (up and left is better)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, title="o LLM, ^ baseline, s HTTP")
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -188,7 +188,7 @@ def plot_memory(rows: list[dict], path: Path) -> None:
     ax.set_title("Memory per engine (RSS after the scored run)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     ax.grid(True, axis="x", alpha=0.3)
-    _save(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 

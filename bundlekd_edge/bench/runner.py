@@ -85,7 +85,7 @@ def ratios(row: dict, ref: dict) -> dict:
     for section, key, _ in RATIO_KEYS:
         a, b = (row.get(section) or {}).get(key), (ref.get(section) or {}).get(key)
         if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
-            out[f"{key}"] = a / b
+            out[key] = a / b
     return out
 
 
