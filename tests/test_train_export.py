@@ -117,6 +117,23 @@ def test_three_modes_share_the_prompt_builder_and_output_contract(gguf_tok):
     assert examples == [] and stats["dropped_too_long"] == 2  # dropped whole, never cut
 
 
+def test_shuffled_copies_keep_the_bundles_and_renumber_the_items():
+    from bundlekd_edge.prompts import render_answer
+    from bundlekd_edge.train.sft import with_shuffled_copies
+
+    s = _session()
+    out = with_shuffled_copies([s], copies=3, seed=1)
+    assert len(out) == 4 and out[0] is s
+    for c in out[1:]:
+        assert c.session_id == s.session_id and c.bundles == s.bundles
+        assert sorted(c.item_ids()) == sorted(s.item_ids())
+        # the target names the same items under their new numbers
+        numbers = json.loads(render_answer(c))["bundles"][0]["items"]
+        assert {c.items[n - 1].id for n in numbers} == set(s.bundles[0].items)
+    assert any(c.item_ids() != s.item_ids() for c in out[1:])
+    assert [c.item_ids() for c in out] == [c.item_ids() for c in with_shuffled_copies([s], 3, seed=1)]  # seeded
+
+
 def test_packing_masks_the_prompt_and_keeps_attention_within_an_example():
     from transformers import LlamaConfig, LlamaForCausalLM
 

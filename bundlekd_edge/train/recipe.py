@@ -20,6 +20,7 @@ class Recipe:
     pack: str = ""  # prompt pack folder (mode 'knowledge')
     thoughts: str = ""  # JSONL of {"session_id", "thought"} (mode 'thoughts'; else a session's "thought" field)
     limit_train: int = 0  # use only the first N training sessions (0: all)
+    shuffled_copies: int = 0  # extra copies of each training session, items in a new seeded order (augmentation)
     max_len: int = 512  # tokens per example/packed row; longer examples are dropped whole, never cut
     packing: bool = True  # pack short examples into rows of max_len (attention stays within an example)
 

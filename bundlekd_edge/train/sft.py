@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import BkdError
@@ -120,6 +120,23 @@ class PromptMaker:
             return build_messages(session, self.config)
         knowledge, examples = self.pack.prompt_parts(session, fits or (lambda k, e: True))
         return build_messages(session, self.config, knowledge, examples)
+
+
+def with_shuffled_copies(sessions: list[Session], copies: int, seed: int = 0) -> list[Session]:
+    """The sessions plus `copies` more of each with the items in a new order.
+
+    Bundles are sets and barely follow the item order in the Electronic data (40% of bundles are
+    contiguous runs, 36% after a shuffle), so a reordered session is a new, equally true example:
+    the item numbers in prompt and target change, which keeps a small model from learning positions.
+    """
+    rng = random.Random(seed)
+    out = list(sessions)
+    for _ in range(copies):
+        for s in sessions:
+            items = list(s.items)
+            rng.shuffle(items)
+            out.append(replace(s, items=items))  # same id: its thought and provenance still apply
+    return out
 
 
 def build_examples(

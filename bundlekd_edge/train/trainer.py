@@ -31,7 +31,15 @@ from ..data import load_sessions
 from ..files import atomic_write, sha256_file, write_json
 from .model import load_base_model, pick_device, resolve_base, score_model, set_threads
 from .recipe import Recipe
-from .sft import PromptMaker, build_examples, collate, dump_examples, load_thoughts, make_rows
+from .sft import (
+    PromptMaker,
+    build_examples,
+    collate,
+    dump_examples,
+    load_thoughts,
+    make_rows,
+    with_shuffled_copies,
+)
 
 
 class Interrupted(Exception):
@@ -171,6 +179,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         pack = Pack(recipe.pack)
     maker = PromptMaker(recipe.mode, pack=pack)
     thoughts = load_thoughts(recipe.thoughts) if recipe.thoughts else None
+    train_sessions = with_shuffled_copies(train_sessions, recipe.shuffled_copies, recipe.seed)
     examples, data_stats = build_examples(train_sessions, tok, maker, recipe.max_len, thoughts)
     if not examples:
         raise BkdError(f"no training example fits max_len {recipe.max_len} tokens (raise max_len)")
