@@ -233,6 +233,13 @@ class TitleClusters(Baseline):
         self.params: dict = {}
         self.train_f1 = 0.0
 
+    @classmethod
+    def at_cut(cls, threshold: float, encode: Callable[[list[str]], np.ndarray]) -> TitleClusters:
+        """Already fitted: groups of similar titles at this cosine distance, no fallback (pack hints)."""
+        clusters = cls(encode=encode)
+        clusters.params = {"threshold": threshold, "fallback": "none"}
+        return clusters
+
     @staticmethod
     def _text(item) -> str:
         return item.title.strip() or item.id

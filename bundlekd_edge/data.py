@@ -173,6 +173,14 @@ def load_sessions(path: str | Path, split: str | None = None, require_bundles: b
     return sessions
 
 
+def spread(sessions: list, n: int | None) -> list:
+    """`n` of the sessions spread evenly over the list (all when n is None or 0).
+
+    Data files are often ordered (Electronic by session length), so the first n would be the easiest n."""
+    n = min(n or len(sessions), len(sessions))
+    return [sessions[i * len(sessions) // n] for i in range(n)]
+
+
 def write_sessions(path: str | Path, sessions: list[Session]) -> int:
     return write_jsonl(path, (s.to_dict() for s in sessions))
 

@@ -11,6 +11,11 @@
 Trimming policy (never mid-item): static lines are kept whole, in priority order (rules, then
 patterns by confidence), while they fit the static budget; at run time the k nearest examples
 are added most-similar first, and the least similar are dropped whole until the prompt fits.
+
+A pack may also carry a per-session hint (`similar_items`): which of the session's items have
+similar titles, grouped by the same encoder (average linkage cut at a cosine distance tuned on the
+training sessions, as the `cluster` baseline does). A student fine-tuned with it learns when to
+follow the grouping and when not to.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class PackConfig:
     k: int = 3  # retrieved examples per session
     static_budget: int = 1200  # tokens of static knowledge kept (whole lines only)
     with_thoughts: bool = True  # show a training session's thought under its bundles
+    similar_items: float = 0.0  # cosine-distance cut of the "similar titles" hint; 0: no hint
 
 
 def query_text(session: Session) -> str:
@@ -106,7 +112,12 @@ def build_pack(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "bkd_edge": __version__,
             "recipe": recipe or {},
-            "config": {"k": config.k, "static_budget": config.static_budget, "with_thoughts": config.with_thoughts},
+            "config": {
+                "k": config.k,
+                "static_budget": config.static_budget,
+                "with_thoughts": config.with_thoughts,
+                "similar_items": config.similar_items,
+            },  # fmt: skip
             "counts": {
                 "static_lines": len(kept),
                 "static_lines_dropped": len(static_lines) - len(kept),
@@ -148,21 +159,26 @@ class Pack:
         self.static = (self.folder / "static.txt").read_text(encoding="utf-8").strip()
         self.examples = [json.loads(line) for line in (self.folder / "examples.jsonl").open(encoding="utf-8")]
         self.index = np.load(self.folder / "index.npy")
+        self.similar_items = float(self.manifest["config"].get("similar_items", 0.0))
         self._encoder = None
+        self._clusters = None
 
     @property
     def state_dir(self) -> Path:
         return self.folder / STATE_DIR
 
-    def nearest(self, session: Session, k: int | None = None) -> list[dict]:
-        """The k most similar training sessions, most similar first (never the session itself)."""
-        if not self.examples:
-            return []
+    def encode(self, texts: list[str]) -> np.ndarray:
         if self._encoder is None:
             from .embeddings import TextEncoder
 
             self._encoder = TextEncoder(self.folder / "encoder")
-        query = self._encoder.encode([query_text(session)])[0]
+        return self._encoder.encode(texts)
+
+    def nearest(self, session: Session, k: int | None = None) -> list[dict]:
+        """The k most similar training sessions, most similar first (never the session itself)."""
+        if not self.examples or not (self.k if k is None else k):
+            return []
+        query = self.encode([query_text(session)])[0]
         order = np.argsort(-(self.index @ query), kind="stable")
         picked = [self.examples[i] for i in order if self.examples[i]["session_id"] != session.session_id]
         return picked[: self.k if k is None else k]
@@ -172,17 +188,35 @@ class Pack:
             return ""
         return "Similar past sessions and their bundles:\n\n" + "\n\n".join(example_text(e) for e in examples)
 
+    def similar_items_text(self, session: Session) -> str:
+        """The hint line, e.g. "Items with similar titles: 1, 4, 9 | 2, 6", or "" without a cut."""
+        if not self.similar_items:
+            return ""
+        if self._clusters is None:
+            from .baselines import TitleClusters
+
+            self._clusters = TitleClusters.at_cut(self.similar_items, self.encode)
+        number = {item_id: i for i, item_id in enumerate(session.item_ids(), 1)}
+        groups = [", ".join(str(number[x]) for x in b["items"]) for b in self._clusters.predict(session)]
+        return "Items with similar titles: " + (" | ".join(groups) or "none")
+
     def prompt_parts(self, session: Session, fits) -> tuple[str, str]:
-        """(static knowledge, examples text) for this session, trimmed until `fits(knowledge,
-        examples)` says the prompt fits: first the least similar examples, whole; then, for a
-        session too long even without examples, the last (lowest-priority) static lines, whole.
-        Such a session's prompt no longer shares the cached static prefix: it pays its prefill."""
+        """(static knowledge, session-specific text) for this session, trimmed until `fits(knowledge,
+        text)` says the prompt fits: first the least similar examples, whole; then, for a session
+        too long even without examples, the last (lowest-priority) static lines, whole. Such a
+        session's prompt no longer shares the cached static prefix: it pays its prefill.
+        The similar-items hint (short, about this session) is kept to the end."""
+        hint = self.similar_items_text(session)
+
+        def specific(chosen: list[dict]) -> str:
+            return "\n\n".join(t for t in (self.examples_text(chosen), hint) if t)
+
         chosen = self.nearest(session)
-        while chosen and not fits(self.static, self.examples_text(chosen)):
+        while chosen and not fits(self.static, specific(chosen)):
             chosen = chosen[:-1]
         if chosen:
-            return self.static, self.examples_text(chosen)
+            return self.static, specific(chosen)
         lines = self.static.splitlines()
-        while lines and not fits("\n".join(lines), ""):
+        while lines and not fits("\n".join(lines), hint):
             lines = lines[:-1]
-        return "\n".join(lines), ""
+        return "\n".join(lines), hint

@@ -6,6 +6,7 @@ import pytest
 
 from bundlekd_edge import BkdError
 from bundlekd_edge.bench.experiment import Cell, Experiment, load_grid
+from bundlekd_edge.data import load_sessions
 
 GRID = """
 sessions = "{sessions}"
@@ -39,6 +40,10 @@ def test_tiny_grid_runs_and_resumes(tmp_path, sample_path, cli):
     assert t["format"][0]["pack"] is None and t["format"][1]["pack_tokens"]["static"] == 0
     for row in t["format"] + t["quantity"]:
         assert row["quality"]["sessions"] == 2 and row["quality"]["valid_rate"] == 1.0
+    # `limit` sessions spread evenly over the split, not its first ones (files are often sorted)
+    test = load_sessions(sample_path, split="test")
+    scored = [s.session_id for s in load_sessions(out / "scored-sessions.jsonl")]
+    assert scored == [test[0].session_id, test[len(test) // 2].session_id]
     # The knowledge of each quantity really differs: ratio 1.0 mined from all 14 train sessions.
     ids = {q: json.loads((out / "knowledge" / q / "manifest.json").read_text())["runs"][-1]["sessions"]["sampled"]
            for q in ("random-0.5", "random-1")}  # fmt: skip
@@ -55,6 +60,10 @@ def test_tiny_grid_runs_and_resumes(tmp_path, sample_path, cli):
     (out / "cells" / "icl__examples" / "result.json").unlink()
     assert cli("experiment", grid_file, "--out", out).exit_code == 0
     assert generate_calls(out) == 5
+    # Another limit scores other sessions: no cell result is reused.
+    assert cli("experiment", grid_file, "--out", out, "--limit", "3").exit_code == 0
+    assert generate_calls(out) == 9
+    assert json.loads((out / "results.json").read_text())["tables"]["format"][0]["quality"]["sessions"] == 3
 
 
 def test_grid_errors(tmp_path, sample_path):

@@ -147,3 +147,21 @@ def test_bad_knowledge_record_names_file_and_line(cli, tmp_path, sample_path):
     r = cli("pack", "build", tmp_path / "k", "--sessions", sample_path, "--out", tmp_path / "p")
     assert r.exit_code == 1 and "k.jsonl:2: not a knowledge record" in r.output
     assert not (tmp_path / "p").exists()
+
+
+def test_similar_items_hint_groups_alike_titles_by_number_and_survives_trimming(cli, tmp_path, sample_path):
+    from bundlekd_edge.data import Item
+
+    r = cli("pack", "build", "--sessions", sample_path, "--k", "1", "--similar-items", "--out", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    p = Pack(tmp_path / "p")
+    assert 0 < p.similar_items == p.manifest["config"]["similar_items"] < 1
+    titles = ["Garden hose 50 ft", "Canon LP-E6 battery for EOS 5D", "Canon LP-E6 battery for EOS 7D", "Teapot"]
+    s = Session("new", [Item(f"i{n}", t) for n, t in enumerate(titles)])
+    assert p.similar_items_text(s) == "Items with similar titles: 2, 3"
+    static, text = p.prompt_parts(s, lambda k, e: True)
+    assert text.count("Answer: ") == 1 and text.endswith("Items with similar titles: 2, 3")
+    static, text = p.prompt_parts(s, lambda k, e: "Answer: " not in e)
+    assert text == "Items with similar titles: 2, 3"  # examples go first; the short hint stays
+    lonely = Session("lonely", [Item("a", "Garden hose 50 ft"), Item("b", "Teapot")])
+    assert p.similar_items_text(lonely) == "Items with similar titles: none"

@@ -3,7 +3,7 @@
 A grid file names a base cell and the values each factor sweeps over:
 
     sessions = "data/electronic.jsonl"
-    limit = 40                      # test sessions scored per cell
+    limit = 40                      # test sessions scored per cell, spread evenly over the split
     teacher = "gguf:default"        # the distillation teacher (URL or gguf:PATH)
     sft_model = "runs/export"       # a fine-tuned student to reuse for the SFT cells ...
     # sft_recipe = "train/cpu-smollm2.toml"   # ... or one to train (sft_max_steps) and export once
@@ -76,7 +76,7 @@ class Cell:
 class Grid:
     sessions: str = ""
     split: str = "test"
-    limit: int = 0  # sessions of the split scored per cell (0: all)
+    limit: int = 0  # sessions of the split scored per cell, spread evenly over it (0: all)
     teacher: str = "gguf:default"
     student: str = "default"  # the untuned student of the ICL cells
     sft_model: str = ""  # fine-tuned student for the SFT cells: EXPORT_DIR[:QUANT] or a .gguf (reused)
@@ -155,6 +155,21 @@ class Experiment:
         self.grid, self.out, self.say = grid, Path(out), say
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = self.out / "experiment.log"
+        self._scored_written = False
+
+    def scored_sessions(self) -> Path:
+        """The sessions every cell scores: the split, or `limit` of them spread evenly over it
+        (data.spread). Written once per run, the same file for every cell."""
+        from ..data import load_sessions, spread, write_sessions
+
+        path = self.out / "scored-sessions.jsonl"
+        if not self._scored_written:
+            sessions = load_sessions(self.grid.sessions, split=self.grid.split)
+            if not sessions:
+                raise BkdError(f"{self.grid.sessions}: no sessions with split {self.grid.split!r}")
+            write_sessions(path, spread(sessions, self.grid.limit))
+            self._scored_written = True
+        return path
 
     def knowledge(self, cell: Cell) -> Path:
         """One knowledge folder per quantity, with every format some cell of that quantity needs."""
@@ -206,7 +221,8 @@ class Experiment:
     def run_cell(self, cell: Cell) -> dict:
         folder = self.out / "cells" / cell.name
         done = folder / "result.json"
-        if done.is_file() and json.loads(done.read_text()).get("cell") == asdict(cell):
+        same = {"cell": asdict(cell), "limit": self.grid.limit}
+        if done.is_file() and {k: json.loads(done.read_text()).get(k) for k in same} == same:
             return json.loads(done.read_text())
         folder.mkdir(parents=True, exist_ok=True)
         pack = self.pack(cell)
@@ -218,9 +234,7 @@ class Experiment:
             "--model",
             model,
             "--sessions",
-            g.sessions,
-            "--split",
-            g.split,
+            self.scored_sessions(),
             "--n-ctx",
             g.n_ctx,
             "--seed",
@@ -231,18 +245,17 @@ class Experiment:
             folder / "run.json",
             "--quiet",
         ]
-        if g.limit:
-            args += ["--limit", g.limit]
         if pack:
             args += ["--pack", pack]
         _bkd(args, self.log)
         from ..data import load_sessions
         from ..metrics import evaluate, load_predictions
 
-        gold = load_sessions(g.sessions, split=g.split)[: g.limit or None]
+        gold = load_sessions(self.scored_sessions())
         run = json.loads((folder / "run.json").read_text())
         result = {
             "cell": asdict(cell),
+            "limit": g.limit,
             "name": cell.name,
             "model": model,
             "pack": str(pack) if pack else None,
@@ -294,7 +307,7 @@ def markdown(report: dict) -> str:
         "# bkd-edge experiment",
         "",
         f"Sessions `{g['sessions']}`, split `{g['split']}`"
-        + (f" (first {g['limit']})" if g["limit"] else "")
+        + (f" ({g['limit']} sessions spread evenly over it)" if g["limit"] else "")
         + f"; teacher `{g['teacher']}`; student `{g['student']}`; SFT student `{g['sft_model'] or 'trained here'}`; "
         f"k={g['k']} retrieved examples. Base cell: formats `{base['formats']}`, sampling `{base['sampling']}` at "
         f"ratio {base['ratio']:g}, use `{base['use']}`. Took {report['seconds'] / 60:.1f} min (finished steps reused).",

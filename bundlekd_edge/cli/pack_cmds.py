@@ -88,8 +88,14 @@ def pack():
 )
 @click.option("--no-thoughts", is_flag=True, help="Leave the teacher's thoughts out of the examples.")
 @click.option("--formats", help="Only these knowledge formats of KNOWLEDGE, e.g. patterns,rules [default: all].")
+@click.option(
+    "--similar-items",
+    is_flag=True,
+    help="Also tell the model, per session, which of its items have similar titles (MiniLM groups, "
+    "the cut tuned on the split by strict F1, as the cluster baseline).",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="New pack folder.")
-def build_cmd(knowledge, sessions, split, model, k, static_budget, no_thoughts, formats, out):
+def build_cmd(knowledge, sessions, split, model, k, static_budget, no_thoughts, formats, similar_items, out):
     """Build a pack from a KNOWLEDGE folder (from `bkd-edge distill`) and a sessions file.
 
     Without KNOWLEDGE the pack holds retrieval examples only.
@@ -100,7 +106,12 @@ def build_cmd(knowledge, sessions, split, model, k, static_budget, no_thoughts, 
     lines, thoughts = read_knowledge(knowledge, picked)
     examples = load_sessions(sessions, split=split)
     encoder = default_encoder_dir()
-    config = PackConfig(k=k, static_budget=static_budget, with_thoughts=not no_thoughts)
+    cut = 0.0
+    if similar_items:
+        from ..baselines import TitleClusters
+
+        cut = TitleClusters().fit(examples).params["threshold"]
+    config = PackConfig(k=k, static_budget=static_budget, with_thoughts=not no_thoughts, similar_items=cut)
     recipe = {"knowledge": str(knowledge) if knowledge else None, "formats": picked, "sessions": str(sessions),
               "split": split}  # fmt: skip
     manifest = build_pack(out, lines, examples, thoughts, vocab_counter(model), encoder, config, recipe)
@@ -108,7 +119,7 @@ def build_cmd(knowledge, sessions, split, model, k, static_budget, no_thoughts, 
     click.echo(
         f"{out}: {c['static_lines']} static lines ({t['static']} tokens, {c['static_lines_dropped']} dropped "
         f"by the budget), {c['examples']} examples (~{t['example_mean']:.0f} tokens each, k={k}), "
-        f"{c['thoughts']} with thoughts"
+        f"{c['thoughts']} with thoughts" + (f"; similar-items hint at cosine distance {cut}" if cut else "")
     )
 
 

@@ -49,7 +49,7 @@ class Recipe:
     threads: int = 0  # CPU threads for torch; 0: torch's default
 
     # evaluation, checkpoints, logging
-    eval_sessions: int = 16  # val sessions generated and scored (strict F1) at each evaluation
+    eval_sessions: int = 16  # val sessions (spread evenly over the split) generated and scored at each evaluation
     eval_every: int = 0  # optimizer steps between evaluations; 0: at the end of each epoch
     eval_max_tokens: int = 0  # cap on generated tokens per val session; 0: the output contract's bound
     save_every: int = 50  # optimizer steps between resumable checkpoints

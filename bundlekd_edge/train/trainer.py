@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from .. import BkdError, __version__
-from ..data import load_sessions
+from ..data import load_sessions, spread
 from ..files import atomic_write, sha256_file, write_json
 from .model import load_base_model, pick_device, resolve_base, score_model, set_threads
 from .recipe import Recipe
@@ -165,7 +165,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     train_sessions = load_sessions(recipe.sessions, split="train")
     if recipe.limit_train:
         train_sessions = train_sessions[: recipe.limit_train]
-    val_sessions = load_sessions(recipe.sessions, split="val")[: recipe.eval_sessions]
+    val_sessions = spread(load_sessions(recipe.sessions, split="val"), recipe.eval_sessions)
     if not train_sessions:
         raise BkdError(f"{recipe.sessions}: no sessions with split 'train'")
     base = resolve_base(recipe.base)
