@@ -279,6 +279,26 @@ def test_generate_and_eval_with_the_export_folder(exported, sample_path, cli, tm
     assert r.exit_code == 1 and "no Q5_K_M model in this export (has Q8_0, Q4_K_M)" in r.output
 
 
+def test_an_export_with_a_pack_generates_with_it(exported, sample_path, cli, tmp_path):
+    out, manifest = exported
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "model-Q4_K_M.gguf").symlink_to(out / "model-Q4_K_M.gguf")
+    r = cli("pack", "build", "--sessions", sample_path, "--k", "1", "--similar-items", "--out", folder / "pack")
+    assert r.exit_code == 0, r.output
+    write_json(folder / "manifest.json", {**manifest, "pack": "pack"})  # as a mode-'knowledge' export writes it
+    runs = {}
+    for name, model in (("plain", out), ("with-pack", folder)):
+        r = cli("generate", "--model", model, "--sessions", sample_path, "--split", "test", "--limit", "1",
+                "--out", tmp_path / f"{name}.jsonl", "--quiet", "--summary", tmp_path / f"{name}.json")  # fmt: skip
+        assert r.exit_code == 0, r.output
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert runs["plain"]["pack"] is None and runs["with-pack"]["pack"] == str(folder / "pack")
+    row = json.loads((tmp_path / "with-pack.jsonl").read_text())
+    assert row["valid"] and row["timing"]["prompt_tokens"] > 1.5 * json.loads(
+        (tmp_path / "plain.jsonl").read_text())["timing"]["prompt_tokens"]  # fmt: skip
+
+
 def test_export_folder_with_a_changed_file_is_refused(tmp_path):
     from bundlekd_edge.export.folder import EXPORT_FORMAT, resolve_export
     from bundlekd_edge.runtime.model_file import resolve_model

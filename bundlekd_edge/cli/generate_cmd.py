@@ -24,14 +24,6 @@ def engine_options(f):
     return f
 
 
-def load_pack(folder):
-    if folder is None:
-        return None
-    from ..packs import Pack
-
-    return Pack(folder)
-
-
 def load_engine(model, n_ctx, threads, seed):
     from ..runtime import Engine, EngineConfig  # llama.cpp loads only for commands that need it
 
@@ -69,7 +61,10 @@ def generate(model, n_ctx, threads, seed, sessions, split, limit, out, summary, 
     check_split(split)
     rows = load_sessions(sessions, split=split, require_bundles=False)[:limit]
     engine = load_engine(model, n_ctx, threads, seed)
-    gens = run_sessions(engine, rows, out, pack=load_pack(pack), progress=not quiet)
+    from ..export.folder import load_pack  # reads the manifest only: no torch
+
+    pack = load_pack(pack, model)
+    gens = run_sessions(engine, rows, out, pack=pack, progress=not quiet)
     result = latency_summary(gens, engine)
     click.echo(
         f"{result['sessions']} sessions -> {out}: {result['valid_rate']:.1%} valid JSON, "
@@ -83,7 +78,7 @@ def generate(model, n_ctx, threads, seed, sessions, split, limit, out, summary, 
             "run": engine.describe(),
             "sessions_file": str(sessions),
             "split": split,
-            "pack": str(pack) if pack else None,
+            "pack": str(pack.folder) if pack else None,
         }
         write_json(summary, {**record, **result})
 
