@@ -21,6 +21,7 @@ def test_parse_engine(tmp_path):
     assert (s.kind, s.model, s.pack, s.label) == ("llama", "/x/m.gguf", str(tmp_path), "fine-tuned")
     assert parse_engine("t=http://127.0.0.1:8080/v1").kind == "http"
     assert parse_engine("w=baseline:whole").kind == "baseline"
+    assert parse_engine("x=default,pack=none").pack == "none"  # not even an export's own pack
     for bad in ("noequals", "=default", "a b=default", "x=default,colour=red", f"w=baseline:whole,pack={tmp_path}",
                 "x=default,pack=/no/such/pack"):  # fmt: skip
         with pytest.raises(BkdError):

@@ -288,12 +288,14 @@ def test_an_export_with_a_pack_generates_with_it(exported, sample_path, cli, tmp
     assert r.exit_code == 0, r.output
     write_json(folder / "manifest.json", {**manifest, "pack": "pack"})  # as a mode-'knowledge' export writes it
     runs = {}
-    for name, model in (("plain", out), ("with-pack", folder)):
+    for name, model, extra in (("plain", out, []), ("with-pack", folder, []), ("no-pack", folder, ["--pack", "none"])):
         r = cli("generate", "--model", model, "--sessions", sample_path, "--split", "test", "--limit", "1",
-                "--out", tmp_path / f"{name}.jsonl", "--quiet", "--summary", tmp_path / f"{name}.json")  # fmt: skip
+                "--out", tmp_path / f"{name}.jsonl", "--quiet", "--summary", tmp_path / f"{name}.json",
+                *extra)  # fmt: skip
         assert r.exit_code == 0, r.output
         runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
-    assert runs["plain"]["pack"] is None and runs["with-pack"]["pack"] == str(folder / "pack")
+    assert runs["plain"]["pack"] is None and runs["no-pack"]["pack"] is None
+    assert runs["with-pack"]["pack"] == str(folder / "pack")
     row = json.loads((tmp_path / "with-pack.jsonl").read_text())
     assert row["valid"] and row["timing"]["prompt_tokens"] > 1.5 * json.loads(
         (tmp_path / "plain.jsonl").read_text())["timing"]["prompt_tokens"]  # fmt: skip

@@ -1,10 +1,11 @@
 """What a bench row runs: an engine spec, parsed from one short command-line string.
 
-    NAME=MODEL[,pack=PACK][,label=TEXT]
+    NAME=MODEL[,pack=PACK|none][,label=TEXT]
 
 MODEL is whatever `bkd-edge generate --model` takes ('default', a .gguf file, EXPORT_DIR[:QUANT]),
 an OpenAI-compatible base URL (http://... or https://..., e.g. a teacher endpoint), or
-`baseline:whole|pairs|apriori|cluster` for a non-LLM baseline.
+`baseline:whole|pairs|apriori|cluster` for a non-LLM baseline. An export trained with a pack runs
+with it unless `pack=none`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class EngineSpec:
     name: str
     kind: str  # one of KINDS
     model: str  # llama: model argument; http: base URL; baseline: baseline name
-    pack: str = ""  # prompt pack folder (LLM engines only)
+    pack: str = ""  # prompt pack folder (LLM engines only); "none": not even an export's own
     label: str = ""  # free text for the report, e.g. "teacher stand-in"
 
     def key(self, options: dict) -> str:
@@ -78,6 +79,6 @@ def parse_engine(text: str) -> EngineSpec:
         kind = "http"
     else:
         kind, model = "llama", model.removeprefix("gguf:")
-    if extra.get("pack") and not Path(extra["pack"]).is_dir():
+    if extra.get("pack") not in (None, "", "none") and not Path(extra["pack"]).is_dir():
         raise BkdError(f"engine {text!r}: pack {extra['pack']!r} is not a folder")
     return EngineSpec(name, kind, model, extra.get("pack", ""), extra.get("label", ""))

@@ -37,7 +37,12 @@ def load_engine(model, n_ctx, threads, seed):
 @click.option("--limit", type=int, help="Only the first N sessions.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Predictions JSONL to write.")
 @click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), help="Also write the run summary as JSON.")
-@click.option("--pack", type=click.Path(path_type=Path), help="Prompt pack: knowledge and nearest examples for ICL.")
+@click.option(
+    "--pack",
+    type=click.Path(path_type=Path),
+    help="Prompt pack: knowledge and nearest examples for ICL. An export trained with a pack uses it "
+    "by default; 'none' runs without.",
+)
 @click.option("--json", "json_mode", is_flag=True, help="Read one session as JSON on stdin, write its bundles as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(model, n_ctx, threads, seed, sessions, split, limit, out, summary, pack, json_mode, quiet):

@@ -58,7 +58,11 @@ def export_pack(model: str | Path) -> Path | None:
 
 
 def load_pack(pack: str | Path | None, model: str | Path = ""):
-    """The pack given, else the one an export folder's student was trained with, else None."""
+    """The pack given, else the one an export folder's student was trained with, else None.
+
+    `pack="none"` runs without any, even an export's own (to measure what the pack adds)."""
+    if str(pack) == "none":
+        return None
     folder = pack or export_pack(model)
     if not folder:
         return None
