@@ -9,7 +9,8 @@ prefix effect is measured alone, `--k` puts them back):
           evaluated (model load excluded, state load included);            target <= 0.15x
   p50     per-session latency with the reused prefix                        target <= 1.0 s (1,500-token pack)
 
-Each cold measurement runs in its own subprocess, alternating the two sides.
+Each cold measurement runs in its own subprocess, alternating the two sides. Sessions are spread
+evenly over the split; those too long to fit beside the whole prefix are left out and counted.
 
     python scripts/bench_packs.py PACK [PACK ...] [--sessions FILE --split test] [--limit 20] [--out FILE]
 """
@@ -26,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from bundlekd_edge.cli.demo_cmd import sample_sessions_path
-from bundlekd_edge.data import load_sessions
+from bundlekd_edge.data import load_sessions, spread
 from bundlekd_edge.files import write_json
 from bundlekd_edge.packs import Pack
 from bundlekd_edge.report import table
@@ -55,7 +56,7 @@ def reuse_run(pack: Pack, sessions, k: int) -> dict:
 
 COLD = """
 import json, sys, time
-from bundlekd_edge.data import load_sessions
+from bundlekd_edge.data import load_sessions, spread
 from bundlekd_edge.packs import Pack
 from bundlekd_edge.runtime import Engine
 pack, state, sessions, split, sid = sys.argv[1:6]
@@ -104,22 +105,32 @@ def main() -> int:
     args = ap.parse_args()
     path = args.sessions or sample_sessions_path()
     split = args.split or ("test" if args.sessions else None)
-    sessions = load_sessions(path, split=split)[: args.limit]
+    # Only sessions whose prompt fits with the whole static prefix share it; a longer one gets a
+    # trimmed prefix (packs.py) and pays its prefill, so it says nothing about prefix reuse.
+    fitting = Engine("default").fits
+    every = load_sessions(path, split=split)
+
+    def sessions_for(pack: Pack) -> tuple[list, int]:
+        fit = [s for s in every if fitting(s, pack.static, "")]
+        return spread(fit, args.limit), len(every) - len(fit)
 
     rows = []
     for pack_dir in args.packs:
         pack = Pack(pack_dir)
-        row = {"pack": str(pack_dir), **reuse_run(pack, sessions, args.k)}
+        sessions, too_long = sessions_for(pack)
+        row = {"pack": str(pack_dir), "sessions": len(sessions), "too_long": too_long,
+               **reuse_run(pack, sessions, args.k)}  # fmt: skip
         row.update(cold_run(pack_dir, path, split, [s.session_id for s in sessions[: args.cold]]))
         row["reuse_ratio"] = row["ttft_reused_p50_s"] / row["ttft_full_p50_s"]
         row["cold_ratio"] = row["cold_loaded_p50_s"] / row["cold_evaluated_p50_s"]
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
-    write_json(args.out, {"sessions_file": str(path), "split": split, "sessions": len(sessions), "k": args.k,
-                          "rows": rows})  # fmt: skip
+    write_json(args.out, {"sessions_file": str(path), "split": split, "k": args.k, "rows": rows})
     cols = [
         ("pack", "pack", ""),
         ("prefix_tokens", "prefix tokens", ""),
+        ("sessions", "sessions", ""),
+        ("too_long", "too long (left out)", ""),
         ("ttft_reused_p50_s", "TTFT reused", ".3f"),
         ("ttft_full_p50_s", "TTFT full", ".3f"),
         ("reuse_ratio", "ratio (<=0.1)", ".3f"),
@@ -128,7 +139,7 @@ def main() -> int:
         ("cold_ratio", "ratio (<=0.15)", ".3f"),
         ("latency_reused_p50_s", "latency p50 (s)", ".3f"),
     ]
-    print(f"{len(sessions)} sessions from {path}" + (f" (split {split})" if split else "") + f", k={args.k}")
+    print(f"sessions spread over {path}" + (f" (split {split})" if split else "") + f", k={args.k}")
     print(table(rows, cols))
     return 0
 
