@@ -347,10 +347,12 @@ def plot(report: dict, path: Path) -> None:
     names = [r["cell"]["formats"].replace(",", "+") for r in t["format"]]
     ax.barh(names, [r["quality"]["strict_f1"] for r in t["format"]], color="tab:blue", label="strict F1")
     ax.barh(names, [r["quality"]["exact_match"] for r in t["format"]], color="tab:orange", height=0.4, label="exact")
+    ax.bar_label(ax.containers[0], fmt="%.3f", fontsize=7, padding=2)
     ax.invert_yaxis()
     ax.set_title("RQ1: knowledge format")
     ax.set_xlabel("score")
-    ax.legend(fontsize=8)
+    ax.set_xlim(0, 1)  # every panel on the full 0..1 scale: small differences look small
+    ax.legend(fontsize=8, loc="lower right")
     ax = axes[1]
     curves = {}
     for r in t["quantity"]:
@@ -361,15 +363,18 @@ def plot(report: dict, path: Path) -> None:
     ax.set_title("RQ2: knowledge quantity")
     ax.set_xlabel("ratio of training sessions distilled")
     ax.set_ylabel("strict F1")
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="lower right")
     ax.grid(True, alpha=0.3)
     ax = axes[2]
     uses = [r["cell"]["use"] for r in t["utilisation"]]
     ax.bar(uses, [r["quality"]["strict_f1"] for r in t["utilisation"]], color="tab:blue", label="strict F1")
     ax.bar(uses, [r["quality"]["exact_match"] for r in t["utilisation"]], color="tab:orange", width=0.4,
            label="exact")  # fmt: skip
+    ax.bar_label(ax.containers[0], fmt="%.3f", fontsize=7, padding=2)
     ax.set_title("RQ3: knowledge utilisation")
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     save_png(fig, path)
     plt.close(fig)
