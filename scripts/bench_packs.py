@@ -56,7 +56,7 @@ def reuse_run(pack: Pack, sessions, k: int) -> dict:
 
 COLD = """
 import json, sys, time
-from bundlekd_edge.data import load_sessions, spread
+from bundlekd_edge.data import load_sessions
 from bundlekd_edge.packs import Pack
 from bundlekd_edge.runtime import Engine
 pack, state, sessions, split, sid = sys.argv[1:6]
