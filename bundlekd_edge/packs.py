@@ -36,6 +36,7 @@ from .prompts import item_title, render_answer, session_text
 
 PACK_FORMAT = "bkd-pack/1"
 STATE_DIR = "state"
+SESSION_ROOM = 1024  # context tokens for a session's items and its longest answer, beside the pack
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,14 @@ class Pack:
         self.similar_items = float(self.manifest["config"].get("similar_items", 0.0))
         self._encoder = None
         self._clusters = None
+
+    def n_ctx(self, floor: int = 2048) -> int:
+        """A context window for this pack: its static part, k examples of mean length and a
+        session with its answer, rounded up to 512 tokens. Fixed per pack, so the persisted
+        prefix state (keyed by n_ctx) holds from one run to the next."""
+        tokens = self.manifest["tokens"]
+        need = tokens["static"] + self.k * tokens.get("example_mean", 0) + SESSION_ROOM
+        return max(floor, -(-int(need) // 512) * 512)
 
     @property
     def state_dir(self) -> Path:

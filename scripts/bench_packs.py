@@ -11,9 +11,10 @@ prefix effect is measured alone, `--k` puts them back):
   p50     per-session latency with the reused prefix                        target <= 1.0 s (1,500-token pack)
 
 Each cold measurement runs in its own subprocess, alternating the two sides. Sessions are spread
-evenly over the split; those too long to fit beside the whole prefix are left out and counted.
+evenly over the split. The context is sized per pack as `generate` sizes it (`Pack.n_ctx`), so
+every session of the data fits beside the whole prefix; any that does not is left out and counted.
 
-    python scripts/bench_packs.py PACK [PACK ...] [--sessions FILE --split test] [--limit 20] [--out FILE]
+    python scripts/bench_packs.py PACK [PACK ...] [--sessions FILE --split test] [--limit 20] [--n-ctx N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ from bundlekd_edge.data import load_sessions, spread
 from bundlekd_edge.files import write_json
 from bundlekd_edge.packs import Pack
 from bundlekd_edge.report import table
-from bundlekd_edge.runtime import Engine
+from bundlekd_edge.runtime import Engine, EngineConfig
 
 
-def reuse_run(pack: Pack, sessions, k: int) -> dict:
-    engine = Engine("default")
+def reuse_run(pack: Pack, sessions, k: int, n_ctx: int) -> dict:
+    engine = Engine("default", EngineConfig(n_ctx=n_ctx))
     parts = {s.session_id: pack.prompt_parts(s, lambda kn, ex, s=s: engine.fits(s, kn, ex)) for s in sessions}
     examples = {sid: (ex if k else "") for sid, (_, ex) in parts.items()}
     engine.warm_prefix(pack.static)
@@ -65,11 +66,11 @@ COLD = """
 import json, sys, time
 from bundlekd_edge.data import load_sessions
 from bundlekd_edge.packs import Pack
-from bundlekd_edge.runtime import Engine
-pack, state, sessions, split, sid = sys.argv[1:6]
+from bundlekd_edge.runtime import Engine, EngineConfig
+pack, state, sessions, split, sid, n_ctx = sys.argv[1:7]
 p = Pack(pack)
 s = next(x for x in load_sessions(sessions, split=split or None) if x.session_id == sid)
-e = Engine("default")
+e = Engine("default", EngineConfig(n_ctx=int(n_ctx)))
 e.model_sha256()  # hashing the GGUF is a one-time cost of the key, not of the prefix
 t0 = time.perf_counter()
 warm = e.warm_prefix(p.static, state) if state else {"status": "evaluated"}
@@ -79,18 +80,18 @@ print(json.dumps({"status": warm["status"], "first_token_s": first}))
 """
 
 
-def cold_run(pack_dir: Path, sessions_path: Path, split: str | None, session_ids: list[str]) -> dict:
+def cold_run(pack_dir: Path, sessions_path: Path, split: str | None, session_ids: list[str], n_ctx: int) -> dict:
     state = Path(tempfile.mkdtemp(prefix="bkd-state-"))
     try:
         # Persist the state once (what the first `generate --pack` run on a laptop leaves behind).
-        e = Engine("default")
+        e = Engine("default", EngineConfig(n_ctx=n_ctx))
         e.warm_prefix(Pack(pack_dir).static, state)
         del e
         loaded, evaluated = [], []
         for i, sid in enumerate(session_ids):
             order = [(loaded, str(state)), (evaluated, "")]
             for bucket, st in order if i % 2 == 0 else order[::-1]:
-                args = [sys.executable, "-c", COLD, str(pack_dir), st, str(sessions_path), split or "", sid]
+                args = [sys.executable, "-c", COLD, str(pack_dir), st, str(sessions_path), split or "", sid, str(n_ctx)]
                 out = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
                 if st and out["status"] != "loaded":
                     raise SystemExit(f"persisted state was not used: {out['status']}")
@@ -108,26 +109,25 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=20)
     ap.add_argument("--cold", type=int, default=3, help="fresh-process runs per side")
     ap.add_argument("--k", type=int, default=0, help="retrieved examples per prompt (0: the prefix alone)")
+    ap.add_argument("--n-ctx", type=int, default=0, help="context window (0: the pack's own, as generate sizes it)")
     ap.add_argument("--out", type=Path, default=Path("bench-out/packs.json"))
     args = ap.parse_args()
     path = args.sessions or sample_sessions_path()
     split = args.split or ("test" if args.sessions else None)
-    # Only sessions whose prompt fits with the whole static prefix share it; a longer one gets a
-    # trimmed prefix (packs.py) and pays its prefill, so it says nothing about prefix reuse.
-    fitting = Engine("default").fits
     every = load_sessions(path, split=split)
-
-    def sessions_for(pack: Pack) -> tuple[list, int]:
-        fit = [s for s in every if fitting(s, pack.static, "")]
-        return spread(fit, args.limit), len(every) - len(fit)
 
     rows = []
     for pack_dir in args.packs:
         pack = Pack(pack_dir)
-        sessions, too_long = sessions_for(pack)
-        row = {"pack": str(pack_dir), "sessions": len(sessions), "too_long": too_long,
-               **reuse_run(pack, sessions, args.k)}  # fmt: skip
-        row.update(cold_run(pack_dir, path, split, [s.session_id for s in sessions[: args.cold]]))
+        n_ctx = args.n_ctx or pack.n_ctx()
+        # Only sessions whose prompt fits with the whole static prefix share it; a longer one gets a
+        # trimmed prefix (packs.py) and pays its prefill, so it says nothing about prefix reuse.
+        fits = Engine("default", EngineConfig(n_ctx=n_ctx)).fits
+        fit = [s for s in every if fits(s, pack.static, "")]
+        sessions = spread(fit, args.limit)
+        row = {"pack": str(pack_dir), "n_ctx": n_ctx, "sessions": len(sessions), "too_long": len(every) - len(fit),
+               **reuse_run(pack, sessions, args.k, n_ctx)}  # fmt: skip
+        row.update(cold_run(pack_dir, path, split, [s.session_id for s in sessions[: args.cold]], n_ctx))
         row["reuse_ratio"] = row["ttft_reused_p50_s"] / row["ttft_full_p50_s"]
         row["cold_ratio"] = row["cold_loaded_p50_s"] / row["cold_evaluated_p50_s"]
         rows.append(row)
@@ -136,6 +136,7 @@ def main() -> int:
     cols = [
         ("pack", "pack", ""),
         ("prefix_tokens", "prefix tokens", ""),
+        ("n_ctx", "n_ctx", ""),
         ("sessions", "sessions", ""),
         ("too_long", "too long (left out)", ""),
         ("ttft_reused_p50_s", "TTFT reused", ".3f"),

@@ -88,16 +88,30 @@ def test_examples_are_dropped_whole_until_the_prompt_fits(pack_dir, sample_path)
 
 
 def test_generate_with_pack_persists_and_reuses_the_prefix(pack_dir, sample_path, cli, tmp_path):
-    out = tmp_path / "pred.jsonl"
-    r = cli("generate", "--sessions", sample_path, "--split", "test", "--pack", pack_dir, "--out", out, "--quiet")
+    out, summary = tmp_path / "pred.jsonl", tmp_path / "run.json"
+    r = cli("generate", "--sessions", sample_path, "--split", "test", "--pack", pack_dir, "--out", out, "--quiet",
+            "--summary", summary)  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "100.0% valid JSON" in r.output
+    assert json.loads(summary.read_text())["run"]["n_ctx"] == Pack(pack_dir).n_ctx()  # sized for the pack
     assert len(list((pack_dir / "state").glob("prefix-*.kv"))) == 1
     assert verify_pack(pack_dir) == []  # the persisted state is not part of the hashed content
-    engine = Engine("default", EngineConfig())
+    engine = Engine("default", EngineConfig(n_ctx=Pack(pack_dir).n_ctx()))
     assert engine.warm_prefix(Pack(pack_dir).static, pack_dir / "state")["status"] == "loaded"
     gens = run_sessions(engine, load_sessions(sample_path, split="test")[:1], pack=Pack(pack_dir), progress=False)
     assert gens[0].valid and gens[0].timing.prefill_tokens < gens[0].timing.prompt_tokens
+
+
+def test_context_grows_with_the_pack_in_whole_512_token_steps(pack_dir, tmp_path):
+    import shutil
+
+    big = tmp_path / "big"
+    shutil.copytree(pack_dir, big)
+    manifest = json.loads((big / "manifest.json").read_text())
+    assert Pack(big).n_ctx() == 2048  # a small pack keeps the default context
+    manifest["tokens"].update(static=1500, example_mean=300)
+    (big / "manifest.json").write_text(json.dumps(manifest))
+    assert Pack(big).n_ctx() == 3584  # 1500 + 2 x 300 + 1024 for the session and its answer, rounded up
 
 
 def test_changed_or_missing_files_are_named_and_the_pack_refused(pack_dir, tmp_path):

@@ -19,14 +19,17 @@ def engine_options(f):
     """Options shared by every command that loads a model."""
     f = click.option("--seed", default=0, show_default=True, help="Sampling seed (decoding is greedy).")(f)
     f = click.option("--threads", default=0, show_default=True, help="CPU threads; 0 = all available.")(f)
-    f = click.option("--n-ctx", default=2048, show_default=True, help="Context window in tokens.")(f)
+    f = click.option("--n-ctx", default=0, show_default=True,
+                     help="Context window in tokens; 0 = 2048, or what a prompt pack needs.")(f)  # fmt: skip
     f = click.option("--model", default="default", show_default=True, help=MODEL_HELP)(f)
     return f
 
 
-def load_engine(model, n_ctx, threads, seed):
+def load_engine(model, n_ctx, threads, seed, pack=None):
+    """`n_ctx` 0 sizes the context: 2048 tokens, or what the pack needs (`Pack.n_ctx`)."""
     from ..runtime import Engine, EngineConfig  # llama.cpp loads only for commands that need it
 
+    n_ctx = n_ctx or (pack.n_ctx() if pack else EngineConfig.n_ctx)
     return Engine(model, EngineConfig(n_ctx=n_ctx, n_threads=threads, seed=seed))
 
 
@@ -65,10 +68,10 @@ def generate(model, n_ctx, threads, seed, sessions, split, limit, out, summary, 
 
     check_split(split)
     rows = load_sessions(sessions, split=split, require_bundles=False)[:limit]
-    engine = load_engine(model, n_ctx, threads, seed)
     from ..export.folder import load_pack  # reads the manifest only: no torch
 
     pack = load_pack(pack, model)
+    engine = load_engine(model, n_ctx, threads, seed, pack)
     gens = run_sessions(engine, rows, out, pack=pack, progress=not quiet)
     result = latency_summary(gens, engine)
     click.echo(
