@@ -191,9 +191,9 @@ class Engine:
         tokens = self.prompt_tokens(session, knowledge, examples)
         n_items = len(session.items)
         max_tokens = max_answer_tokens(n_items, self.config.prompt)
-        sampler = GrammarGreedy(self.llm._model.vocab, self.llm.n_vocab(), output_grammar(n_items, self.config.prompt))
         ctx, vocab = self.llm._ctx.ctx, self.llm._model.vocab
         t0 = time.perf_counter()
+        sampler = GrammarGreedy(vocab, self.llm.n_vocab(), output_grammar(n_items, self.config.prompt))  # < 1 ms
         n_prefill = self._eval_prompt(tokens)
         prefilled = time.perf_counter()
         answer, finish = [], "length"
