@@ -310,6 +310,12 @@ class TitleClusters(Baseline):
         self._embed([self._text(it) for it in session.items])
         return self._cut(session, self._linkage(session), self.params)
 
+    def predict_levels(self, session: Session, thresholds: Iterable[float]) -> list[list[dict]]:
+        """The session's groups at each cut of one tree (no fallback): coarser as the cut grows."""
+        self._embed([self._text(it) for it in session.items])
+        tree = self._linkage(session)
+        return [self._cut(session, tree, {"threshold": t, "fallback": "none"}) for t in thresholds]
+
     def predict_all(self, sessions: list[Session]) -> dict[str, Prediction]:
         self._embed([self._text(it) for s in sessions for it in s.items])  # one batched pass, not one per session
         return super().predict_all(sessions)

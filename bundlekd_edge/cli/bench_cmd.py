@@ -25,9 +25,10 @@ def _levels(text: str) -> list[int]:
 @click.option("--sessions", required=True, type=click.Path(exists=True, dir_okay=False), help="Sessions JSONL.")
 @click.option("--split", default="test", show_default=True, help=f"Split to score ({', '.join(SPLITS)}).")
 @click.option("--limit", default=0, show_default=True, help="Only the first N sessions of the split (0: all).")
-@click.option("--engine", "engines", multiple=True, required=True, metavar="NAME=MODEL[,pack=P][,label=T]",
-              help="An engine row (repeat). MODEL: 'default', a .gguf, EXPORT_DIR[:QUANT], an OpenAI-compatible "
-              "URL, or baseline:whole|pairs|apriori|cluster.")  # fmt: skip
+@click.option("--engine", "engines", multiple=True, required=True,
+              metavar="NAME=MODEL[,pack=P][,adapter=FILE[:S]][,label=T]",
+              help="An engine row (repeat). MODEL: 'default' (the shipped student), 'base', a .gguf, "
+              "EXPORT_DIR[:QUANT], an OpenAI-compatible URL, or baseline:whole|pairs|apriori|cluster.")  # fmt: skip
 @click.option("--teacher", help="Name of the engine the ratios are taken against.")
 @click.option("--compare", multiple=True, metavar="A:B", help="Also give the ratios of engine A against engine B.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Report folder.")

@@ -12,7 +12,7 @@ from ..files import write_json
 from ..metrics import Prediction, evaluate
 from ..prompts import item_title
 from ..report import quality_table, table
-from .generate_cmd import engine_options, load_engine
+from .generate_cmd import engine_options, load_student
 
 
 def sample_sessions_path() -> Path:
@@ -37,7 +37,7 @@ def sample_sessions_path() -> Path:
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder for predictions.jsonl, scores.json and summary.json.",
 )
-def demo(model, n_ctx, threads, seed, sessions, split, limit, show, out):
+def demo(model, pack, adapters, n_ctx, threads, seed, sessions, split, limit, show, out):
     """Generate bundles offline, print some, then the quality table and the latency/memory table."""
     from ..runtime.batch import latency_rows, latency_summary, run_sessions
 
@@ -52,9 +52,15 @@ def demo(model, n_ctx, threads, seed, sessions, split, limit, show, out):
     rows = load_sessions(sessions, split=split)[:limit]
     click.echo(f"Sessions: {len(rows)} from {sessions}" + (f" (split {split})" if split else ""))
 
-    engine = load_engine(model, n_ctx, threads, seed)
-    click.echo(f"Model: {engine.model_path.name} ({engine.model_size / 2**20:.0f} MiB, {engine.threads} threads)")
-    gens = run_sessions(engine, rows, out / "predictions.jsonl")
+    student = load_student(model, adapters, pack)
+    engine = student.load_engine(n_ctx, threads, seed)
+    extra = "".join(f" + adapter {Path(a['file']).name}" for a in engine.adapters)
+    extra += f" + pack {student.pack.folder.name}" if student.pack else ""
+    click.echo(
+        f"Student: {student.name} = {engine.model_path.name} ({engine.model_size / 2**20:.0f} MiB){extra}, "
+        f"{engine.threads} threads" + ("" if model != "default" else "  (the untuned model: --model base)")
+    )
+    gens = run_sessions(engine, rows, out / "predictions.jsonl", pack=student.pack)
 
     for session, g in list(zip(rows, gens))[:show]:
         titles = {it.id: item_title(it.title, 48) for it in session.items}
@@ -72,7 +78,8 @@ def demo(model, n_ctx, threads, seed, sessions, split, limit, show, out):
     )
     summary = latency_summary(gens, engine)
     write_json(out / "scores.json", scores)
-    write_json(out / "summary.json", {"run": engine.describe(), "sessions_file": str(sessions), **summary})
+    record = {"run": engine.describe(), "student": student.describe(), "sessions_file": str(sessions)}
+    write_json(out / "summary.json", {**record, **summary})
     click.echo("\nQuality\n" + quality_table(scores))
     click.echo(
         "\nLatency and memory\n" + table(latency_rows(summary), [("measure", "measure", ""), ("value", "value", "")])

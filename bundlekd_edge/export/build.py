@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .. import BkdError, __version__
 from ..files import atomic_write, sha256_file, write_json
-from .folder import DEFAULT_QUANT, EXPORT_FORMAT, MANIFEST
+from .folder import ADAPTER_FILE, DEFAULT_QUANT, EXPORT_FORMAT, MANIFEST
+from .lora_gguf import write_lora_gguf
 from .parity import Gate
 from .quantize import DEFAULT_QUANTS, check_quants, describe_gguf, quantize
 
@@ -37,6 +38,13 @@ def read_run(run_dir: Path) -> tuple[dict, dict]:
     except (OSError, json.JSONDecodeError) as e:
         raise BkdError(f"{run_dir}: run.json / recipe.json unreadable ({e})") from None
     return run, recipe
+
+
+def _run_data(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "data.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def load_merged(base, adapter_dir: Path, golden):
@@ -79,6 +87,11 @@ bkd-edge generate --model {manifest["name"]} --sessions S.jsonl --out pred.jsonl
 bkd-edge generate --model {manifest["name"]}:Q8_0 --sessions S.jsonl --out pred.jsonl  # another quant
 ```
 
+`adapter.gguf` is the same student as a LoRA adapter over the base GGUF it was trained on
+({manifest["adapter"]["gguf"]["bytes"] / 2**20:.1f} MiB, rank {manifest["adapter"]["gguf"]["rank"]}):
+`bkd-edge generate --model base --adapter adapter.gguf ...`, or `ollama create -f Modelfile.adapter`.
+`bkd-edge export RUN --out EXPORT --promote NAME` installs it as a shipped student (models/NAME).
+
 `manifest.json` holds the sha256 of every file; the runtime refuses a changed file.
 
 | quant | file | size | bits/weight | k-quant fallbacks |
@@ -95,15 +108,20 @@ greedy decoding):
 """
 
 
-def modelfile(quant_file: str, chat_template: str) -> str | None:
-    """An Ollama Modelfile for ChatML models (SmolLM2); None for other templates."""
+def system_message(prompt) -> str:
+    from ..data import Item, Session
+    from ..prompts import build_messages
+
+    return build_messages(Session("s", [Item("a", "a")]), prompt)[0]["content"]
+
+
+def modelfile(source: str, chat_template: str, system: str, adapter: str | None = None) -> str | None:
+    """An Ollama Modelfile for ChatML models (SmolLM2); None for other templates. With `adapter`,
+    FROM is the base GGUF and ADAPTER the LoRA file (Ollama applies it as llama.cpp does)."""
     if "<|im_start|>" not in chat_template:
         return None
-    from ..prompts import CONTRACT, SYSTEM, TASK
-
-    system = SYSTEM + "\n\n" + TASK + "\n\n" + CONTRACT
-    return f'''FROM ./{quant_file}
-TEMPLATE """{{{{ if .System }}}}<|im_start|>system
+    return f'''FROM {source}
+{f"ADAPTER ./{adapter}" + chr(10) if adapter else ""}TEMPLATE """{{{{ if .System }}}}<|im_start|>system
 {{{{ .System }}}}<|im_end|>
 {{{{ end }}}}<|im_start|>user
 {{{{ .Prompt }}}}<|im_end|>
@@ -171,7 +189,7 @@ def export_run(
         from ..packs import Pack
 
         pack = Pack(recipe.pack)
-    maker = PromptMaker(recipe.mode, pack=pack)
+    maker = PromptMaker(recipe.mode, recipe.prompt_config(), pack=pack)
     gold = parity.golden_set(sessions, tok, maker, golden, gen_max_tokens)
 
     remove_stale_temps(out)
@@ -219,6 +237,17 @@ def export_run(
                 f"parity {stage}: top-1 {r['top1_agreement']:.3f}, identical bundles {r['identical_bundles']:.3f} "
                 f"({time.perf_counter() - t:.0f} s)"
             )
+        # The adapter alone, over the very base file it was trained on: what a shipped student runs.
+        t = time.perf_counter()
+        adapter_info = write_lora_gguf(base.path, run_dir / "adapter", tmp / ADAPTER_FILE)
+        top1, texts = parity.gguf_top1_and_generate(base.path, gold, threads, adapter=tmp / ADAPTER_FILE)
+        stages.append(parity.compare("adapter", gold, ref_top1, ref_texts, top1, texts, gate))
+        r = stages[-1]
+        log(
+            f"wrote {ADAPTER_FILE} ({adapter_info['bytes'] / 2**20:.1f} MiB, rank {adapter_info['rank']}); parity "
+            f"base+adapter: top-1 {r['top1_agreement']:.3f}, identical bundles {r['identical_bundles']:.3f} "
+            f"({time.perf_counter() - t:.0f} s)"
+        )
         timings["parity_s"] = round(time.perf_counter() - t, 2)
         parity.check(stages)
         if not (keep_f16 or "F16" in quants):
@@ -234,9 +263,15 @@ def export_run(
             "bkd_edge_version": __version__,
             "created_unix": int(time.time()),
             "base": {"path": str(base.path), "sha256": run["base"].get("sha256"), "arch": "llama"},
-            "adapter": {"run_dir": str(run_dir.resolve()), "files": {p.name: sha256_file(p) for p in adapter_files}},
+            "adapter": {
+                "run_dir": str(run_dir.resolve()),
+                "files": {p.name: sha256_file(p) for p in adapter_files},
+                "gguf": adapter_info,
+            },
+            "prompt": asdict(recipe.prompt_config()),
             "recipe": recipe.to_dict(),
             "run": {k: run.get(k) for k in ("steps", "best_step", "best_val_strict_f1", "train_s", "tokens_per_s")},
+            "data": _run_data(run_dir),
             "default_quant": default,
             "models": models,
             "pack": "pack" if pack is not None else None,
@@ -245,10 +280,12 @@ def export_run(
         }
         with atomic_write(tmp / "README.md") as f:
             f.write(model_card(manifest))
-        text = modelfile(models[default]["file"], chat_template) if ollama else None
-        if text:
-            with atomic_write(tmp / "Modelfile") as f:
-                f.write(text)
+        system = system_message(recipe.prompt_config())
+        for name, source in (("Modelfile", f"./{models[default]['file']}"), ("Modelfile.adapter", str(base.path))):
+            text = modelfile(source, chat_template, system, ADAPTER_FILE if name.endswith("adapter") else None)
+            if ollama and text:
+                with atomic_write(tmp / name) as f:
+                    f.write(text)
         manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest["timings"]["total_s"] = round(time.perf_counter() - t0, 2)
         write_json(tmp / MANIFEST, manifest)

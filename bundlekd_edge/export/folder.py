@@ -3,9 +3,10 @@
     EXPORT/
       model-Q4_K_M.gguf    quantised students (one per requested type; model-F16.gguf with --keep-f16)
       model-Q8_0.gguf
+      adapter.gguf         the LoRA adapter alone (llama.cpp GGUF adapter) over the base GGUF it was trained on
       manifest.json        sha256 of every file, base model, adapter, recipe, quant stats, parity
       README.md            model card
-      Modelfile            Ollama (when the chat template is ChatML)
+      Modelfile            Ollama (when the chat template is ChatML); Modelfile.adapter: base + ADAPTER
       pack/                the prompt pack the student was trained with (mode 'knowledge')
 
 No torch here: `bkd-edge generate --model EXPORT` runs on a laptop with the runtime only.
@@ -22,6 +23,7 @@ from ..files import check_files, sha256_file
 
 EXPORT_FORMAT = "bkd-export/1"
 MANIFEST = "manifest.json"
+ADAPTER_FILE = "adapter.gguf"
 DEFAULT_QUANT = "Q4_K_M"
 _QUANT_SUFFIX = re.compile(r"^(.*):([A-Za-z0-9_]+)$")
 

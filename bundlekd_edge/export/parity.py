@@ -82,14 +82,18 @@ def hf_generate(model, tok, golden: list[Golden]) -> list[str]:
     return [generate_answer(model, tok, g.prompt_ids, g.max_tokens) for g in golden]
 
 
-def gguf_top1_and_generate(path, golden: list[Golden], threads: int = 0) -> tuple[list[np.ndarray], list[str]]:
+def gguf_top1_and_generate(
+    path, golden: list[Golden], threads: int = 0, adapter=None
+) -> tuple[list[np.ndarray], list[str]]:
+    """Teacher-forced top-1 and greedy answers of a GGUF (with a LoRA adapter GGUF over it, if given)."""
     from llama_cpp import Llama
 
     from ..runtime.engine import default_threads
 
     n_ctx = max(len(g.prompt_ids) + max(len(g.answer_ids), g.max_tokens) for g in golden) + 8
     threads = threads or default_threads()
-    llm = Llama(str(path), n_ctx=n_ctx, n_threads=threads, logits_all=True, verbose=False)
+    lora = {"lora_path": str(adapter)} if adapter else {}
+    llm = Llama(str(path), n_ctx=n_ctx, n_threads=threads, logits_all=True, verbose=False, **lora)
     try:
         top1, texts = [], []
         for g in golden:

@@ -12,6 +12,7 @@ the output grammar, the cheap way round (sampling.py).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ from .. import BkdError
 from ..data import Item, Session
 from ..files import sha256_file
 from ..prompts import PromptConfig, build_messages, max_answer_tokens, output_grammar, parse_answer
+from .adapters import AdapterSpec, check_adapter
 from .memory import memory_snapshot
 from .model_file import check_gguf_magic, inspect_gguf, resolve_model
 from .sampling import GrammarGreedy
@@ -44,6 +46,7 @@ class EngineConfig:
     n_batch: int = 512
     seed: int = 0
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    adapters: tuple[AdapterSpec, ...] = ()  # LoRA adapters applied over the model, in order
 
 
 @dataclass
@@ -114,6 +117,8 @@ class Engine:
         except (ValueError, RuntimeError) as e:
             inspect_gguf(self.model_path)  # raises a precise error for a damaged or truncated file
             raise BkdError(f"{self.model_path}: llama.cpp could not load this model ({e})") from None
+        self._sha256: str | None = None
+        self.adapters = self._apply_adapters(config.adapters)
         self.load_s = time.perf_counter() - t0
         self.threads = threads
         self.model_size = self.model_path.stat().st_size
@@ -122,7 +127,25 @@ class Engine:
         self._format = Jinja2ChatFormatter(
             template, vocab.token_get_text(self.llm.token_eos()), vocab.token_get_text(self.llm.token_bos())
         )
-        self._sha256: str | None = None
+
+    def _apply_adapters(self, specs: tuple[AdapterSpec, ...]) -> list[dict]:
+        """Check each adapter against this model, load it with llama.cpp's adapter API and set them
+        all on the context. llama.cpp frees the adapters with the model."""
+        if not specs:
+            return []
+        loaded, handles = [], []
+        for spec in specs:
+            info = check_adapter(spec.path, self.model_path, self.model_sha256())
+            handle = llama_cpp.llama_adapter_lora_init(self.llm._model.model, str(spec.path).encode("utf-8"))
+            if not handle:
+                raise BkdError(f"{spec.path}: llama.cpp could not load this adapter")
+            handles.append(handle)
+            loaded.append({**info, "scale": spec.scale})
+        array = (llama_cpp.llama_adapter_lora_p_ctypes * len(handles))(*handles)
+        scales = (ctypes.c_float * len(specs))(*(s.scale for s in specs))
+        if llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, array, len(handles), scales):
+            raise BkdError("llama.cpp could not set the LoRA adapters on the context")
+        return loaded
 
     # -- prompt -------------------------------------------------------------------------
 
@@ -251,6 +274,7 @@ class Engine:
         return {
             "model": str(self.model_path),
             "model_file_bytes": self.model_size,
+            "adapters": [{k: a[k] for k in ("file", "sha256", "scale", "bytes")} for a in self.adapters],
             "n_ctx": self.config.n_ctx,
             "threads": self.threads,
             "seed": self.config.seed,

@@ -31,6 +31,7 @@ def prefix_key(engine, tokens: list[int]) -> dict:
     c = engine.config
     return {
         "model_sha256": engine.model_sha256(),
+        "adapters": [[a["sha256"], a["scale"]] for a in engine.adapters],
         "llama_cpp_python": llama_cpp.__version__,
         "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
         "n_ctx": c.n_ctx,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .. import BkdError
 from ..config import from_dict, read_config
+from ..prompts import PromptConfig
 
 MODES = ("sft", "knowledge", "thoughts")
 
@@ -22,6 +23,8 @@ class Recipe:
     limit_train: int = 0  # use only the first N training sessions (0: all)
     shuffled_copies: int = 0  # extra copies of each training session, items in a new seeded order (augmentation)
     max_len: int = 512  # tokens per example/packed row; longer examples are dropped whole, never cut
+    title_chars: int = PromptConfig.title_chars  # item titles cut (at a word) to this many characters
+    instructions: bool = True  # false: the system message without the task and answer contract (shorter)
     packing: bool = True  # pack short examples into rows of max_len (attention stays within an example)
 
     # LoRA
@@ -58,6 +61,10 @@ class Recipe:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def prompt_config(self) -> PromptConfig:
+        """How the student sees a session: recorded with the run, used again by export and the runtime."""
+        return PromptConfig(title_chars=self.title_chars, instructions=self.instructions)
+
 
 def recipe_from_dict(obj: dict, where: str = "recipe") -> Recipe:
     recipe = from_dict(Recipe, obj, where)
@@ -69,7 +76,7 @@ def recipe_from_dict(obj: dict, where: str = "recipe") -> Recipe:
         raise BkdError(f"{where}: device {recipe.device!r} is not one of auto, cpu, cuda")
     if recipe.precision not in ("auto", "bf16", "fp32"):
         raise BkdError(f"{where}: precision {recipe.precision!r} is not one of auto, bf16, fp32")
-    for key in ("max_len", "batch_size", "grad_accum", "epochs", "lora_r"):
+    for key in ("max_len", "batch_size", "grad_accum", "epochs", "lora_r", "title_chars"):
         if getattr(recipe, key) < 1:
             raise BkdError(f"{where}: {key} must be >= 1")
     return recipe

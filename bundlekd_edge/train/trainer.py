@@ -177,7 +177,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
         from ..packs import Pack
 
         pack = Pack(recipe.pack)
-    maker = PromptMaker(recipe.mode, pack=pack)
+    maker = PromptMaker(recipe.mode, recipe.prompt_config(), pack=pack)
     thoughts = load_thoughts(recipe.thoughts) if recipe.thoughts else None
     train_sessions = with_shuffled_copies(train_sessions, recipe.shuffled_copies, recipe.seed)
     examples, data_stats = build_examples(train_sessions, tok, maker, recipe.max_len, thoughts)

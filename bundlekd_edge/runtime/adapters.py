@@ -1,0 +1,96 @@
+"""LoRA adapters at run time: `--adapter FILE[:SCALE]`, checked before llama.cpp sees them.
+
+A shipped student is the base GGUF from PyPI plus a small GGUF adapter (export/lora_gguf.py). An
+adapter made for another base (architecture, tensor names or shapes, or the base sha256 it
+records) or a cut file is refused here with the reason, before any generation: llama.cpp alone
+would answer some of these with a bare failure or, for a same-shaped other base, not at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import BkdError
+from ..files import sha256_file
+from .model_file import check_gguf_magic
+
+MAX_SCALE = 4.0  # past this a LoRA delta swamps the base: almost surely a typo
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    path: Path
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if not math.isfinite(self.scale) or not 0.0 < self.scale <= MAX_SCALE:
+            raise BkdError(f"{self.path}: adapter scale {self.scale} is out of range (0, {MAX_SCALE:g}]")
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.scale:g}"
+
+
+def parse_adapter(spec: str) -> AdapterSpec:
+    """'FILE' or 'FILE:SCALE' (an existing file whose name holds ':' is taken whole)."""
+    path, sep, scale = str(spec).rpartition(":")
+    if not sep or "/" in scale or Path(spec).exists():
+        return AdapterSpec(Path(spec), 1.0)
+    try:
+        value = float(scale)
+    except ValueError:
+        raise BkdError(f"--adapter {spec!r}: scale {scale!r} is not a number") from None
+    return AdapterSpec(Path(path), value)
+
+
+def _field(reader, key: str):
+    f = reader.fields.get(key)
+    return None if f is None else f.contents()
+
+
+def check_adapter(path: str | Path, model_path: str | Path, model_sha256: str | None = None) -> dict:
+    """The adapter's metadata when it fits this model file; a BkdError saying why it does not."""
+    from gguf import GGUFReader
+
+    path, model_path = check_gguf_magic(path), Path(model_path)
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on cut files
+        raise BkdError(f"{path}: adapter header is damaged or the file is truncated ({type(e).__name__})") from None
+    size = path.stat().st_size
+    end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise BkdError(f"{path}: truncated adapter: tensors need {end:,} bytes, the file has {size:,}")
+    if _field(reader, "general.type") != "adapter" or _field(reader, "adapter.type") != "lora":
+        raise BkdError(f"{path}: not a LoRA adapter (general.type = adapter, adapter.type = lora expected)")
+    if not reader.tensors:
+        raise BkdError(f"{path}: the adapter holds no tensors")
+
+    model = GGUFReader(model_path)
+    arch, model_arch = _field(reader, "general.architecture"), _field(model, "general.architecture")
+    if arch != model_arch:
+        raise BkdError(f"{path}: adapter for architecture {arch!r}, the model {model_path.name} is {model_arch!r}")
+    shapes = {t.name: tuple(int(x) for x in t.shape) for t in model.tensors}  # ggml order: (in, out)
+    for t in reader.tensors:
+        base, _, side = t.name.rpartition(".lora_")
+        if side not in ("a", "b") or base not in shapes:
+            raise BkdError(f"{path}: tensor {t.name!r} has no tensor in {model_path.name} (made for another base?)")
+        n_in, n_out = shapes[base][0], shapes[base][-1]
+        dim = int(t.shape[0]) if side == "a" else int(t.shape[1])  # a: (in, r), b: (r, out) in ggml order
+        if dim != (n_in if side == "a" else n_out):
+            raise BkdError(
+                f"{path}: tensor {t.name} has shape {tuple(int(x) for x in t.shape)}, "
+                f"which does not fit {base} {shapes[base]} of {model_path.name} (made for another base?)"
+            )
+    wanted = _field(reader, "bkd.base.sha256")
+    if wanted and wanted != (model_sha256 or sha256_file(model_path)):
+        name = _field(reader, "bkd.base.name") or "another file"
+        raise BkdError(f"{path}: adapter made for base {name} (sha256 {wanted[:12]}…), not {model_path.name}")
+    return {
+        "file": str(path),
+        "sha256": sha256_file(path),
+        "alpha": float(_field(reader, "adapter.lora.alpha") or 0.0),
+        "tensors": len(reader.tensors),
+        "bytes": size,
+    }

