@@ -166,7 +166,8 @@ def test_bad_knowledge_record_names_file_and_line(cli, tmp_path, sample_path):
 def test_similar_items_hint_groups_alike_titles_by_number_and_survives_trimming(cli, tmp_path, sample_path):
     from bundlekd_edge.data import Item
 
-    r = cli("pack", "build", "--sessions", sample_path, "--k", "1", "--similar-items", "--out", tmp_path / "p")
+    r = cli("pack", "build", "--sessions", sample_path, "--k", "1", "--similar-items", "--similar-spread", "0",
+            "--out", tmp_path / "p")  # fmt: skip
     assert r.exit_code == 0, r.output
     p = Pack(tmp_path / "p")
     assert 0 < p.similar_items == p.manifest["config"]["similar_items"] < 1
@@ -179,3 +180,22 @@ def test_similar_items_hint_groups_alike_titles_by_number_and_survives_trimming(
     assert text == "Items with similar titles: 2, 3"  # examples go first; the short hint stays
     lonely = Session("lonely", [Item("a", "Garden hose 50 ft"), Item("b", "Teapot")])
     assert p.similar_items_text(lonely) == "Items with similar titles: none"
+
+
+def test_similar_items_hint_at_three_cuts_is_nested_tight_to_loose(cli, tmp_path, sample_path):
+    from bundlekd_edge.data import Item
+
+    r = cli("pack", "build", "--sessions", sample_path, "--k", "0", "--similar-items", "--out", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    p = Pack(tmp_path / "p")
+    assert p.similar_spread == p.manifest["config"]["similar_spread"] == 0.12  # the default, as the student trained
+    titles = ["Canon LP-E6 battery for EOS 5D", "Garden hose 50 ft", "Canon LP-E6 battery for EOS 7D",
+              "Canon LP-E6 battery charger", "Garden hose nozzle", "Teapot"]  # fmt: skip
+    s = Session("new", [Item(f"i{n}", t) for n, t in enumerate(titles)])
+    head, *lines = p.similar_items_text(s).split("\n")
+    assert head == "Items with similar titles:" and [line.split(":")[0] for line in lines] == ["close", "medium", "loose"]
+    levels = [[set(g.split(", ")) for g in line.split(": ")[1].split(" | ") if g != "none"] for line in lines]
+    assert {"1", "3"} <= next(g for g in levels[1] if "1" in g)  # the two LP-E6 batteries at the tuned cut
+    for tight, loose in zip(levels, levels[1:]):  # one tree cut three ways: each group sits inside a looser one
+        assert all(any(g <= h for h in loose) for g in tight)
+    assert sum(map(len, levels[0])) <= sum(map(len, levels[2]))
