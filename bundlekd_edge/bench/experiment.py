@@ -78,7 +78,7 @@ class Grid:
     split: str = "test"
     limit: int = 0  # sessions of the split scored per cell, spread evenly over it (0: all)
     teacher: str = "gguf:default"
-    student: str = "default"  # the untuned student of the ICL cells
+    student: str = "base"  # the untuned student of the ICL cells (`default` is the shipped, tuned one)
     sft_model: str = ""  # fine-tuned student for the SFT cells: EXPORT_DIR[:QUANT] or a .gguf (reused)
     sft_recipe: str = ""  # ... or a training recipe, trained and exported once into GRID_OUT/sft
     sft_max_steps: int = 0  # override the recipe's steps (0: the recipe's)

