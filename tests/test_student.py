@@ -37,14 +37,3 @@ def test_a_student_card_cannot_point_outside_its_folder(tmp_path):
     (folder / STUDENT_CARD).write_text(json.dumps({**card, "format": "other/1"}))
     with pytest.raises(BkdError, match="expected 'bkd-student/1'"):
         resolve_student(str(folder))
-
-
-def test_demo_runs_the_shipped_student(cli, tmp_path):
-    r = cli("demo", "--limit", "2", "--show", "1", "--out", tmp_path / "demo")
-    assert r.exit_code == 0, r.output
-    assert (
-        f"Student: {DEFAULT_STUDENT}" in r.output and "adapter adapter.gguf" in r.output and "--model base" in r.output
-    )
-    assert "predicted:" in r.output and "truth:" in r.output
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary["student"]["name"] == DEFAULT_STUDENT and len(summary["run"]["adapters"]) == 1
