@@ -29,8 +29,9 @@ from pathlib import Path
 
 from . import BkdError
 from .files import sha256_file
+from .packs import Pack
 from .prompts import PromptConfig
-from .runtime.adapters import AdapterSpec
+from .runtime.adapters import AdapterSpec, parse_adapter
 from .runtime.model_file import default_model_path
 
 STUDENT_FORMAT = "bkd-student/1"
@@ -50,7 +51,7 @@ class Student:
     name: str
     model: str  # what the runtime loads: a .gguf path, 'default' (the base GGUF) or an export folder[:QUANT]
     adapters: tuple[AdapterSpec, ...] = ()
-    pack: object = None  # packs.Pack or None
+    pack: Pack | None = None
     prompt: PromptConfig = field(default_factory=PromptConfig)
     card: dict = field(default_factory=dict)
 
@@ -120,53 +121,38 @@ def student_from_folder(folder: str | Path, scale: float | None = None) -> Stude
         if a.get("sha256") != sha256_file(path):
             raise BkdError(f"{path}: refusing a changed adapter (sha256 differs from {where})")
         adapters.append(AdapterSpec(path, float(scale if scale is not None else a.get("scale", 1.0))))
-    pack = None
-    if card.get("pack"):
-        from .packs import Pack
-
-        pack = Pack(_inside(folder, card["pack"], "pack"))
+    pack = Pack(_inside(folder, card["pack"], "pack")) if card.get("pack") else None
     return Student(
         card.get("name", folder.name), str(model), tuple(adapters), pack, prompt_from(card.get("prompt"), where), card
     )
 
 
-def resolve_student(model: str | Path = "default", adapters=(), pack: str | Path | None = None) -> Student:
-    """What `--model`, `--adapter` (repeatable, FILE[:SCALE]) and `--pack` (a folder, or 'none') name."""
+def _named(model: str) -> Student:
+    """The student `--model` names, before `--adapter` and `--pack` are applied."""
     from .export.folder import export_pack, read_manifest, split_quant
 
-    model = str(model)
-    extra = tuple(a if isinstance(a, AdapterSpec) else _parse(a) for a in adapters)
+    if model in BASE_NAMES:
+        return Student("base", "default")
     shipped = models_dir() / (DEFAULT_STUDENT if model == "default" else model)
-    if model == "default" or (model not in BASE_NAMES and "/" not in model and (shipped / STUDENT_CARD).is_file()):
+    if model == "default" or ("/" not in model and (shipped / STUDENT_CARD).is_file()):
         if not (shipped / STUDENT_CARD).is_file():
             raise BkdError(f"{shipped}: the shipped student is missing (models/ comes with the repository)")
-        student = student_from_folder(shipped)
-    elif Path(model).is_dir() and (Path(model) / STUDENT_CARD).is_file():
-        student = student_from_folder(model)
-    elif model in BASE_NAMES:
-        student = Student("base", "default")
-    else:
-        folder, _ = split_quant(model)
-        prompt = PromptConfig()
-        own_pack = None
-        if Path(folder).is_dir():
-            manifest = read_manifest(folder)
-            prompt = prompt_from(manifest.get("prompt"), str(Path(folder) / "manifest.json"))
-            own_pack = export_pack(model)
-        student = Student(Path(folder).name, model, (), own_pack, prompt)
-        if own_pack:
-            from .packs import Pack
+        return student_from_folder(shipped)
+    if (Path(model) / STUDENT_CARD).is_file():
+        return student_from_folder(model)
+    folder, _ = split_quant(model)
+    if not Path(folder).is_dir():
+        return Student(Path(model).stem, model)  # a .gguf file: the runtime checks it
+    manifest = read_manifest(folder)  # an export folder: its prompt settings and its own pack
+    own_pack = export_pack(model)
+    prompt = prompt_from(manifest.get("prompt"), str(Path(folder) / "manifest.json"))
+    return Student(Path(folder).name, model, (), Pack(own_pack) if own_pack else None, prompt)
 
-            student.pack = Pack(own_pack)
-    student.adapters = student.adapters + extra
+
+def resolve_student(model: str | Path = "default", adapters=(), pack: str | Path | None = None) -> Student:
+    """What `--model`, `--adapter` (repeatable, FILE[:SCALE]) and `--pack` (a folder, or 'none') name."""
+    student = _named(str(model))
+    student.adapters += tuple(a if isinstance(a, AdapterSpec) else parse_adapter(str(a)) for a in adapters)
     if pack is not None:
-        from .packs import Pack
-
         student.pack = None if str(pack) == "none" else Pack(pack)
     return student
-
-
-def _parse(spec) -> AdapterSpec:
-    from .runtime.adapters import parse_adapter
-
-    return parse_adapter(str(spec))
