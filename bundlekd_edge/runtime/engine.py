@@ -200,7 +200,10 @@ class Engine:
             self.llm.reset()
             self.llm.eval(tokens)
             if state_dir:
-                save_prefix_state(self, tokens, state_dir)
+                try:
+                    save_prefix_state(self, tokens, state_dir)
+                except OSError:  # a read-only install (a shipped student's pack): the state is only a speed-up
+                    status = f"{status}; not persisted ({state_dir} is not writable)"
         return {"tokens": len(tokens), "status": status, "seconds": time.perf_counter() - t0}
 
     def model_sha256(self) -> str:
