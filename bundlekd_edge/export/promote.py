@@ -95,6 +95,10 @@ def promote(export_dir: str | Path, name: str, data: dict | None = None, root: s
     return final
 
 
+def _round(x):
+    return round(x, 3) if isinstance(x, float) else x
+
+
 def student_readme(card: dict) -> str:
     a, r = card["adapters"][0], card["recipe"]
     measured = card.get("measured") or {}
@@ -112,7 +116,7 @@ bkd-edge generate --model {card["name"]} --sessions S.jsonl --out pred.jsonl
 ```
 
 Recipe `{r.get("name")}` (mode `{r.get("mode")}`, seed {r.get("seed")}, {card["training"].get("steps")} steps,
-best val strict F1 {card["training"].get("best_val_strict_f1")}). Training data: {json.dumps(card.get("data") or {})}.
+best val strict F1 {_round(card["training"].get("best_val_strict_f1"))}). Training data: {json.dumps(card.get("data") or {})}.
 
 {table}
 """
