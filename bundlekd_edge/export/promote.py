@@ -116,7 +116,8 @@ bkd-edge generate --model {card["name"]} --sessions S.jsonl --out pred.jsonl
 ```
 
 Recipe `{r.get("name")}` (mode `{r.get("mode")}`, seed {r.get("seed")}, {card["training"].get("steps")} steps,
-best val strict F1 {_round(card["training"].get("best_val_strict_f1"))}). Training data: {json.dumps(card.get("data") or {})}.
+best val strict F1 {_round(card["training"].get("best_val_strict_f1"))}).
+Training data: {json.dumps(card.get("data") or {})}.
 
 {table}
 """
