@@ -23,7 +23,7 @@ def test_parse_engine(tmp_path):
     assert parse_engine("w=baseline:whole").kind == "baseline"
     assert parse_engine("x=default,pack=none").pack == "none"  # not even an export's own pack
     s = parse_engine("b=base,adapter=/x/a.gguf:0.5,adapter=/x/b.gguf")
-    assert (s.model, s.adapters) == ("base", ("/x/a.gguf:0.5", "/x/b.gguf:1"))
+    assert (s.model, s.adapters) == ("base", ["/x/a.gguf:0.5", "/x/b.gguf:1"])
     with pytest.raises(BkdError, match="out of range"):
         parse_engine("b=base,adapter=/x/a.gguf:9")
     for bad in ("noequals", "=default", "a b=default", "x=default,colour=red", f"w=baseline:whole,pack={tmp_path}",

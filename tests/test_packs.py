@@ -89,8 +89,8 @@ def test_examples_are_dropped_whole_until_the_prompt_fits(pack_dir, sample_path)
 
 def test_generate_with_pack_persists_and_reuses_the_prefix(pack_dir, sample_path, cli, tmp_path):
     out, summary = tmp_path / "pred.jsonl", tmp_path / "run.json"
-    r = cli("generate", "--sessions", sample_path, "--split", "test", "--pack", pack_dir, "--out", out, "--quiet",
-            "--summary", summary)  # fmt: skip
+    r = cli("generate", "--model", "base", "--sessions", sample_path, "--split", "test", "--pack", pack_dir,
+            "--out", out, "--quiet", "--summary", summary)  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "100.0% valid JSON" in r.output
     assert json.loads(summary.read_text())["run"]["n_ctx"] == Pack(pack_dir).n_ctx()  # sized for the pack

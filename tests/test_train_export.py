@@ -32,6 +32,8 @@ TINY = {
     "eval_every": 2,  # one evaluation, at the end
     "save_every": 1,
     "device": "cpu",
+    "lora_r": 8,  # a 4.9 MB adapter: small enough to promote to models/
+    "lora_alpha": 16,
 }
 
 
@@ -244,7 +246,7 @@ def test_export_folder_layout_manifest_and_parity(exported):
     assert list(stages) == ["merge", "F16", "Q8_0", "Q4_K_M", "adapter"] and all(r["passed"] for r in stages.values())
     # the adapter over the Q4_1 base it was trained on agrees with the merged model as a quant does
     assert stages["adapter"]["top1_agreement"] >= 0.9
-    assert manifest["adapter"]["gguf"]["rank"] == 16 and manifest["adapter"]["gguf"]["bytes"] < 12 * 2**20
+    assert manifest["adapter"]["gguf"]["rank"] == 8 and manifest["adapter"]["gguf"]["bytes"] < 6 * 2**20
     assert manifest["prompt"]["title_chars"] == 160 and manifest["prompt"]["instructions"] is True
     assert stages["merge"]["top1_agreement"] >= 0.99 and stages["F16"]["top1_agreement"] >= 0.97
     assert stages["F16"]["identical_bundles"] == 1.0
@@ -397,11 +399,17 @@ def test_cli_train_and_export_errors(cli, tmp_path):
 def test_promote_installs_the_adapter_as_a_student_that_generate_runs(
     exported, sample_path, cli, tmp_path, monkeypatch
 ):
+    from bundlekd_edge.export import promote as promote_module
     from bundlekd_edge.export.promote import promote
     from bundlekd_edge.student import resolve_student
 
     out, manifest = exported
     monkeypatch.setenv("BKD_MODELS", str(tmp_path / "models"))
+    with monkeypatch.context() as m:
+        m.setattr(promote_module, "MAX_ADAPTER_BYTES", 1_000_000)
+        with pytest.raises(BkdError, match="over the 1,000,000 a shipped student may carry"):
+            promote(out, "too-big")
+    assert not (tmp_path / "models" / "too-big").exists()
     folder = promote(out, "tiny-student", {"licence": "sample, made by this project"})
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter.gguf", "student.json"]
     card = json.loads((folder / "student.json").read_text())

@@ -27,7 +27,7 @@ class EngineSpec:
     model: str  # llama: model argument; http: base URL; baseline: baseline name
     pack: str = ""  # prompt pack folder (LLM engines only); "none": not even an export's own
     label: str = ""  # free text for the report, e.g. "teacher stand-in"
-    adapters: tuple[str, ...] = ()  # LoRA adapters FILE[:SCALE] over the model (LLM engines only)
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters FILE[:SCALE] over the model (LLM only)
 
     def key(self, options: dict) -> str:
         """Hash of everything a row's numbers depend on: a saved row is reused only when it matches."""
@@ -89,4 +89,4 @@ def parse_engine(text: str) -> EngineSpec:
         kind, model = "llama", model.removeprefix("gguf:")
     if extra.get("pack") not in (None, "", "none") and not Path(extra["pack"]).is_dir():
         raise BkdError(f"engine {text!r}: pack {extra['pack']!r} is not a folder")
-    return EngineSpec(name, kind, model, extra.get("pack", ""), extra.get("label", ""), tuple(adapters))
+    return EngineSpec(name, kind, model, extra.get("pack", ""), extra.get("label", ""), adapters)
