@@ -430,3 +430,24 @@ def test_promote_installs_the_adapter_as_a_student_that_generate_runs(
     (folder / "adapter.gguf").write_bytes(b"GGUF changed")
     r = cli("generate", "--model", "tiny-student", "--sessions", sample_path, "--out", tmp_path / "q.jsonl")
     assert r.exit_code == 1 and "refusing a changed adapter" in r.output and not (tmp_path / "q.jsonl").exists()
+
+
+class _Payload:
+    """What a hostile checkpoint would carry: unpickling it runs code (here: writes a file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path(self.marker).write_text, ("pwned",))
+
+
+def test_resume_never_unpickles_code_from_a_checkpoint(tmp_path):
+    from bundlekd_edge.train.trainer import load_checkpoint
+
+    marker = tmp_path / "ran"
+    (tmp_path / "last").mkdir()
+    torch.save({"adapter": {}, "rng": _Payload(marker)}, tmp_path / "last" / "state.pt")
+    with pytest.raises(BkdError, match="state.pt: not a checkpoint this trainer wrote"):
+        load_checkpoint(tmp_path / "last", None, None, None)
+    assert not marker.exists()

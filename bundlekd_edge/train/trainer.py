@@ -56,18 +56,27 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
+    """Plain lists, ints and tensors only, so a checkpoint loads with torch's weights_only (no pickle)."""
     import numpy as np
     import torch
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
 
 
 def set_rng_state(state: dict) -> None:
     import numpy as np
     import torch
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
 
 
@@ -112,7 +121,11 @@ def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
     import torch
     from peft import set_peft_model_state_dict
 
-    blob = torch.load(folder / "state.pt", weights_only=False)
+    try:  # weights_only: a checkpoint is untrusted input, never unpickled into code
+        blob = torch.load(folder / "state.pt", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError/RuntimeError for anything but tensors and plain data
+        raise BkdError(f"{folder / 'state.pt'}: not a checkpoint this trainer wrote ({type(e).__name__}); "
+                       "refusing to load it") from None  # fmt: skip
     set_peft_model_state_dict(model, blob["adapter"])
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
