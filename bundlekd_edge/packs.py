@@ -158,7 +158,6 @@ def write_slim_pack(pack: str | Path, out: str | Path) -> dict:
     np.save(out / "index.npy", np.zeros((0, np.load(src / "index.npy").shape[1]), np.float32))
     files = ("static.txt", "examples.jsonl", "index.npy")
     slim = {**manifest, "encoder": "default", "counts": {**manifest["counts"], "examples": 0},
-            "recipe": {**manifest.get("recipe", {}), "slimmed_from": manifest.get("files", {}).get("static.txt")},
             "files": {f: sha256_file(out / f) for f in files}}  # fmt: skip
     write_json(out / "manifest.json", slim)
     return slim

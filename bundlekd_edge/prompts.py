@@ -61,10 +61,14 @@ def build_messages(
     system message, first, so its KV state is computed once and reused. `examples` depend on
     the session (retrieved neighbours) and go into the user message, just before the session.
     """
-    task, contract = ("\n\n" + TASK, "\n\n" + CONTRACT) if config.instructions else ("", "")
-    system = SYSTEM + task + ("\n\n" + knowledge if knowledge else "") + contract
     user = (examples + "\n\n" if examples else "") + session_text(session, config)
-    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": system_text(config, knowledge)}, {"role": "user", "content": user}]
+
+
+def system_text(config: PromptConfig = PromptConfig(), knowledge: str = "") -> str:
+    """The system message: who the model is, the task and contract (unless trained away), the knowledge."""
+    task, contract = ("\n\n" + TASK, "\n\n" + CONTRACT) if config.instructions else ("", "")
+    return SYSTEM + task + ("\n\n" + knowledge if knowledge else "") + contract
 
 
 def max_bundles_for(n_items: int, config: PromptConfig = PromptConfig()) -> int:

@@ -156,8 +156,12 @@ def test_cli_refuses_bad_adapters_before_generating(cli, adapter_file, sample_pa
     out = tmp_path / "pred.jsonl"
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(adapter_file.read_bytes()[: adapter_file.stat().st_size // 2])
+    a, b = np.zeros((4, 960), np.float16), np.zeros((576, 4), np.float16)  # lora_a made for a 960-wide base
+    wide = _write_adapter(tmp_path / "wide.gguf", tensors={"blk.0.attn_q.weight.lora_a": a,
+                                                           "blk.0.attn_q.weight.lora_b": b})  # fmt: skip
     for spec, message in ((f"{adapter_file}:9", "out of range"), (str(cut), "truncated"),
-                          (str(tmp_path / "none.gguf"), "no such model file")):  # fmt: skip
+                          (str(tmp_path / "none.gguf"), "no such model file"),
+                          (str(wide), "does not fit blk.0.attn_q.weight")):  # fmt: skip
         r = cli("generate", "--model", "base", "--adapter", spec, "--sessions", sample_path, "--limit", "1",
                 "--out", out, "--quiet")  # fmt: skip
         assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output

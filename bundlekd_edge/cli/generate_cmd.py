@@ -106,11 +106,10 @@ def _generate_stdin(student, n_ctx, threads, seed):
     if isinstance(obj, dict) and "session_id" not in obj:
         obj = {"session_id": "stdin", **obj}
     session = session_from_dict(obj, "<stdin>", require_bundles=False)
+    from ..runtime.batch import run_sessions
+
     engine = student.load_engine(n_ctx, threads, seed)
-    knowledge, specific = (
-        student.pack.prompt_parts(session, lambda k, e: engine.fits(session, k, e)) if student.pack else ("", "")
-    )
-    g = engine.generate(session, knowledge, specific)
+    (g,) = run_sessions(engine, [session], pack=student.pack, progress=False)
     record = {"session_id": g.session_id, "bundles": g.bundles, "valid": g.valid, "timing": asdict(g.timing)}
     if g.error:
         record["error"] = g.error

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .. import BkdError, __version__
 from ..files import atomic_write, sha256_file, write_json
+from ..prompts import system_text
 from .folder import ADAPTER_FILE, DEFAULT_QUANT, EXPORT_FORMAT, MANIFEST
 from .lora_gguf import write_lora_gguf
 from .parity import Gate
@@ -106,13 +107,6 @@ greedy decoding):
 |---|---|---|---|
 {parity}
 """
-
-
-def system_message(prompt) -> str:
-    from ..data import Item, Session
-    from ..prompts import build_messages
-
-    return build_messages(Session("s", [Item("a", "a")]), prompt)[0]["content"]
 
 
 def modelfile(source: str, chat_template: str, system: str, adapter: str | None = None) -> str | None:
@@ -280,7 +274,7 @@ def export_run(
         }
         with atomic_write(tmp / "README.md") as f:
             f.write(model_card(manifest))
-        system = system_message(recipe.prompt_config())
+        system = system_text(recipe.prompt_config())
         for name, source in (("Modelfile", f"./{models[default]['file']}"), ("Modelfile.adapter", str(base.path))):
             text = modelfile(source, chat_template, system, ADAPTER_FILE if name.endswith("adapter") else None)
             if ollama and text:

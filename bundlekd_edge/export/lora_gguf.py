@@ -69,6 +69,7 @@ def write_lora_gguf(base_path: str | Path, adapter_dir: str | Path, out_path: st
             raise BkdError(f"{adapter_dir}: adapter tensor {key!r} has no tensor in the base GGUF {base_path.name}")
         pairs.setdefault(name, {})[side] = array.astype(np.float32)
     rank = int(config["r"])
+    np_type = np.float16 if dtype == "f16" else np.float32
     tensors = []
     for name, ab in sorted(pairs.items()):
         a, b = ab.get("a"), ab.get("b")
@@ -79,7 +80,6 @@ def write_lora_gguf(base_path: str | Path, adapter_dir: str | Path, out_path: st
             b = permute(b, n_head)
         elif name.endswith("attn_k.weight"):
             b = permute(b, n_kv)
-        np_type = np.float16 if dtype == "f16" else np.float32
         tensors += [(name + ".lora_a", a.astype(np_type)), (name + ".lora_b", b.astype(np_type))]
 
     out_path = Path(out_path)

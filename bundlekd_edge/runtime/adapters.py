@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import BkdError
 from ..files import sha256_file
-from .model_file import check_gguf_magic
+from .model_file import check_gguf_magic, gguf_field
 
 MAX_SCALE = 4.0  # past this a LoRA delta swamps the base: almost surely a typo
 
@@ -44,13 +44,16 @@ def parse_adapter(spec: str) -> AdapterSpec:
     return AdapterSpec(Path(path), value)
 
 
-def _field(reader, key: str):
-    f = reader.fields.get(key)
-    return None if f is None else f.contents()
+def check_adapter(
+    path: str | Path, model_path: str | Path, model_sha256: str | None = None, model_arch: str | None = None,
+    shapes: bool = True,
+) -> dict:  # fmt: skip
+    """The adapter's metadata when it fits this model file; a BkdError saying why it does not.
 
-
-def check_adapter(path: str | Path, model_path: str | Path, model_sha256: str | None = None) -> dict:
-    """The adapter's metadata when it fits this model file; a BkdError saying why it does not."""
+    `shapes=False` (with `model_arch` given) skips matching every tensor against the base, which
+    means parsing the base GGUF's header (~2 s for a 49k vocab): the engine lets llama.cpp check
+    the shapes as it loads, and asks for the full check only to name what a refused adapter got wrong.
+    """
     from gguf import GGUFReader
 
     path, model_path = check_gguf_magic(path), Path(model_path)
@@ -62,35 +65,43 @@ def check_adapter(path: str | Path, model_path: str | Path, model_sha256: str | 
     end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
     if end > size:
         raise BkdError(f"{path}: truncated adapter: tensors need {end:,} bytes, the file has {size:,}")
-    if _field(reader, "general.type") != "adapter" or _field(reader, "adapter.type") != "lora":
+    if gguf_field(reader, "general.type") != "adapter" or gguf_field(reader, "adapter.type") != "lora":
         raise BkdError(f"{path}: not a LoRA adapter (general.type = adapter, adapter.type = lora expected)")
     if not reader.tensors:
         raise BkdError(f"{path}: the adapter holds no tensors")
 
-    model = GGUFReader(model_path)
-    arch, model_arch = _field(reader, "general.architecture"), _field(model, "general.architecture")
+    model = GGUFReader(model_path) if shapes or model_arch is None else None
+    arch, model_arch = (
+        gguf_field(reader, "general.architecture"),
+        model_arch or gguf_field(model, "general.architecture"),
+    )
     if arch != model_arch:
         raise BkdError(f"{path}: adapter for architecture {arch!r}, the model {model_path.name} is {model_arch!r}")
+    if shapes:
+        _check_shapes(path, reader, model, model_path.name)
+    wanted = gguf_field(reader, "bkd.base.sha256")
+    if wanted and wanted != (model_sha256 or sha256_file(model_path)):
+        name = gguf_field(reader, "bkd.base.name") or "another file"
+        raise BkdError(f"{path}: adapter made for base {name} (sha256 {wanted[:12]}…), not {model_path.name}")
+    return {
+        "file": str(path),
+        "sha256": sha256_file(path),
+        "alpha": float(gguf_field(reader, "adapter.lora.alpha") or 0.0),
+        "tensors": len(reader.tensors),
+        "bytes": size,
+    }
+
+
+def _check_shapes(path: Path, reader, model, model_name: str) -> None:
     shapes = {t.name: tuple(int(x) for x in t.shape) for t in model.tensors}  # ggml order: (in, out)
     for t in reader.tensors:
         base, _, side = t.name.rpartition(".lora_")
         if side not in ("a", "b") or base not in shapes:
-            raise BkdError(f"{path}: tensor {t.name!r} has no tensor in {model_path.name} (made for another base?)")
+            raise BkdError(f"{path}: tensor {t.name!r} has no tensor in {model_name} (made for another base?)")
         n_in, n_out = shapes[base][0], shapes[base][-1]
         dim = int(t.shape[0]) if side == "a" else int(t.shape[1])  # a: (in, r), b: (r, out) in ggml order
         if dim != (n_in if side == "a" else n_out):
             raise BkdError(
                 f"{path}: tensor {t.name} has shape {tuple(int(x) for x in t.shape)}, "
-                f"which does not fit {base} {shapes[base]} of {model_path.name} (made for another base?)"
+                f"which does not fit {base} {shapes[base]} of {model_name} (made for another base?)"
             )
-    wanted = _field(reader, "bkd.base.sha256")
-    if wanted and wanted != (model_sha256 or sha256_file(model_path)):
-        name = _field(reader, "bkd.base.name") or "another file"
-        raise BkdError(f"{path}: adapter made for base {name} (sha256 {wanted[:12]}…), not {model_path.name}")
-    return {
-        "file": str(path),
-        "sha256": sha256_file(path),
-        "alpha": float(_field(reader, "adapter.lora.alpha") or 0.0),
-        "tensors": len(reader.tensors),
-        "bytes": size,
-    }

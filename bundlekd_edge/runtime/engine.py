@@ -134,10 +134,12 @@ class Engine:
         if not specs:
             return []
         loaded, handles = [], []
+        arch = self.llm.metadata.get("general.architecture")
         for spec in specs:
-            info = check_adapter(spec.path, self.model_path, self.model_sha256())
+            info = check_adapter(spec.path, self.model_path, self.model_sha256(), arch, shapes=False)
             handle = llama_cpp.llama_adapter_lora_init(self.llm._model.model, str(spec.path).encode("utf-8"))
-            if not handle:
+            if not handle:  # llama.cpp refused a tensor name or shape: say which one
+                check_adapter(spec.path, self.model_path, self.model_sha256())
                 raise BkdError(f"{spec.path}: llama.cpp could not load this adapter")
             handles.append(handle)
             loaded.append({**info, "scale": spec.scale})

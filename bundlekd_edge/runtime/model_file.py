@@ -44,12 +44,10 @@ class ModelFile:
     file_type: int | None
 
 
-def _field(reader, key: str):
+def gguf_field(reader, key: str):
+    """A metadata value of a gguf-py reader, None when the key is absent."""
     f = reader.fields.get(key)
-    if f is None:
-        return None
-    value = f.contents()
-    return value
+    return None if f is None else f.contents()
 
 
 def check_gguf_magic(path: str | Path) -> Path:
@@ -81,16 +79,16 @@ def inspect_gguf(path: str | Path) -> ModelFile:
     if end > size:
         raise BkdError(f"{path}: truncated GGUF: tensors need {end:,} bytes, the file has {size:,}")
 
-    arch = _field(reader, "general.architecture") or "unknown"
+    arch = gguf_field(reader, "general.architecture") or "unknown"
     return ModelFile(
         path=path,
         size=size,
         architecture=arch,
-        name=_field(reader, "general.name") or path.stem,
+        name=gguf_field(reader, "general.name") or path.stem,
         n_params=sum(int(t.n_elements) for t in reader.tensors),
-        context_length=int(_field(reader, f"{arch}.context_length") or 0),
-        chat_template=_field(reader, "tokenizer.chat_template") or "",
-        file_type=_field(reader, "general.file_type"),
+        context_length=int(gguf_field(reader, f"{arch}.context_length") or 0),
+        chat_template=gguf_field(reader, "tokenizer.chat_template") or "",
+        file_type=gguf_field(reader, "general.file_type"),
     )
 
 
