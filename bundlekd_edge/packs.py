@@ -237,23 +237,38 @@ class Pack:
             medium: 1, 4, 9 | 2, 6
             loose: 1, 2, 4, 6, 9
         """
-        if not self.similar_items:
+        levels = self._hint_levels(session)
+        if not levels:
             return ""
+
+        def groups(partition: list[list[int]]) -> str:
+            return " | ".join(", ".join(str(n) for n in g) for g in partition) or "none"
+
+        if len(levels) == 1:
+            return "Items with similar titles: " + groups(levels[0])
+        names = ("close", "medium", "loose")
+        return "Items with similar titles:\n" + "\n".join(f"{n}: {groups(p)}" for n, p in zip(names, levels))
+
+    def candidates(self, session: Session) -> list[list[list[int]]]:
+        """Partitions (item numbers) a compact-answer student chooses among: the hint's groups at
+        each of its cuts, and the whole session as one bundle; [] for a pack without the hint."""
+        levels = self._hint_levels(session)
+        whole = [list(range(1, len(session.items) + 1))]
+        return [p for p in levels if p] + [whole] if levels else []
+
+    def _hint_levels(self, session: Session) -> list[list[list[int]]]:
+        """The hint's groups of item numbers at each cut (one cut, or three with a spread)."""
+        if not self.similar_items:
+            return []
         if self._clusters is None:
             from .baselines import TitleClusters
 
             self._clusters = TitleClusters.at_cut(self.similar_items, self.encode)
         number = {item_id: i for i, item_id in enumerate(session.item_ids(), 1)}
-
-        def groups(bundles: list[dict]) -> str:
-            return " | ".join(", ".join(str(number[x]) for x in b["items"]) for b in bundles) or "none"
-
-        if not self.similar_spread:
-            return "Items with similar titles: " + groups(self._clusters.predict(session))
         cut, spread = self.similar_items, self.similar_spread
-        levels = self._clusters.predict_levels(session, (max(0.05, cut - spread), cut, min(1.95, cut + spread)))
-        names = ("close", "medium", "loose")
-        return "Items with similar titles:\n" + "\n".join(f"{n}: {groups(b)}" for n, b in zip(names, levels))
+        cuts = (max(0.05, cut - spread), cut, min(1.95, cut + spread)) if spread else (cut,)
+        levels = self._clusters.predict_levels(session, cuts)
+        return [[[number[x] for x in b["items"]] for b in bundles] for bundles in levels]
 
     def prompt_parts(self, session: Session, fits) -> tuple[str, str]:
         """(static knowledge, session-specific text) for this session, trimmed until `fits(knowledge,

@@ -1,11 +1,17 @@
 import json
 
+import llama_cpp
+import numpy as np
 import pytest
 from llama_cpp import LlamaGrammar
 
+from bundlekd_edge import BkdError
 from bundlekd_edge.data import Bundle, Item, Session, load_sessions
 from bundlekd_edge.prompts import (
+    PromptConfig,
     build_messages,
+    intents_grammar,
+    max_answer_tokens,
     max_bundles_for,
     output_grammar,
     output_schema,
@@ -13,6 +19,7 @@ from bundlekd_edge.prompts import (
     render_answer,
     session_text,
 )
+from bundlekd_edge.runtime.sampling import GrammarGreedy
 
 
 def make_session(n=4):
@@ -82,3 +89,74 @@ def test_render_answer_is_the_parse_inverse(sample_path):
         parsed = parse_answer(render_answer(s), s)
         assert [set(b["items"]) for b in parsed.bundles] == [set(b.items) for b in s.bundles]
         assert [b["intent"] for b in parsed.bundles] == [b.intent for b in s.bundles]
+
+
+COMPACT = PromptConfig(answer_format="compact")
+
+
+def test_compact_answer_round_trips_in_far_fewer_tokens(sample_path, engine):
+    for s in load_sessions(sample_path):
+        text = render_answer(s, COMPACT)
+        parsed = parse_answer(text, s, COMPACT)
+        assert parsed.valid
+        assert sorted((sorted(b["items"]), b["intent"]) for b in parsed.bundles) == sorted(
+            (sorted(b.items), b.intent) for b in s.bundles
+        )
+        compact, full = (engine.llm.tokenize(t.encode(), add_bos=False) for t in (text, render_answer(s)))
+        assert len(compact) < 0.6 * len(full) and len(compact) <= max_answer_tokens(len(s.items), COMPACT)
+
+
+def admitted(engine, gbnf: str, text: str) -> bool:
+    """Whether the grammar admits `text` token by token and then lets the answer end."""
+    vocab, n_vocab = engine.llm._model.vocab, engine.llm.n_vocab()
+    sampler = GrammarGreedy(vocab, n_vocab, gbnf)
+    try:
+        for token in engine.llm.tokenize(text.encode(), add_bos=False) + [engine.llm.token_eos()]:
+            one = np.zeros(1, dtype=sampler._one.dtype)
+            one[0] = (token, 1.0, 0.0)
+            if not sampler._allowed(one):
+                return False
+            if token != engine.llm.token_eos():
+                llama_cpp.llama_sampler_accept(sampler.grammar, token)
+        return True
+    finally:
+        sampler.free()
+
+
+def test_compact_grammar_admits_the_canonical_answer_and_nothing_looser(sample_path, engine):
+    s = load_sessions(sample_path)[0]
+    n = len(s.items)
+    gbnf = output_grammar(n, COMPACT)
+    assert admitted(engine, gbnf, render_answer(s, COMPACT))
+    assert admitted(engine, gbnf, "1 2 | 3 4\nCables | Cases")
+    assert not admitted(engine, gbnf, "1 2 | 3 4\nCables")  # one intent for two bundles
+    assert not admitted(engine, gbnf, "2 1\nCables")  # numbers ascend inside a bundle
+    assert not admitted(engine, gbnf, "1\nCables")  # a bundle has 2+ items
+    assert not admitted(engine, gbnf, f"1 {n + 1}\nCables")  # no item beyond the session
+    assert admitted(engine, intents_grammar(2, COMPACT), "Cables | Cases")
+    assert not admitted(engine, intents_grammar(2, COMPACT), "Cables | Cases | Bags")
+
+
+@pytest.mark.parametrize("raw", ["", "1 x | 3 4\nA | B", "| 1 2\nA", "1 2 |\nA"])
+def test_compact_parser_flags_invalid_first_lines(raw):
+    parsed = parse_answer(raw, make_session(), COMPACT)
+    assert not parsed.valid and parsed.bundles == [] and "first line" in parsed.error
+
+
+def test_compact_parser_pairs_intents_and_tolerates_a_missing_line():
+    s = make_session(4)
+    parsed = parse_answer("1 3 | 2 4 9\n Pair | Other ", s, COMPACT)
+    assert (
+        parsed.bundles
+        == [
+            {"items": ["id1", "id3"], "intent": "Pair"},
+            {"items": ["id2", "id4"], "intent": "Other"},
+        ]
+        and parsed.dropped_items == 1
+    )
+    assert parse_answer("1 2", s, COMPACT).bundles == [{"items": ["id1", "id2"], "intent": ""}]
+
+
+def test_an_unknown_answer_format_is_refused():
+    with pytest.raises(BkdError, match="answer_format 'yaml'"):
+        PromptConfig(answer_format="yaml")

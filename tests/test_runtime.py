@@ -10,6 +10,7 @@ from bundlekd_edge import BkdError
 from bundlekd_edge.data import Item, Session, load_sessions
 from bundlekd_edge.prompts import max_answer_tokens, output_grammar
 from bundlekd_edge.runtime import Engine, EngineConfig, default_model_path, inspect_gguf
+from bundlekd_edge.runtime.engine import choose_partition
 from bundlekd_edge.runtime.sampling import GrammarGreedy
 
 
@@ -112,3 +113,59 @@ def test_runtime_imports_neither_torch_nor_transformers():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _log_softmax(row: np.ndarray) -> np.ndarray:
+    row = row.astype(np.float64) - row.max()
+    return row - np.log(np.exp(row).sum())
+
+
+def test_partition_logprobs_equal_token_by_token_decoding_and_keep_the_cache(engine, sample_path):
+    s = load_sessions(sample_path, split="val")[0]
+    before = engine.generate(s).raw
+    lines = ["1 2", "1 2 | 3 4", "1 2 3 4"]
+    tokens = engine.prompt_tokens(s)
+    engine._eval_prompt(tokens)
+    scored = engine.partition_logprobs(lines)
+    ctx, n_vocab = engine.llm._ctx.ctx, engine.llm.n_vocab()
+    for line, logprob in zip(lines, scored):
+        engine.llm.reset()
+        engine.llm.eval(tokens)
+        reference = 0.0
+        for t in engine.llm.tokenize((line + "\n").encode(), add_bos=False):
+            reference += _log_softmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,)))[
+                t
+            ]
+            engine.llm.eval([t])
+        # batched and one-at-a-time matmuls round differently in a 4-bit model: agree to 1%
+        assert logprob == pytest.approx(reference, rel=0.01)
+    assert len(set(scored)) == 3 and max(scored) < 0
+    engine._eval_prompt(tokens)
+    engine.partition_logprobs(lines)
+    assert engine.generate(s).raw == before  # scoring left the prompt's cache as it found it
+
+
+def test_expected_f1_prefers_the_partition_the_others_agree_with():
+    # The single most probable line is one coarse bundle; the two-bundle line shares a bundle
+    # with the three-bundle one and wins the expected strict F1 (worked out in the docstring's terms).
+    lines = ["1 2 | 3 4", "1 2 3 4", "1 2 | 3 4 | 5 6"]
+    assert choose_partition(lines, list(np.log([0.3, 0.4, 0.3]))) == "1 2 | 3 4"
+    assert choose_partition(lines, list(np.log([0.05, 0.9, 0.05]))) == "1 2 3 4"
+    assert choose_partition(["1 2"], [-3.0]) == "1 2"
+
+
+def test_a_compact_student_chooses_its_first_line_among_the_candidates(sample_path):
+    from bundlekd_edge.prompts import PromptConfig, parse_answer, partition_text
+
+    compact = Engine("default", EngineConfig(prompt=PromptConfig(answer_format="compact")))
+    for s in load_sessions(sample_path, split="test")[:3]:
+        n = len(s.items)
+        candidates = [[[1, 2]], [[1, 2], [3, n]], [list(range(1, n + 1))]]
+        g = compact.generate(s, candidates=candidates)
+        first, intents = g.raw.split("\n")
+        lines = [partition_text(c) for c in candidates]
+        compact._eval_prompt(compact.prompt_tokens(s))
+        assert first == choose_partition(lines, compact.partition_logprobs(lines))
+        assert g.valid and len(intents.split(" | ")) == len(g.bundles) == first.count("|") + 1
+        assert g.bundles == parse_answer(g.raw, s, compact.config.prompt).bundles
+        assert g.timing.completion_tokens == len(compact.llm.tokenize(g.raw.encode(), add_bos=False))

@@ -71,7 +71,7 @@ def kv_cache_bytes(metadata: dict, n_ctx: int) -> int | None:
 
 
 def llama_row(spec: EngineSpec, opt: BenchOptions, sessions: list[Session], pred_path: Path) -> dict:
-    from ..runtime.batch import latency_summary, run_sessions
+    from ..runtime.batch import latency_summary, run_sessions, session_inputs
     from ..student import resolve_student
 
     t0 = time.perf_counter()
@@ -80,20 +80,20 @@ def llama_row(spec: EngineSpec, opt: BenchOptions, sessions: list[Session], pred
     pack = student.pack
     load_s = time.perf_counter() - t0
 
-    def parts(s: Session) -> tuple[str, str]:
-        return pack.prompt_parts(s, lambda k, e: engine.fits(s, k, e)) if pack else ("", "")
+    def parts(s: Session) -> dict:
+        return session_inputs(engine, s, pack)
 
     # Warm-up: page in the weights and build the grammar caches on sessions we do not score.
     warm = load_sessions(opt.sessions, split="val", require_bundles=False)[: opt.warmup] if opt.warmup else []
     for s in warm or sessions[: opt.warmup]:
-        engine.generate(s, *parts(s))
+        engine.generate(s, **parts(s))
 
     # Uncached prefix: the KV cache emptied before each session, so the whole prompt is evaluated.
     cold = []
     for s in sessions[: opt.cold]:
         engine.llm.reset()
         engine.llm._ctx.kv_cache_clear()
-        cold.append(engine.generate(s, *parts(s)).timing)
+        cold.append(engine.generate(s, **parts(s)).timing)
 
     # The scored run: the static prefix evaluated (or loaded from the pack's state) once, then reused.
     t_run = time.perf_counter()

@@ -18,8 +18,8 @@ import numpy as np
 
 from .. import BkdError
 from ..data import Session
-from ..prompts import max_answer_tokens, parse_answer, render_answer
-from ..train.sft import answer_json
+from ..prompts import PromptConfig, max_answer_tokens, parse_answer, render_answer
+from ..train.sft import answer_part
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class Golden:
     prompt_ids: list[int]
     answer_ids: list[int]  # the golden answer, ending with the end-of-turn token
     max_tokens: int
+    config: PromptConfig  # the answer format the student writes
 
 
 def golden_set(sessions: list[Session], tok, maker, n: int, max_tokens: int = 0) -> list[Golden]:
@@ -57,7 +58,8 @@ def golden_set(sessions: list[Session], tok, maker, n: int, max_tokens: int = 0)
     for s in sessions[:n]:
         cap = max_answer_tokens(len(s.items), maker.config)
         cap = min(cap, max_tokens) if max_tokens else cap
-        out.append(Golden(s, tok.prompt_ids(maker.messages(s)), tok.text_ids(render_answer(s)) + [tok.eos_id], cap))
+        answer = tok.text_ids(render_answer(s, maker.config)) + [tok.eos_id]
+        out.append(Golden(s, tok.prompt_ids(maker.messages(s)), answer, cap, maker.config))
     return out
 
 
@@ -109,8 +111,8 @@ def gguf_top1_and_generate(
         llm.close()
 
 
-def bundle_sets(text: str, session: Session) -> frozenset:
-    parsed = parse_answer(answer_json(text), session)
+def bundle_sets(text: str, golden: Golden) -> frozenset:
+    parsed = parse_answer(answer_part(text, golden.config), golden.session, golden.config)
     return frozenset(frozenset(b["items"]) for b in parsed.bundles)
 
 
@@ -119,7 +121,7 @@ def compare(stage: str, golden, ref_top1, ref_texts, top1, texts, gate: Gate) ->
     total = sum(len(a) for a in ref_top1)
     result = {"stage": stage, "top1_agreement": round(agree / total, 4) if total else 1.0, "positions": total}
     if texts is not None:
-        same = sum(bundle_sets(a, g.session) == bundle_sets(b, g.session) for g, a, b in zip(golden, ref_texts, texts))
+        same = sum(bundle_sets(a, g) == bundle_sets(b, g) for g, a, b in zip(golden, ref_texts, texts))
         result["identical_bundles"] = round(same / len(golden), 4)
         result["identical_text"] = round(sum(a == b for a, b in zip(ref_texts, texts)) / len(golden), 4)
     min_top1, min_bundles = gate.thresholds(stage)

@@ -32,23 +32,29 @@ def run_sessions(
     knowledge = pack.static if pack else ""
     parts = {}
     for s in sessions:
-        if pack:
-            parts[s.session_id] = pack.prompt_parts(s, lambda k, e, s=s: engine.fits(s, k, e))
-        else:
-            parts[s.session_id] = ("", "")
-        engine.prompt_tokens(s, *parts[s.session_id])  # raises with the reason if it does not fit
+        parts[s.session_id] = session_inputs(engine, s, pack)
+        engine.prompt_tokens(s, parts[s.session_id]["knowledge"], parts[s.session_id]["examples"])  # raises if too long
     if pack:
         engine.warm_prefix(knowledge, pack.state_dir)
     gens: list[Generation] = []
     bar = tqdm(sessions, desc="generate", unit="session", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     with atomic_write(out) if out else contextlib.nullcontext() as f:
         for s in bar:
-            g = engine.generate(s, *parts[s.session_id])
+            g = engine.generate(s, **parts[s.session_id])
             gens.append(g)
             if f:
                 f.write(json.dumps(g.to_record(), ensure_ascii=False) + "\n")
             bar.set_postfix(p50=f"{np.median([x.timing.total_s for x in gens]):.2f}s", refresh=False)
     return gens
+
+
+def session_inputs(engine: Engine, session: Session, pack: Pack | None) -> dict:
+    """What `engine.generate` takes besides the session: the pack's knowledge and examples for it
+    (trimmed to fit the context) and the candidate partitions of its hint."""
+    if pack is None:
+        return {"knowledge": "", "examples": "", "candidates": None}
+    knowledge, examples = pack.prompt_parts(session, lambda k, e: engine.fits(session, k, e))
+    return {"knowledge": knowledge, "examples": examples, "candidates": pack.candidates(session)}
 
 
 def _pct(values, q) -> float:

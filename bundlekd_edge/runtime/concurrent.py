@@ -39,7 +39,7 @@ from llama_cpp import llama_cpp as lib
 
 from .. import BkdError
 from ..data import Session
-from ..prompts import max_answer_tokens, output_grammar, parse_answer
+from ..prompts import PromptConfig, max_answer_tokens, output_grammar, parse_answer
 from .engine import Engine, Generation, Timing
 from .sampling import GrammarGreedy
 
@@ -77,18 +77,20 @@ def generate_concurrent(
     engine: Engine,
     sessions: list[Session],
     concurrency: int,
-    parts: dict[str, tuple[str, str]] | None = None,
+    parts: dict[str, dict] | None = None,
 ) -> ConcurrentRun:
     """Generate bundles for `sessions` with up to `concurrency` of them decoded together.
 
-    `parts` maps a session id to its (knowledge, examples) prompt parts; missing ids get none.
-    Returns the same `Generation` objects as `engine.generate`, in input order.
+    `parts` maps a session id to its `batch.session_inputs` (knowledge, examples); missing ids get
+    none. Returns the same `Generation` objects as `engine.generate`, in input order. This is the
+    throughput path: a compact-answer student decodes its first line here, candidates are not ranked.
     """
     if concurrency < 1:
         raise BkdError(f"concurrency must be at least 1, got {concurrency}")
     parts = parts or {}
     # Tokenize everything first: a session that does not fit fails the run before any time is spent.
-    prompts = [engine.prompt_tokens(s, *parts.get(s.session_id, ("", ""))) for s in sessions]
+    inputs = [parts.get(s.session_id, {}) for s in sessions]
+    prompts = [engine.prompt_tokens(s, p.get("knowledge", ""), p.get("examples", "")) for s, p in zip(sessions, inputs)]
     if not sessions:
         return ConcurrentRun([], 0.0, concurrency)
 
@@ -118,7 +120,7 @@ def generate_concurrent(
             if len(slot.answer) >= slot.max_tokens:
                 finish = "length"
         if finish:
-            generations[slot.index] = _generation(sessions[slot.index], slot, finish, now)
+            generations[slot.index] = _generation(sessions[slot.index], slot, finish, now, engine.config.prompt)
             # Free the sequence's KV cells and its sampler, then hand the sequence id to the next session.
             lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), slot.seq_id, -1, -1)
             slot.sampler.free()
@@ -250,7 +252,7 @@ def _piece(vocab: lib.llama_vocab_p, token: int) -> bytes:
     return buf.raw[:n]
 
 
-def _generation(session: Session, slot: _Slot, finish: str, now: float) -> Generation:
+def _generation(session: Session, slot: _Slot, finish: str, now: float, config: PromptConfig) -> Generation:
     timing = Timing(
         prompt_tokens=len(slot.prompt),
         prefill_tokens=len(slot.prompt) - slot.prefix_len,  # the shared prefix is evaluated once, up front
@@ -263,7 +265,7 @@ def _generation(session: Session, slot: _Slot, finish: str, now: float) -> Gener
         total_s=now - slot.started,
     )
     raw = slot.text.decode("utf-8", errors="replace")
-    parsed = parse_answer(raw, session)
+    parsed = parse_answer(raw, session, config)
     error = parsed.error
     if finish == "length" and not parsed.valid:
         error = f"answer cut at max_tokens ({error})"

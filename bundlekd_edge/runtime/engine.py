@@ -26,7 +26,16 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from .. import BkdError
 from ..data import Item, Session
 from ..files import sha256_file
-from ..prompts import PromptConfig, build_messages, max_answer_tokens, output_grammar, parse_answer
+from ..metrics import score_session
+from ..prompts import (
+    PromptConfig,
+    build_messages,
+    intents_grammar,
+    max_answer_tokens,
+    output_grammar,
+    parse_answer,
+    partition_text,
+)
 from .adapters import AdapterSpec, check_adapter
 from .memory import memory_snapshot
 from .model_file import check_gguf_magic, inspect_gguf, resolve_model
@@ -87,6 +96,32 @@ class Generation:
             "raw": self.raw,
             "timing": asdict(self.timing),
         }
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def _f1(a: list[frozenset], b: list[frozenset]) -> float:
+    scores = score_session(a, b)
+    p, r = scores["strict_precision"], scores["strict_recall"]
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def choose_partition(lines: list[str], logprobs: list[float]) -> str:
+    """The candidate with the highest expected strict F1 when the truth is drawn from the
+    candidates with the model's probabilities, renormalised over them (minimum Bayes risk).
+
+    Greedy decoding and the single most probable line both favour one coarse bundle: its one
+    line is short, so likely. Expected F1 instead rewards a line that shares bundles with most
+    of the probability mass (a fine cut whose groups also appear in the other candidates).
+    """
+    groups = [[frozenset(g.split()) for g in line.split(" | ")] for line in lines]
+    p = np.exp(np.asarray(logprobs) - max(logprobs))
+    p /= p.sum()
+    gain = [sum(pj * _f1(gi, gj) for pj, gj in zip(p, groups)) for gi in groups]
+    return lines[int(np.argmax(gain))]
 
 
 def default_threads() -> int:
@@ -215,15 +250,33 @@ class Engine:
 
     # -- generation ---------------------------------------------------------------------
 
-    def generate(self, session: Session, knowledge: str = "", examples: str = "") -> Generation:
+    def generate(
+        self, session: Session, knowledge: str = "", examples: str = "", candidates: list[list[list[int]]] | None = None
+    ) -> Generation:
+        """Bundles for one session, decoded greedily under the output grammar.
+
+        With `candidates` (partitions of item numbers, e.g. a pack's hint at several cuts) and the
+        compact answer format, the answer's first line is not decoded but chosen: the candidate
+        with the highest expected strict F1 under the student's own probabilities of the candidates
+        (`choose_partition`). Only the intents are then decoded.
+        """
         tokens = self.prompt_tokens(session, knowledge, examples)
-        n_items = len(session.items)
-        max_tokens = max_answer_tokens(n_items, self.config.prompt)
+        n_items, prompt = len(session.items), self.config.prompt
+        max_tokens = max_answer_tokens(n_items, prompt)
         ctx, vocab = self.llm._ctx.ctx, self.llm._model.vocab
         t0 = time.perf_counter()
-        sampler = GrammarGreedy(vocab, self.llm.n_vocab(), output_grammar(n_items, self.config.prompt))  # < 1 ms
         n_prefill = self._eval_prompt(tokens)
         prefilled = time.perf_counter()
+        chosen: list[int] = []  # answer tokens chosen, not decoded: the compact answer's first line
+        gbnf = output_grammar(n_items, prompt)
+        if candidates and prompt.answer_format == "compact":
+            texts = list(dict.fromkeys(partition_text(c) for c in candidates if c))
+            if texts:
+                line = choose_partition(texts, self.partition_logprobs(texts))
+                chosen = self.llm.tokenize((line + "\n").encode("utf-8"), add_bos=False, special=False)
+                self.llm.eval(chosen)
+                gbnf = intents_grammar(line.count("|") + 1, prompt)
+        sampler = GrammarGreedy(vocab, self.llm.n_vocab(), gbnf)  # < 1 ms
         answer, finish = [], "length"
         try:
             token = sampler.sample(ctx)
@@ -231,7 +284,7 @@ class Engine:
             while not llama_cpp.llama_vocab_is_eog(vocab, token):  # the end token is neither text nor counted
                 answer.append(token)
                 last = time.perf_counter()
-                if len(answer) >= max_tokens:
+                if len(chosen) + len(answer) >= max_tokens:
                     break
                 self.llm.eval([token])
                 token = sampler.sample(ctx)
@@ -240,6 +293,7 @@ class Engine:
         finally:
             sampler.free()
         total = time.perf_counter() - t0
+        answer = chosen + answer
         timing = Timing(
             prompt_tokens=len(tokens),
             prefill_tokens=n_prefill,
@@ -250,11 +304,37 @@ class Engine:
             total_s=total,
         )
         raw = self.llm.detokenize(answer).decode("utf-8", errors="replace")
-        parsed = parse_answer(raw, session)
+        parsed = parse_answer(raw, session, prompt)
         error = parsed.error
         if finish == "length" and not parsed.valid:
             error = f"answer cut at max_tokens ({error})"
         return Generation(session.session_id, parsed.bundles, parsed.valid, error, raw, timing)
+
+    def partition_logprobs(self, lines: list[str]) -> list[float]:
+        """log P(line + newline | the prompt now in the KV cache) for each compact first line.
+
+        Each line is evaluated in one batch after the prompt (all its positions' logits), then its
+        KV cells are dropped again, so the prompt's cache is what the next line and the answer see.
+        """
+        llm, ctx = self.llm, self.llm._ctx
+        n_vocab, start = llm.n_vocab(), llm.n_tokens
+        last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, -1), shape=(n_vocab,))
+        after_prompt = _log_softmax(last.astype(np.float64))  # copied: the next decode overwrites it
+        out = []
+        for line in lines:
+            ids = llm.tokenize((line + "\n").encode("utf-8"), add_bos=False, special=False)
+            logprob = after_prompt[ids[0]]
+            if len(ids) > 1:
+                if start + len(ids) > self.config.n_ctx or len(ids) > self.config.n_batch:
+                    raise BkdError(f"a candidate answer of {len(ids)} tokens does not fit the context")
+                ctx.kv_cache_seq_rm(-1, start, -1)
+                llm._batch.set_batch(ids[:-1], n_past=start, logits_all=True)
+                ctx.decode(llm._batch)
+                rows = np.ctypeslib.as_array(ctx.get_logits(), shape=(len(ids) - 1, n_vocab)).astype(np.float64)
+                logprob += sum(_log_softmax(row)[t] for row, t in zip(rows, ids[1:]))
+            out.append(float(logprob))
+        ctx.kv_cache_seq_rm(-1, start, -1)
+        return out
 
     def _eval_prompt(self, tokens: list[int]) -> int:
         """Evaluate the prompt after the longest prefix it shares with the tokens already in the KV

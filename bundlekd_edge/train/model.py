@@ -10,7 +10,7 @@ from .. import BkdError
 from ..data import Session
 from ..metrics import Prediction, evaluate
 from ..prompts import max_answer_tokens, parse_answer
-from .sft import GGUFChatTokenizer, HFChatTokenizer, PromptMaker, answer_json
+from .sft import GGUFChatTokenizer, HFChatTokenizer, PromptMaker, answer_part
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def score_model(model, tok, maker: PromptMaker, sessions: list[Session], max_tok
     for s in sessions:
         cap = max_answer_tokens(len(s.items), maker.config)
         raw = generate_answer(model, tok, tok.prompt_ids(maker.messages(s)), min(cap, max_tokens or cap))
-        parsed = parse_answer(answer_json(raw), s)
+        parsed = parse_answer(answer_part(raw, maker.config), s, maker.config)
         preds[s.session_id] = Prediction(s.session_id, [b["items"] for b in parsed.bundles], parsed.valid)
         raws[s.session_id] = raw
     if was_training:

@@ -25,6 +25,7 @@ class Recipe:
     max_len: int = 512  # tokens per example/packed row; longer examples are dropped whole, never cut
     title_chars: int = PromptConfig.title_chars  # item titles cut (at a word) to this many characters
     instructions: bool = True  # false: the system message without the task and answer contract (shorter)
+    answer_format: str = PromptConfig.answer_format  # json | compact: what the student learns to write (prompts.py)
     packing: bool = True  # pack short examples into rows of max_len (attention stays within an example)
 
     # LoRA
@@ -63,7 +64,9 @@ class Recipe:
 
     def prompt_config(self) -> PromptConfig:
         """How the student sees a session: recorded with the run, used again by export and the runtime."""
-        return PromptConfig(title_chars=self.title_chars, instructions=self.instructions)
+        return PromptConfig(
+            title_chars=self.title_chars, instructions=self.instructions, answer_format=self.answer_format
+        )
 
 
 def recipe_from_dict(obj: dict, where: str = "recipe") -> Recipe:
@@ -76,6 +79,10 @@ def recipe_from_dict(obj: dict, where: str = "recipe") -> Recipe:
         raise BkdError(f"{where}: device {recipe.device!r} is not one of auto, cpu, cuda")
     if recipe.precision not in ("auto", "bf16", "fp32"):
         raise BkdError(f"{where}: precision {recipe.precision!r} is not one of auto, bf16, fp32")
+    try:
+        recipe.prompt_config()
+    except BkdError as e:
+        raise BkdError(f"{where}: {e}") from None
     for key in ("max_len", "batch_size", "grad_accum", "epochs", "lora_r", "title_chars"):
         if getattr(recipe, key) < 1:
             raise BkdError(f"{where}: {key} must be >= 1")

@@ -94,15 +94,18 @@ def load_thoughts(path: str | Path) -> dict[str, str]:
     return thoughts
 
 
-def target_text(session: Session, mode: str, thought: str = "") -> str:
-    answer = render_answer(session)
+def target_text(session: Session, mode: str, thought: str = "", config: PromptConfig = PromptConfig()) -> str:
+    answer = render_answer(session, config)
     if mode == "thoughts" and thought:
-        return " ".join(thought.split()) + "\n" + answer  # one line of rationale, then the contract's JSON
+        return " ".join(thought.split()) + "\n" + answer  # one line of rationale, then the contract's answer
     return answer
 
 
-def answer_json(text: str) -> str:
-    """The JSON part of a generated answer (after a rationale, in mode 'thoughts')."""
+def answer_part(text: str, config: PromptConfig = PromptConfig()) -> str:
+    """The answer part of a generated text (after a rationale, in mode 'thoughts')."""
+    if config.answer_format == "compact":
+        lines = text.strip().split("\n")
+        return "\n".join(lines[-2:]) if len(lines) > 2 else text  # the answer is the last two lines
     at = text.rfind('{"bundles"')
     return text[at:] if at >= 0 else text
 
@@ -149,7 +152,7 @@ def build_examples(
         thought = thoughts.get(s.session_id) or str(s.extra.get("thought") or "")
         if maker.mode == "thoughts" and not thought:
             without_thought += 1
-        answer = tok.text_ids(target_text(s, maker.mode, thought)) + [tok.eos_id]
+        answer = tok.text_ids(target_text(s, maker.mode, thought, maker.config)) + [tok.eos_id]
 
         def fits(knowledge, ex, s=s, n=len(answer)):
             from ..prompts import build_messages as bm
