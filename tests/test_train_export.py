@@ -79,9 +79,9 @@ def _session(n=4, bundles=(("i1", "i2"),), sid="s1"):
 @pytest.fixture(scope="module")
 def gguf_tok():
     from bundlekd_edge.runtime import default_model_path
-    from bundlekd_edge.train.sft import GGUFChatTokenizer
+    from bundlekd_edge.train.sft import gguf_chat_tokenizer
 
-    return GGUFChatTokenizer(default_model_path())
+    return gguf_chat_tokenizer(default_model_path())
 
 
 def test_training_tokens_equal_runtime_tokens(engine, gguf_tok, sample_path):

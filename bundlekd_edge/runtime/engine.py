@@ -21,7 +21,6 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 from llama_cpp import Llama
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from .. import BkdError
 from ..data import Item, Session
@@ -37,15 +36,10 @@ from ..prompts import (
     partition_text,
 )
 from .adapters import AdapterSpec, check_adapter
+from .chat import ChatTokenizer
 from .memory import memory_snapshot
 from .model_file import check_gguf_magic, inspect_gguf, resolve_model
 from .sampling import GrammarGreedy
-
-# Used only when a GGUF carries no chat template (e.g. a base model): ChatML, as SmolLM2 uses.
-FALLBACK_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 @dataclass(frozen=True)
@@ -157,11 +151,7 @@ class Engine:
         self.load_s = time.perf_counter() - t0
         self.threads = threads
         self.model_size = self.model_path.stat().st_size
-        template = self.llm.metadata.get("tokenizer.chat_template") or FALLBACK_TEMPLATE
-        vocab = self.llm._model
-        self._format = Jinja2ChatFormatter(
-            template, vocab.token_get_text(self.llm.token_eos()), vocab.token_get_text(self.llm.token_bos())
-        )
+        self.chat = ChatTokenizer(self.llm, self.model_path)
 
     def _apply_adapters(self, specs: tuple[AdapterSpec, ...]) -> list[dict]:
         """Check each adapter against this model, load it with llama.cpp's adapter API and set them
@@ -207,8 +197,7 @@ class Engine:
             return False
 
     def _tokenize_chat(self, messages: list[dict]) -> list[int]:
-        text = self._format(messages=messages).prompt
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=self.llm._model.add_bos_token(), special=True)
+        return self.chat.prompt_ids(messages)
 
     def prefix_tokens(self, knowledge: str = "") -> list[int]:
         """The tokens every session's prompt starts with, for this knowledge.

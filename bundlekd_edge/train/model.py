@@ -10,7 +10,7 @@ from .. import BkdError
 from ..data import Session
 from ..metrics import Prediction, evaluate
 from ..prompts import max_answer_tokens, parse_answer
-from .sft import GGUFChatTokenizer, HFChatTokenizer, PromptMaker, answer_part
+from .sft import HFChatTokenizer, PromptMaker, answer_part, gguf_chat_tokenizer
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ def resolve_base(base: str) -> Base:
 
 
 def tokenizer_for(base: Base):
-    return GGUFChatTokenizer(base.path) if base.kind == "gguf" else HFChatTokenizer(base.path)
+    return gguf_chat_tokenizer(base.path) if base.kind == "gguf" else HFChatTokenizer(base.path)
 
 
 def pick_device(want: str = "auto") -> str:

@@ -25,32 +25,13 @@ from ..prompts import PromptConfig, build_messages, render_answer
 IGNORE = -100  # label of tokens without loss (prompt, padding)
 
 
-class GGUFChatTokenizer:
+def gguf_chat_tokenizer(gguf_path: str | Path):
     """The runtime's tokenization: the GGUF's chat template and llama.cpp's tokenizer (vocab only)."""
+    from llama_cpp import Llama
 
-    def __init__(self, gguf_path: str | Path):
-        from llama_cpp import Llama
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from ..runtime.chat import ChatTokenizer
 
-        from ..runtime.engine import FALLBACK_TEMPLATE
-
-        self.llm = Llama(str(gguf_path), vocab_only=True, verbose=False)
-        vocab = self.llm._model
-        template = self.llm.metadata.get("tokenizer.chat_template") or FALLBACK_TEMPLATE
-        eos, bos = self.llm.token_eos(), self.llm.token_bos()
-        self._format = Jinja2ChatFormatter(template, vocab.token_get_text(eos), vocab.token_get_text(bos))
-        self.eos_id = eos
-        self._add_bos = vocab.add_bos_token()
-
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = self._format(messages=messages).prompt
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True)
-
-    def text_ids(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.llm.detokenize(ids).decode("utf-8", errors="replace")
+    return ChatTokenizer(Llama(str(gguf_path), vocab_only=True, verbose=False), gguf_path)
 
 
 class HFChatTokenizer:
@@ -63,10 +44,18 @@ class HFChatTokenizer:
         if not self.tok.chat_template:
             raise BkdError(f"{folder}: the tokenizer has no chat template")
         self.eos_id = self.tok.eos_token_id
+        self.source = str(folder)
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        from ..runtime.chat import chat_pieces
+
+        def render(marked: list[dict]) -> str:
+            return self.tok.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
+
+        ids: list[int] = []
+        for text, is_message in chat_pieces(render, messages, self.source):
+            ids += self.tok(text, add_special_tokens=False, split_special_tokens=is_message)["input_ids"]
+        return ids
 
     def text_ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
