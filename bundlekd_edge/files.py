@@ -9,6 +9,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from . import BkdError
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w"):
@@ -67,20 +69,47 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def check_files(folder: str | os.PathLike, digests: dict[str, str]) -> list[str]:
-    """Problems with the files a manifest lists (missing, changed); empty when every sha256 matches."""
+def path_inside(folder: str | os.PathLike, name, where: str, what: str = "file") -> Path:
+    """`folder/name`, refusing a name that is absolute, has `..`, or leaves the folder through a
+    symlink: manifests and cards are untrusted input. `where` names the file that gave the name."""
     folder = Path(folder)
+    if not isinstance(name, str) or not name:
+        raise BkdError(f"{where}: {what} must be a path inside {folder}, not {name!r}")
+    path = folder / name
+    if Path(name).is_absolute() or ".." in Path(name).parts or not path.resolve().is_relative_to(folder.resolve()):
+        raise BkdError(f"{where}: {what} {name!r} leaves {folder}")
+    return path
+
+
+def check_files(folder: str | os.PathLike, digests: dict[str, str], unlisted_ok: tuple[str, ...] = ()) -> list[str]:
+    """Problems with a folder against the sha256 its manifest lists: a listed file missing, changed or
+    outside the folder, or a file the manifest does not list (`unlisted_ok`: the manifest itself and
+    folders written at run time, such as a pack's persisted prefix state)."""
+    folder = Path(folder)
+    if not isinstance(digests, dict):
+        return [f'{folder / "manifest.json"}: "files" must map file names to sha256']
     problems = []
+    listed = set()
     for name, digest in digests.items():
-        path = folder / name
+        try:
+            path = path_inside(folder, name, str(folder / "manifest.json"))
+        except BkdError as e:
+            problems.append(str(e))
+            continue
+        listed.add(path.resolve())
         if not path.is_file():
             problems.append(f"{path}: missing")
         elif sha256_file(path) != digest:
             problems.append(f"{path}: changed (sha256 differs from the manifest)")
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if (path.is_file() or path.is_symlink()) and path.resolve() not in listed:
+            if rel != "manifest.json" and not any(rel.startswith(p) for p in unlisted_ok):
+                problems.append(f"{path}: not listed in the manifest (an added or edited file)")
     return problems
 
 
-def verify_folder(folder: str | os.PathLike, fmt: str, kind: str) -> list[str]:
+def verify_folder(folder: str | os.PathLike, fmt: str, kind: str, unlisted_ok: tuple[str, ...] = ()) -> list[str]:
     """Problems of a folder whose manifest.json names its format and the sha256 of its files."""
     path = Path(folder) / "manifest.json"
     if not path.exists():
@@ -91,4 +120,6 @@ def verify_folder(folder: str | os.PathLike, fmt: str, kind: str) -> list[str]:
         return [f"{path}: not valid JSON ({e.msg})"]
     if manifest.get("format") != fmt:
         return [f"{path}: format {manifest.get('format')!r}, expected {fmt!r}"]
-    return check_files(folder, manifest.get("files", {}))
+    if not isinstance(manifest, dict):
+        return [f"{path}: not a manifest (a JSON object)"]
+    return check_files(folder, manifest.get("files", {}), unlisted_ok)

@@ -168,7 +168,7 @@ def write_slim_pack(pack: str | Path, out: str | Path) -> dict:
 
 def verify_pack(folder: str | Path) -> list[str]:
     """Problems found, empty when the pack is intact: every file of the manifest, byte for byte."""
-    return verify_folder(folder, PACK_FORMAT, "pack")
+    return verify_folder(folder, PACK_FORMAT, "pack", unlisted_ok=(STATE_DIR + "/",))
 
 
 class Pack:

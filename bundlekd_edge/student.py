@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import BkdError
-from .files import sha256_file
+from .files import path_inside, sha256_file
 from .packs import Pack
 from .prompts import PromptConfig
 from .runtime.adapters import AdapterSpec, parse_adapter
@@ -75,12 +75,7 @@ class Student:
 
 def _inside(folder: Path, name: str, what: str) -> Path:
     """`folder/name`, refusing names that leave the folder (a card is untrusted input)."""
-    if not isinstance(name, str) or not name:
-        raise BkdError(f"{folder / STUDENT_CARD}: {what} must be a file name inside the folder, not {name!r}")
-    path = (folder / name).resolve()
-    if Path(name).is_absolute() or not path.is_relative_to(folder.resolve()):
-        raise BkdError(f"{folder / STUDENT_CARD}: {what} {name!r} leaves the student folder")
-    return path
+    return path_inside(folder, name, str(folder / STUDENT_CARD), what).resolve()
 
 
 def read_card(folder: str | Path) -> dict:

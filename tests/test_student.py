@@ -37,3 +37,22 @@ def test_a_student_card_cannot_point_outside_its_folder(tmp_path):
     (folder / STUDENT_CARD).write_text(json.dumps({**card, "format": "other/1"}))
     with pytest.raises(BkdError, match="expected 'bkd-student/1'"):
         resolve_student(str(folder))
+
+
+@pytest.mark.parametrize("field", ["model", "pack"])
+def test_an_export_manifest_cannot_point_outside_its_folder(tmp_path, field):
+    from bundlekd_edge.export.folder import EXPORT_FORMAT
+
+    outside = tmp_path / "outside.gguf"
+    shutil.copy(default_model_path(), outside)  # a real model a hostile manifest would have us load
+    folder = tmp_path / "export"
+    folder.mkdir()
+    manifest = {"format": EXPORT_FORMAT, "default_quant": "Q8_0", "models": {"Q8_0": {"file": "model-Q8_0.gguf"}}}
+    if field == "model":
+        manifest["models"]["Q8_0"]["file"] = "../outside.gguf"
+    else:
+        (folder / "model-Q8_0.gguf").write_bytes(b"GGUF")
+        manifest["pack"] = str(tmp_path)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BkdError, match="leaves"):
+        resolve_student(str(folder)).load_engine(n_ctx=512, threads=1, seed=0)

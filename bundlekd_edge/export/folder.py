@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from .. import BkdError
-from ..files import check_files, sha256_file
+from ..files import check_files, path_inside, sha256_file
 
 EXPORT_FORMAT = "bkd-export/1"
 MANIFEST = "manifest.json"
@@ -56,7 +56,7 @@ def export_pack(model: str | Path) -> Path | None:
     if not Path(folder).is_dir():
         return None
     name = read_manifest(folder).get("pack")
-    return Path(folder) / name if name else None
+    return path_inside(folder, name, str(Path(folder) / MANIFEST), "pack") if name else None
 
 
 def load_pack(pack: str | Path | None, model: str | Path = ""):
@@ -77,7 +77,7 @@ def verify_export(folder: str | Path, manifest: dict | None = None) -> list[str]
     """Problems with the folder's files (missing, changed); empty when every sha256 matches."""
     folder = Path(folder)
     manifest = manifest or read_manifest(folder)
-    return check_files(folder, manifest.get("files", {}))
+    return check_files(folder, manifest.get("files", {}), unlisted_ok=(f"{manifest.get('pack')}/state/",))
 
 
 def resolve_export(folder: str | Path, quant: str | None = None) -> Path:
@@ -88,8 +88,9 @@ def resolve_export(folder: str | Path, quant: str | None = None) -> Path:
     quant = (quant or manifest.get("default_quant") or DEFAULT_QUANT).upper()
     if quant not in models:
         raise BkdError(f"{folder}: no {quant} model in this export (has {', '.join(models) or 'none'})")
-    path = folder / models[quant]["file"]
-    digest = manifest.get("files", {}).get(models[quant]["file"])
+    name = models[quant].get("file") if isinstance(models[quant], dict) else None
+    path = path_inside(folder, name, str(folder / MANIFEST), f"the {quant} model")
+    digest = manifest.get("files", {}).get(name)
     if not path.is_file():
         raise BkdError(f"{path}: missing from the export folder")
     if digest is None or sha256_file(path) != digest:

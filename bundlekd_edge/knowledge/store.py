@@ -118,4 +118,4 @@ def write_manifest(folder: str | Path, run: dict) -> dict:
 
 def verify_store(folder: str | Path) -> list[str]:
     """Problems found, empty when every file the manifest names is present and unchanged."""
-    return verify_folder(folder, STORE_FORMAT, "knowledge")
+    return verify_folder(folder, STORE_FORMAT, "knowledge", unlisted_ok=(CACHE_DIR + "/",))
