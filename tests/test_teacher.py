@@ -145,6 +145,13 @@ class Scripted:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.seen.append({"auth": self.headers.get("Authorization"), "body": None, "method": "GET"})
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.seen.append({"auth": self.headers.get("Authorization"), "body": body})
@@ -214,3 +221,17 @@ def test_client_errors_are_not_retried():
         with pytest.raises(TeacherError, match=r"HTTP 401 \(check the API key variable\)"):
             teacher.complete([{"role": "user", "content": "hi"}])
         assert (len(srv.seen), teacher.stats.retries, teacher.stats.failed) == (1, 0, 1)
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_refused_and_the_key_never_leaves(monkeypatch, tmp_path, status):
+    monkeypatch.setenv("BKD_TEST_TEACHER_KEY", "sk-secret")
+    with Scripted([]) as elsewhere:
+        target = elsewhere.url + "/chat/completions"
+        with Scripted([(status, {"Location": target}, 0)]) as srv:
+            config = TeacherConfig(model="m", retries=2, backoff_s=0.01, api_key_env="BKD_TEST_TEACHER_KEY")
+            teacher = make_teacher(srv.url, config)
+            with pytest.raises(TeacherError, match=f"HTTP {status} redirect to {target} refused"):
+                teacher.complete([{"role": "user", "content": "hi"}])
+            assert srv.seen[0]["auth"] == "Bearer sk-secret" and len(srv.seen) == 1  # not retried
+    assert elsewhere.seen == []  # neither the key nor a GET reached the other host

@@ -186,6 +186,14 @@ def _retry_after(headers) -> float | None:
         return None  # an HTTP date: fall back to our own backoff
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error: urllib would resend the API key to whatever host it names and turn
+    a POST into a GET whose answer would be cached as the teacher's."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None  # urllib then raises the 3xx as an HTTPError
+
+
 class HttpTeacher(Teacher):
     def __init__(self, url: str, config: TeacherConfig = TeacherConfig()):
         super().__init__(config)
@@ -194,7 +202,8 @@ class HttpTeacher(Teacher):
         # A local server is never reached through a proxy from the environment (http_proxy would
         # otherwise send 127.0.0.1 to the proxy too).
         local = urllib.parse.urlsplit(self.base).hostname in ("127.0.0.1", "localhost", "::1")
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if local else None
+        handlers = [_NoRedirects()] + ([urllib.request.ProxyHandler({})] if local else [])
+        self._opener = urllib.request.build_opener(*handlers)
         self.max_workers = config.concurrency
         self._mode = "json_schema" if config.schema_mode == "auto" else config.schema_mode
         self.model = config.model or self._discover_model()
@@ -210,8 +219,7 @@ class HttpTeacher(Teacher):
         data = None if body is None else json.dumps(body).encode("utf-8")
         req = urllib.request.Request(url, data=data, headers=self._headers(), method="GET" if data is None else "POST")
         try:
-            opener = self._opener or urllib.request.build_opener()
-            with opener.open(req, timeout=self.config.timeout_s) as resp:
+            with self._opener.open(req, timeout=self.config.timeout_s) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as e:
             text = e.read() or b""
@@ -219,6 +227,12 @@ class HttpTeacher(Teacher):
                 raise _SchemaRejected(_excerpt(text)) from None
             if e.code == 429 or e.code >= 500:
                 raise _Retryable(f"HTTP {e.code}: {_excerpt(text)}", _retry_after(e.headers)) from None
+            if 300 <= e.code < 400:
+                where = e.headers.get("Location", "?") if e.headers else "?"
+                raise TeacherError(
+                    f"teacher {url}: HTTP {e.code} redirect to {where} refused (the API key is never sent "
+                    "on to another URL): give the final URL as the teacher"
+                ) from None
             hint = " (check the API key variable)" if e.code in (401, 403) else ""
             raise TeacherError(f"teacher {url}: HTTP {e.code}{hint}: {_excerpt(text)}") from None
         except urllib.error.URLError as e:
