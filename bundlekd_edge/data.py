@@ -76,9 +76,35 @@ def _need(obj: dict, key: str, kind, where: str):
     if key not in obj:
         raise BkdError(f"{where}: missing field {key!r}")
     value = obj[key]
-    if not isinstance(value, kind):
-        raise BkdError(f"{where}: field {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(_JSON_NAMES.get(k, k.__name__) for k in kinds)
+        raise BkdError(f"{where}: field {key!r} must be {names}, got {_json_name(value)}")
     return value
+
+
+_JSON_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "an object", float: "a number"}
+
+
+def _json_name(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return _JSON_NAMES.get(type(value), type(value).__name__)
+
+
+def _categories(value, where: str) -> tuple[tuple[str, ...], ...]:
+    """Category paths: a list of lists of names (a list of names is one path)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise BkdError(f"{where}: field 'categories' must be a list of category paths, got {_json_name(value)}")
+    if all(isinstance(c, str) for c in value):
+        return (tuple(value),) if value else ()
+    if not all(isinstance(p, list) and all(isinstance(c, str) for c in p) for p in value):
+        raise BkdError(f"{where}: field 'categories' must be a list of category paths (lists of names)")
+    return tuple(tuple(p) for p in value)
 
 
 def session_from_dict(obj, where: str, require_bundles: bool = True) -> Session:
@@ -106,8 +132,7 @@ def session_from_dict(obj, where: str, require_bundles: bool = True) -> Session:
         title = it.get("title") or ""
         if not isinstance(title, str):
             raise BkdError(f"{at}: field 'title' must be a string")
-        cats = tuple(tuple(str(c) for c in path) for path in it.get("categories") or ())
-        items.append(Item(iid, title, cats))
+        items.append(Item(iid, title, _categories(it.get("categories"), at)))
 
     bundles = []
     raw_bundles = obj.get("bundles")
@@ -121,13 +146,18 @@ def session_from_dict(obj, where: str, require_bundles: bool = True) -> Session:
         at = f"{where}: bundles[{j}]"
         if not isinstance(b, dict):
             raise BkdError(f"{at}: expected an object with 'items' and 'intent'")
-        members = [str(x) for x in _need(b, "items", list, at)]
+        raw_members = _need(b, "items", list, at)
+        if not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in raw_members):
+            raise BkdError(f"{at}.items: item ids must be strings or integers")
+        members = [str(x) for x in raw_members]
         for x in members:
             if x not in seen:
                 raise BkdError(f"{at}.items: item {x!r} is not in session {sid!r}")
         if len(set(members)) < 2:
             raise BkdError(f"{at}.items: a bundle needs at least 2 distinct items")
         intent = b.get("intent") or ""
+        if not isinstance(intent, str):
+            raise BkdError(f"{at}: field 'intent' must be a string, got {_json_name(intent)}")
         bundles.append(Bundle(tuple(dict.fromkeys(members)), str(intent).strip()))
 
     extra = {k: v for k, v in obj.items() if k not in {"session_id", "split", "items", "bundles"}}
@@ -142,14 +172,25 @@ def iter_jsonl(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise BkdError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    if path.is_dir():
+        raise BkdError(f"{path}: a folder, not a JSONL file")
+    with open(path, "rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            raise BkdError(f"{path}: a gzip file; decompress it first (gunzip -k {path.name})")
+        f.seek(0)
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BkdError(f"{path}:{n}: not UTF-8 text (byte {e.start + 1}); re-encode it as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise BkdError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise BkdError(f"{path}:{n}: JSON nested too deeply") from None
 
 
 def load_sessions(path: str | Path, split: str | None = None, require_bundles: bool = True) -> list[Session]:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from . import BkdError
@@ -33,6 +34,16 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def refuse_overwrite(out, inputs) -> None:
+    """An output that is one of the command's inputs would destroy it: refuse before any work."""
+    if out is None:
+        return
+    target = Path(out).resolve()
+    for given in inputs:
+        if given is not None and str(given) != "-" and Path(given).resolve() == target:
+            raise BkdError(f"--out {out} is an input of this command ({given}); choose another output path")
 
 
 def cache_dir() -> Path:
@@ -123,3 +134,74 @@ def verify_folder(folder: str | os.PathLike, fmt: str, kind: str, unlisted_ok: t
     if not isinstance(manifest, dict):
         return [f"{path}: not a manifest (a JSON object)"]
     return check_files(folder, manifest.get("files", {}), unlisted_ok)
+
+
+class RecordLog:
+    """A JSONL output that survives a kill, and a run that resumes.
+
+    Each record is written and flushed as it is made (fsync at most every `sync_s`), so a killed
+    run loses only what was in flight. A sidecar `OUT.run.json` holds the run's settings and
+    whether it finished; `resume=True` checks the settings against it, drops a line cut by the
+    kill, and hands back the finished records (`done`) so the caller skips them. Without
+    `resume`, an existing OUT is refused unless `force`: it may be someone's data, or an
+    interrupted run's finished work.
+    """
+
+    def __init__(self, path, settings: dict, resume: bool = False, force: bool = False, sync_s: float = 2.0):
+        self.path = Path(path)
+        self.sidecar = self.path.with_name(self.path.name + ".run.json")
+        self.settings, self.sync_s = settings, sync_s
+        self.done: dict[str, dict] = {}
+        if resume and self.path.exists():
+            self._check_settings()
+            self.done = self._read_finished()
+        elif self.path.exists() and not force:
+            raise BkdError(f"{self.path} exists; --resume continues the run that wrote it, --force overwrites it")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.sidecar, {"settings": settings, "complete": False})
+        self._file = open(self.path, "a" if self.done else "w", encoding="utf-8")
+        self._synced = time.monotonic()
+
+    def _check_settings(self) -> None:
+        try:
+            recorded = json.loads(self.sidecar.read_text(encoding="utf-8"))["settings"]
+        except (OSError, ValueError, KeyError, TypeError):
+            recorded = None
+        if not isinstance(recorded, dict):
+            raise BkdError(f"{self.path}: no readable {self.sidecar.name}, so not a run to resume; --force starts over")
+        differ = sorted(k for k in set(recorded) | set(self.settings) if recorded.get(k) != self.settings.get(k))
+        if differ:
+            raise BkdError(
+                f"{self.path}: cannot resume, the run was made with other settings ({', '.join(differ)}); "
+                "give the same ones, or --force to start over"
+            )
+
+    def _read_finished(self) -> dict[str, dict]:
+        """The records already written; a last line cut by a kill is dropped from the file."""
+        done, keep = {}, 0
+        with open(self.path, "rb") as f:
+            for raw in f:
+                try:
+                    record = json.loads(raw) if raw.endswith(b"\n") else None
+                except ValueError:
+                    record = None
+                if not isinstance(record, dict) or "session_id" not in record:
+                    break
+                done[str(record["session_id"])] = record
+                keep += len(raw)
+        with open(self.path, "r+b") as f:
+            f.truncate(keep)
+        return done
+
+    def append(self, record: dict) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+        if time.monotonic() - self._synced >= self.sync_s:
+            os.fsync(self._file.fileno())
+            self._synced = time.monotonic()
+
+    def close(self, complete: bool) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        write_json(self.sidecar, {"settings": self.settings, "complete": complete})

@@ -28,6 +28,7 @@ class Prediction:
     session_id: str
     bundles: list[list[str]]  # item ids, as predicted (may name items outside the session)
     valid: bool = True  # False when the model's raw output was not valid JSON
+    skipped: str = ""  # why no answer was asked for (a session of fewer than 2 items: no bundle possible)
 
 
 def load_predictions(path: str | Path) -> dict[str, Prediction]:
@@ -35,9 +36,12 @@ def load_predictions(path: str | Path) -> dict[str, Prediction]:
     preds: dict[str, Prediction] = {}
     for n, obj in iter_jsonl(path):
         where = f"{path}:{n}"
-        if not isinstance(obj, dict) or "session_id" not in obj:
-            raise BkdError(f"{where}: missing field 'session_id'")
-        sid = str(obj["session_id"])
+        if not isinstance(obj, dict):
+            raise BkdError(f"{where}: expected a JSON object")
+        sid = obj.get("session_id")
+        if not isinstance(sid, (str, int)) or isinstance(sid, bool):
+            raise BkdError(f"{where}: field 'session_id' must be a string or an integer, got {sid!r}")
+        sid = str(sid)
         if sid in preds:
             raise BkdError(f"{where}: duplicate prediction for session {sid!r}")
         raw = obj.get("bundles")
@@ -47,8 +51,15 @@ def load_predictions(path: str | Path) -> dict[str, Prediction]:
         for j, b in enumerate(raw):
             if not isinstance(b, dict) or not isinstance(b.get("items"), list):
                 raise BkdError(f"{where}: bundles[{j}]: expected an object with an 'items' list")
+            if not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in b["items"]):
+                raise BkdError(f"{where}: bundles[{j}].items: item ids must be strings or integers")
             bundles.append([str(x) for x in b["items"]])
-        preds[sid] = Prediction(sid, bundles, bool(obj.get("valid", True)))
+        valid, skipped = obj.get("valid", True), obj.get("skipped", "")
+        if not isinstance(valid, bool):
+            raise BkdError(f"{where}: field 'valid' must be true or false, got {valid!r}")
+        if not isinstance(skipped, str):
+            raise BkdError(f"{where}: field 'skipped' must be a string (the reason), got {skipped!r}")
+        preds[sid] = Prediction(sid, bundles, valid, skipped)
     return preds
 
 
@@ -95,18 +106,19 @@ def evaluate(gold: list[Session], preds: dict[str, Prediction]) -> dict:
 
     totals = {k: 0.0 for k in ("precision", "recall", "strict_precision", "strict_recall", "exact_match")}
     coverage: list[float] = []
-    valid = empty = missing = mentions = hallucinated = 0
+    valid = empty = missing = mentions = hallucinated = skipped = 0
     for s in gold:
         pred = preds.get(s.session_id)
         if pred is None:
             missing += 1
             pred = Prediction(s.session_id, [], valid=False)
+        skipped += bool(pred.skipped)
         members = set(s.item_ids())
         predicted = []
         for b in pred.bundles:
             mentions += len(b)
             hallucinated += sum(1 for x in b if x not in members)
-            if len(set(b)) >= 2:  # singleton bundles are dropped
+            if len(set(b)) >= 2 and frozenset(b) not in predicted:  # singletons dropped, a repeat counts once
                 predicted.append(frozenset(b))
         valid += pred.valid
         empty += not predicted
@@ -125,5 +137,6 @@ def evaluate(gold: list[Session], preds: dict[str, Prediction]) -> dict:
     out["empty_rate"] = empty / n
     out["sessions"] = n
     out["missing_predictions"] = missing
+    out["skipped"] = skipped
     out["predicted_bundles"] = sum(len(p.bundles) for p in preds.values() if p.session_id in gold_ids)
-    return {k: out[k] for k in (*METRIC_KEYS, "sessions", "missing_predictions", "predicted_bundles")}
+    return {k: out[k] for k in (*METRIC_KEYS, "sessions", "missing_predictions", "skipped", "predicted_bundles")}

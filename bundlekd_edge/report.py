@@ -55,4 +55,6 @@ QUALITY_ROWS = [
 def quality_table(scores: dict) -> str:
     rows = [{"metric": label, "value": scores[key]} for key, label in QUALITY_ROWS]
     rows.append({"metric": "sessions", "value": scores["sessions"]})
+    rows.append({"metric": "of which without a prediction", "value": scores.get("missing_predictions", 0)})
+    rows.append({"metric": "of which skipped (< 2 items)", "value": scores.get("skipped", 0)})
     return table(rows, [("metric", "metric", ""), ("value", "value", "")])

@@ -1,8 +1,12 @@
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from bundlekd_edge.metrics import METRIC_KEYS
 from tests.conftest import session, write_lines
@@ -12,7 +16,7 @@ def test_generate_then_eval_writes_machine_readable_scores(tmp_path, cli, sample
     pred, scores, summary = tmp_path / "pred.jsonl", tmp_path / "scores.json", tmp_path / "summary.json"
     r = cli("generate", "--sessions", sample_path, "--split", "test", "--out", pred, "--summary", summary, "--quiet")
     assert r.exit_code == 0, r.output
-    assert "4 sessions" in r.output and "100.0% valid JSON" in r.output
+    assert "4 sessions generated now" in r.output and "100.0% valid" in r.output
     rows = [json.loads(line) for line in pred.read_text().splitlines()]
     assert [row["session_id"] for row in rows] == ["sample-17", "sample-18", "sample-19", "sample-20"]
     assert all(row["valid"] and row["timing"]["total_s"] > 0 for row in rows)
@@ -79,3 +83,100 @@ def test_demo_prints_bundles_and_both_tables(tmp_path, cli):
     assert json.loads((tmp_path / "demo" / "scores.json").read_text())["sessions"] == 2
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["student"]["name"] == "smollm2-bundles" and len(summary["run"]["adapters"]) == 1
+
+
+def _bkd_edge() -> str:
+    return shutil.which("bkd-edge") or str(Path(sys.executable).parent / "bkd-edge")
+
+
+def _answers(path: Path) -> list[tuple]:
+    """What a predictions file says, without the timings (which differ from run to run)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [(r["session_id"], r["bundles"], r["valid"], r["raw"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, sample_path):
+    out = tmp_path_factory.mktemp("whole") / "pred.jsonl"
+    done = subprocess.run([_bkd_edge(), "generate", "--model", "base", "--sessions", sample_path, "--out", out,
+                           "--quiet"], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_generate_killed_mid_run_resumes_to_the_same_file(tmp_path, sample_path, uninterrupted, sig):
+    out = tmp_path / "pred.jsonl"
+    cmd = [_bkd_edge(), "generate", "--model", "base", "--sessions", str(sample_path), "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while (not out.exists() or len(out.read_text().splitlines()) < 4) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    kept = len(out.read_text().splitlines())
+    assert 4 <= kept < 20, "killed mid-run, after 4 finished sessions"
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err
+
+    refused = subprocess.run(cmd, capture_output=True, text=True)  # without --resume the work is not overwritten
+    assert refused.returncode == 1 and "--resume continues" in refused.stderr
+    assert len(out.read_text().splitlines()) == kept
+
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{20 - kept} sessions generated now ({kept} from before)" in resumed.stdout
+    assert _answers(out) == _answers(uninterrupted)
+    assert json.loads((tmp_path / "pred.jsonl.run.json").read_text())["complete"] is True
+
+
+def test_resume_refuses_other_settings_and_a_cut_line_is_redone(tmp_path, sample_path, uninterrupted):
+    out = tmp_path / "pred.jsonl"
+    shutil.copy(uninterrupted, out)
+    shutil.copy(uninterrupted.with_name("pred.jsonl.run.json"), tmp_path / "pred.jsonl.run.json")
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:5]) + lines[5][:40])  # a kill in the middle of writing line 6
+    cmd = [_bkd_edge(), "generate", "--model", "base", "--sessions", str(sample_path), "--out", str(out), "--quiet"]
+    other = subprocess.run(cmd + ["--resume", "--seed", "7"], capture_output=True, text=True)
+    assert other.returncode == 1 and "other settings (seed)" in other.stderr
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0 and "15 sessions generated now (5 from before)" in resumed.stdout
+    assert _answers(out) == _answers(uninterrupted)
+
+
+def test_outputs_never_clobber_inputs_or_other_files(tmp_path, cli, sample_path):
+    data = tmp_path / "in.jsonl"
+    shutil.copy(sample_path, data)
+    before = data.read_bytes()
+    r = cli("generate", "--sessions", data, "--out", data)
+    assert r.exit_code == 1 and "is an input of this command" in r.output
+    r = cli("eval", "--gold", data, "--pred", data, "--out", data)
+    assert r.exit_code == 1 and "is an input of this command" in r.output
+    mine = tmp_path / "notes.jsonl"
+    mine.write_text("my own notes\n")
+    r = cli("generate", "--sessions", data, "--out", mine, "--limit", "1")
+    assert r.exit_code == 1 and "--force overwrites it" in r.output
+    assert data.read_bytes() == before and mine.read_text() == "my own notes\n"
+    r = cli("generate", "--sessions", data, "--out", tmp_path / "p.jsonl", "--limit", "-2")
+    assert r.exit_code == 2 and "-2 is not in the range x>=0" in r.output
+
+
+def test_one_item_sessions_are_skipped_and_eval_warns_about_missing_predictions(tmp_path, cli, sample_path):
+    rows = [session("solo", n=1, bundles=()), session("pair", n=2, bundles=())]
+    data = write_lines(tmp_path / "s.jsonl", rows)
+    out = tmp_path / "p.jsonl"
+    r = cli("generate", "--model", "base", "--sessions", data, "--out", out, "--quiet")
+    assert r.exit_code == 0, r.output
+    solo, pair = (json.loads(line) for line in out.read_text().splitlines())
+    assert solo["bundles"] == [] and solo["skipped"] == "fewer than 2 items: no bundle possible"
+    assert "skipped" not in pair and pair["valid"]
+    r = cli("eval", "--gold", sample_path, "--pred", write_lines(tmp_path / "q.jsonl", [
+        {"session_id": "sample-17", "bundles": []}]))  # fmt: skip
+    assert r.exit_code == 0 and "warning: 19 of 20 gold sessions have no prediction" in r.output
+
+
+def test_generate_json_refuses_bytes_that_are_not_utf8():
+    done = subprocess.run([_bkd_edge(), "generate", "--json"], input=b'{"items": [\xff]}', capture_output=True)
+    assert done.returncode == 1 and b"<stdin>: not UTF-8 text" in done.stderr and b"Traceback" not in done.stderr

@@ -41,12 +41,53 @@ def test_sample_loads_with_its_splits(sample_path):
         ([session("a", bundles=[("i1", "i1")])], r"d.jsonl:1: bundles\[0\].items: a bundle needs at least 2"),
         ([{**session("a"), "items": [{"id": "i1"}, {"id": "i1"}]}], r"d.jsonl:1: items\[1\]: item 'i1' appears twice"),
         (["[1, 2]"], r"d.jsonl:1: expected a JSON object"),
+        (
+            [{**session("a"), "session_id": None}],
+            r"d.jsonl:1: field 'session_id' must be a string or an integer, got null",
+        ),
+        ([{**session("a"), "session_id": True}], r"d.jsonl:1: field 'session_id' must be .*, got a boolean"),
+        ([{**session("a"), "items": [{"id": None}]}], r"d.jsonl:1: items\[0\]: field 'id' must be .*, got null"),
+        ([{**session("a"), "items": [{"id": 1.5}]}], r"d.jsonl:1: items\[0\]: field 'id' must be .*, got a number"),
+        (
+            [{**session("a"), "items": [{"id": "i1", "categories": 5}]}],
+            r"items\[0\]: field 'categories' must be a list",
+        ),
+        ([{**session("a"), "items": [{"id": "i1", "categories": [[1]]}]}], r"items\[0\]: field 'categories' must be"),
+        ([{**session("a"), "items": [{"id": "i1", "title": 7}]}], r"items\[0\]: field 'title' must be a string"),
+        ([{**session("a"), "bundles": [{"items": ["i1", None]}]}], r"bundles\[0\].items: item ids must be strings"),
+        ([{**session("a"), "bundles": [{"items": ["i1", "i2"], "intent": 3}]}], r"bundles\[0\]: field 'intent' must"),
+        (['{"a":' * 5000 + "1" + "}" * 5000], r"d.jsonl:1: JSON nested too deeply"),
     ],
 )
 def test_bad_sessions_file_names_file_line_and_field(tmp_path, rows, message):
     path = write_lines(tmp_path / "d.jsonl", rows)
     with pytest.raises(BkdError, match=message):
         load_sessions(path)
+
+
+def test_files_that_are_not_utf8_jsonl_name_file_and_line(tmp_path):
+    import gzip
+
+    packed = tmp_path / "s.jsonl.gz"
+    packed.write_bytes(gzip.compress(json.dumps(session("a")).encode() + b"\n"))
+    with pytest.raises(BkdError, match=r"s.jsonl.gz: a gzip file; decompress it first"):
+        load_sessions(packed)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(
+        (json.dumps(session("a")) + "\n").encode()
+        + json.dumps(session("b")).replace("Product", "Caf\u00e9").encode("latin-1")
+    )
+    with pytest.raises(BkdError, match=r"latin.jsonl:2: not UTF-8 text \(byte \d+\)"):
+        load_sessions(latin)
+    with pytest.raises(BkdError, match="a folder, not a JSONL file"):
+        load_sessions(tmp_path)
+
+
+def test_category_paths_load_as_lists_of_names(tmp_path):
+    rows = [{**session("a"), "items": [{"id": "i1", "categories": ["Electronics", "Cables"]},
+                                        {"id": "i2", "categories": [["A", "B"], ["C"]]}, {"id": "i3"}]}]  # fmt: skip
+    items = load_sessions(write_lines(tmp_path / "c.jsonl", rows))[0].items
+    assert [it.categories for it in items] == [(("Electronics", "Cables"),), (("A", "B"), ("C",)), ()]
 
 
 def test_unknown_split_and_missing_file(tmp_path, sample_path):

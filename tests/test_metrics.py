@@ -99,3 +99,24 @@ def test_load_predictions_errors_name_line(tmp_path):
     path = write_lines(tmp_path / "q.jsonl", [{"session_id": "a", "bundles": [{"items": "x"}]}])
     with pytest.raises(BkdError, match=r"q.jsonl:1: bundles\[0\]"):
         load_predictions(path)
+
+
+def test_a_repeated_bundle_counts_once():
+    gold = [make("a", 6, (1, 2), (3, 4))]
+    r = score(gold, pred("a", (1, 2), (2, 1), (1, 2)))
+    assert r["recall"] == 0.5 and r["precision"] == 1.0 and r["strict_recall"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"session_id": "a", "bundles": [], "valid": "false"}, r"p.jsonl:1: field 'valid' must be true or false"),
+        ({"session_id": None, "bundles": []}, r"p.jsonl:1: field 'session_id' must be a string or an integer"),
+        ({"session_id": 1.5, "bundles": []}, r"p.jsonl:1: field 'session_id' must be"),
+        ({"session_id": "a", "bundles": [{"items": [None, "x"]}]}, r"p.jsonl:1: bundles\[0\].items: item ids must be"),
+        ({"session_id": "a", "bundles": [], "skipped": True}, r"p.jsonl:1: field 'skipped' must be a string"),
+    ],
+)
+def test_prediction_fields_have_their_types(tmp_path, row, message):
+    with pytest.raises(BkdError, match=message):
+        load_predictions(write_lines(tmp_path / "p.jsonl", [row]))

@@ -24,7 +24,13 @@ def _levels(text: str) -> list[int]:
 @click.command()
 @click.option("--sessions", required=True, type=click.Path(exists=True, dir_okay=False), help="Sessions JSONL.")
 @click.option("--split", default="test", show_default=True, help=f"Split to score ({', '.join(SPLITS)}).")
-@click.option("--limit", default=0, show_default=True, help="Only the first N sessions of the split (0: all).")
+@click.option(
+    "--limit",
+    default=0,
+    type=click.IntRange(min=0),
+    show_default=True,
+    help="Only the first N sessions of the split (0: all).",
+)
 @click.option("--engine", "engines", multiple=True, required=True,
               metavar="NAME=MODEL[,pack=P][,adapter=FILE[:S]][,label=T]",
               help="An engine row (repeat). MODEL: 'default' (the shipped student), 'base', a .gguf, "

@@ -28,7 +28,7 @@ def sample_sessions_path() -> Path:
     help="Sessions JSONL (default: the built-in 20-session sample).",
 )
 @click.option("--split", type=str, help="Split to run (default: 'test' when --sessions has one, else all).")
-@click.option("--limit", type=int, help="Only the first N sessions.")
+@click.option("--limit", type=click.IntRange(min=0), help="Only the first N sessions.")
 @click.option("--show", default=5, show_default=True, help="How many sessions to print in full.")
 @click.option(
     "--out",
@@ -39,6 +39,7 @@ def sample_sessions_path() -> Path:
 )
 def demo(model, pack, adapters, n_ctx, threads, seed, sessions, split, limit, show, out):
     """Generate bundles offline, print some, then the quality table and the latency/memory table."""
+    from ..files import RecordLog
     from ..runtime.batch import latency_rows, latency_summary, run_sessions
 
     if sessions is None:
@@ -60,7 +61,9 @@ def demo(model, pack, adapters, n_ctx, threads, seed, sessions, split, limit, sh
         f"Student: {student.name} = {engine.model_path.name} ({engine.model_size / 2**20:.0f} MiB){extra}, "
         f"{engine.threads} threads" + ("" if model != "default" else "  (the untuned model: --model base)")
     )
-    gens = run_sessions(engine, rows, out / "predictions.jsonl", pack=student.pack)
+    log = RecordLog(out / "predictions.jsonl", {"demo": True}, force=True)  # the demo's own folder, remade each run
+    gens = run_sessions(engine, rows, log, pack=student.pack)
+    log.close(complete=True)
 
     for session, g in list(zip(rows, gens))[:show]:
         titles = {it.id: item_title(it.title, 48) for it in session.items}

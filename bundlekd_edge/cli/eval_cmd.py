@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..data import SPLITS, check_split, load_sessions
-from ..files import write_json
+from ..files import refuse_overwrite, write_json
 from ..metrics import evaluate, load_predictions
 from ..report import quality_table
 
@@ -31,7 +31,15 @@ def eval_(gold, pred, split, out, as_json):
     prediction count as empty; a prediction for a session not in the gold file is an error.
     """
     check_split(split)
+    refuse_overwrite(out, [gold, pred])
     scores = evaluate(load_sessions(gold, split=split), load_predictions(pred))
+    if scores["missing_predictions"]:
+        n, total = scores["missing_predictions"], scores["sessions"]
+        click.echo(
+            f"warning: {n} of {total} gold sessions have no prediction in {pred} and score 0"
+            + ("" if split else " (score one split with --split)"),
+            err=True,
+        )
     scores["gold"], scores["pred"], scores["split"] = str(gold), str(pred), split
     if out:
         write_json(out, scores)

@@ -12,7 +12,7 @@ import click
 @click.argument("grid", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Experiment folder.")
 @click.option("--sft-model", help="Reuse this fine-tuned student (EXPORT_DIR[:QUANT] or .gguf) for the SFT cells.")
-@click.option("--limit", type=int, help="Override the grid's sessions scored per cell.")
+@click.option("--limit", type=click.IntRange(min=1), help="Override the grid's sessions scored per cell.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def experiment(grid, out, sft_model, limit, as_json):
     """Run the knowledge format / quantity / utilisation grid of GRID (a small TOML file).

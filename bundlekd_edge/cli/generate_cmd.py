@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -11,6 +13,7 @@ import click
 
 from .. import BkdError
 from ..data import SPLITS, check_split, load_sessions, session_from_dict
+from ..files import RecordLog, refuse_overwrite
 
 MODEL_HELP = (
     "'default' (the shipped student: SmolLM2-135M-Instruct + its LoRA adapter and pack, models/), "
@@ -51,18 +54,23 @@ def load_student(model, adapters=(), pack=None):
 @engine_options
 @click.option("--sessions", type=click.Path(dir_okay=False, path_type=Path), help="Sessions JSONL.")
 @click.option("--split", type=str, help=f"Only this split ({', '.join(SPLITS)}).")
-@click.option("--limit", type=int, help="Only the first N sessions.")
+@click.option("--limit", type=click.IntRange(min=0), help="Only the first N sessions.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Predictions JSONL to write.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run into --out: generate only what is missing.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out.")
 @click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), help="Also write the run summary as JSON.")
 @click.option("--json", "json_mode", is_flag=True, help="Read one session as JSON on stdin, write its bundles as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def generate(model, pack, adapters, n_ctx, threads, seed, sessions, split, limit, out, summary, json_mode, quiet):
-    """Generate bundles for each session with a llama.cpp model (greedy, JSON-schema constrained).
+def generate(
+    model, pack, adapters, n_ctx, threads, seed, sessions, split, limit, out, resume, force, summary, json_mode, quiet
+):
+    """Generate bundles for each session with a llama.cpp model (greedy, grammar constrained).
 
     \b
-    Predictions are written one JSON object a line:
+    Predictions are written one JSON object a line, each as soon as it is made:
       {"session_id": ..., "bundles": [{"items": [item ids], "intent": ...}], "valid": ..., "timing": {...}}
-    Score them with `bkd-edge eval --gold SESSIONS --pred OUT`.
+    Score them with `bkd-edge eval --gold SESSIONS --pred OUT`. An interrupted run (Ctrl-C, kill,
+    a laptop asleep) keeps what it finished: run the same command with --resume to complete it.
 
     \b
     For scripts: echo '{"session_id": "s1", "items": [{"id": "A", "title": "..."}, ...]}' \\
@@ -75,13 +83,29 @@ def generate(model, pack, adapters, n_ctx, threads, seed, sessions, split, limit
     from ..runtime.batch import latency_summary, run_sessions
 
     check_split(split)
+    refuse_overwrite(out, [sessions])
+    refuse_overwrite(summary, [sessions, out])
     rows = load_sessions(sessions, split=split, require_bundles=False)[:limit]
     student = load_student(model, adapters, pack)
     engine = student.load_engine(n_ctx, threads, seed)
-    gens = run_sessions(engine, rows, out, pack=student.pack, progress=not quiet)
+    log = RecordLog(out, run_settings(engine, student, sessions, split, limit), resume=resume, force=force)
+    if log.done:
+        click.echo(f"resuming {out}: {len(log.done)} of {len(rows)} sessions already done", err=True)
+    try:
+        with stop_on_sigterm():
+            gens = run_sessions(engine, rows, log, pack=student.pack, progress=not quiet)
+    except KeyboardInterrupt:
+        log.close(complete=False)
+        click.echo(
+            f"\nstopped: {out} keeps the sessions finished so far; run the same command with --resume to go on",
+            err=True,
+        )
+        sys.exit(130)
+    log.close(complete=True)
     result = latency_summary(gens, engine)
     click.echo(
-        f"{result['sessions']} sessions -> {out}: {result['valid_rate']:.1%} valid JSON, "
+        f"{result['sessions']} sessions generated now ({len(log.done)} from before) -> {out}: "
+        f"{result['valid_rate']:.1%} valid, "
         f"latency p50 {result['latency_p50_s']:.2f} s / p95 {result['latency_p95_s']:.2f} s, "
         f"decode {result['decode_tps']:.0f} tok/s, peak RSS {result['peak_rss'] / 2**20:.0f} MiB"
     )
@@ -97,8 +121,42 @@ def generate(model, pack, adapters, n_ctx, threads, seed, sessions, split, limit
         write_json(summary, {**record, **result})
 
 
+def run_settings(engine, student, sessions: Path, split, limit) -> dict:
+    """What must not change between an interrupted run and its --resume."""
+    from ..files import sha256_file
+
+    return {
+        "model_sha256": engine.model_sha256(),
+        "adapters": [[a["sha256"], a["scale"]] for a in engine.adapters],
+        "pack_manifest_sha256": sha256_file(student.pack.folder / "manifest.json") if student.pack else None,
+        "prompt": asdict(engine.config.prompt),
+        "n_ctx": engine.config.n_ctx,
+        "seed": engine.config.seed,
+        "sessions_sha256": sha256_file(sessions),
+        "split": split,
+        "limit": limit,
+    }
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """SIGTERM (a `kill`, a scheduler) stops like Ctrl-C: cleanly, keeping the finished records."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _generate_stdin(student, n_ctx, threads, seed):
-    text = sys.stdin.read()
+    try:
+        text = sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BkdError(f"<stdin>: not UTF-8 text (byte {e.start + 1})") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -110,7 +168,6 @@ def _generate_stdin(student, n_ctx, threads, seed):
 
     engine = student.load_engine(n_ctx, threads, seed)
     (g,) = run_sessions(engine, [session], pack=student.pack, progress=False)
-    record = {"session_id": g.session_id, "bundles": g.bundles, "valid": g.valid, "timing": asdict(g.timing)}
-    if g.error:
-        record["error"] = g.error
+    record = g.to_record()
+    record.pop("raw")
     click.echo(json.dumps(record, ensure_ascii=False))

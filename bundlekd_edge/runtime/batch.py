@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from ..data import Session
-from ..files import atomic_write
+from ..files import RecordLog
 from ..packs import Pack
 from .engine import Engine, Generation
 
@@ -19,32 +16,34 @@ from .engine import Engine, Generation
 def run_sessions(
     engine: Engine,
     sessions: list[Session],
-    out: str | Path | None = None,
+    log: RecordLog | None = None,
     pack: Pack | None = None,
     progress: bool = True,
 ) -> list[Generation]:
-    """Generate bundles for every session; write predictions JSONL to `out` (atomically) if given.
+    """Generate bundles for every session not yet in `log` (a resumed run's finished records),
+    appending each record to the log as it is made, so a kill loses only the session in flight.
 
     With a pack, its static knowledge is put in the KV cache first (restored from the pack's
     persisted state when one matches) and each session gets its nearest examples. Every prompt
     is checked against the context before any time is spent generating.
     """
+    todo = [s for s in sessions if not log or s.session_id not in log.done]
     knowledge = pack.static if pack else ""
     parts = {}
-    for s in sessions:
+    for s in todo:
         parts[s.session_id] = session_inputs(engine, s, pack)
-        engine.prompt_tokens(s, parts[s.session_id]["knowledge"], parts[s.session_id]["examples"])  # raises if too long
-    if pack:
+        if len(s.items) >= 2:  # raises with the reason if it does not fit
+            engine.prompt_tokens(s, parts[s.session_id]["knowledge"], parts[s.session_id]["examples"])
+    if pack and todo:
         engine.warm_prefix(knowledge, pack.state_dir)
     gens: list[Generation] = []
-    bar = tqdm(sessions, desc="generate", unit="session", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    with atomic_write(out) if out else contextlib.nullcontext() as f:
-        for s in bar:
-            g = engine.generate(s, **parts[s.session_id])
-            gens.append(g)
-            if f:
-                f.write(json.dumps(g.to_record(), ensure_ascii=False) + "\n")
-            bar.set_postfix(p50=f"{np.median([x.timing.total_s for x in gens]):.2f}s", refresh=False)
+    bar = tqdm(todo, desc="generate", unit="session", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    for s in bar:
+        g = engine.generate(s, **parts[s.session_id])
+        gens.append(g)
+        if log:
+            log.append(g.to_record())
+        bar.set_postfix(p50=f"{np.median([x.timing.total_s for x in gens]):.2f}s", refresh=False)
     return gens
 
 
@@ -62,14 +61,16 @@ def _pct(values, q) -> float:
 
 
 def latency_summary(gens: list[Generation], engine: Engine) -> dict:
-    """Per-session latency percentiles, token rates over the whole run, memory now and at peak."""
-    t = [g.timing for g in gens]
+    """Per-session latency percentiles, token rates over the whole run, memory now and at peak
+    (sessions skipped without a model call, too small for a bundle, are not timed)."""
+    t = [g.timing for g in gens if not g.skipped]
     total = [x.total_s for x in t]
     ttft = [x.ttft_s for x in t]
     prefill_s = sum(x.prefill_s for x in t)
     decode_s = sum(x.decode_s for x in t)
     return {
         "sessions": len(gens),
+        "skipped": sum(bool(g.skipped) for g in gens),
         "valid_rate": sum(g.valid for g in gens) / len(gens) if gens else 0.0,
         "latency_p50_s": _pct(total, 50),
         "latency_p95_s": _pct(total, 95),

@@ -41,6 +41,8 @@ from .memory import memory_snapshot
 from .model_file import check_gguf_magic, inspect_gguf, resolve_model
 from .sampling import GrammarGreedy
 
+NO_BUNDLE = "fewer than 2 items: no bundle possible"
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -79,6 +81,7 @@ class Generation:
     error: str
     raw: str
     timing: Timing
+    skipped: str = ""  # why the model was not asked (no bundle is possible)
 
     def to_record(self) -> dict:
         """One line of a predictions file."""
@@ -87,6 +90,7 @@ class Generation:
             "bundles": self.bundles,
             "valid": self.valid,
             **({"error": self.error} if self.error else {}),
+            **({"skipped": self.skipped} if self.skipped else {}),
             "raw": self.raw,
             "timing": asdict(self.timing),
         }
@@ -248,7 +252,10 @@ class Engine:
         compact answer format, the answer's first line is not decoded but chosen: the candidate
         with the highest expected strict F1 under the student's own probabilities of the candidates
         (`choose_partition`). Only the intents are then decoded.
+        A session of fewer than 2 items holds no bundle: it is skipped, the model is not asked.
         """
+        if len(session.items) < 2:
+            return Generation(session.session_id, [], True, "", "", Timing(0, 0, 0, 0.0, 0.0, 0.0, 0.0), NO_BUNDLE)
         tokens = self.prompt_tokens(session, knowledge, examples)
         n_items, prompt = len(session.items), self.config.prompt
         max_tokens = max_answer_tokens(n_items, prompt)
