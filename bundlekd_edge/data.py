@@ -193,8 +193,11 @@ def iter_jsonl(path: str | Path):
                 raise BkdError(f"{path}:{n}: JSON nested too deeply") from None
 
 
-def load_sessions(path: str | Path, split: str | None = None, require_bundles: bool = True) -> list[Session]:
-    """Load and validate a sessions JSONL file; keep only `split` when given."""
+def load_sessions(
+    path: str | Path, split: str | None = None, require_bundles: bool = True, empty_split_ok: bool = False
+) -> list[Session]:
+    """Load and validate a sessions JSONL file; keep only `split` when given. An empty split is an
+    error, unless `empty_split_ok` (a caller with a fallback, such as training without val)."""
     check_split(split)
     sessions, first_line = [], {}
     for n, obj in iter_jsonl(path):
@@ -209,7 +212,7 @@ def load_sessions(path: str | Path, split: str | None = None, require_bundles: b
         raise BkdError(f"{path}: no sessions in file")
     if split is not None:
         sessions = [s for s in sessions if s.split == split]
-        if not sessions:
+        if not sessions and not empty_split_ok:
             raise BkdError(f"{path}: no sessions in split {split!r}")
     return sessions
 

@@ -251,3 +251,10 @@ def test_download_without_network_says_so_and_writes_nothing(tmp_path, cli):
     assert r.exit_code == 1
     assert "could not download" in r.output and "by hand" in r.output
     assert not (tmp_path / "got").exists()
+
+
+def test_an_empty_split_is_an_error_unless_the_caller_has_a_fallback(tmp_path):
+    path = write_lines(tmp_path / "s.jsonl", [session("a", split="train")])
+    with pytest.raises(BkdError, match="no sessions in split 'val'"):
+        load_sessions(path, split="val")
+    assert load_sessions(path, split="val", empty_split_ok=True) == []

@@ -84,7 +84,11 @@ def llama_row(spec: EngineSpec, opt: BenchOptions, sessions: list[Session], pred
         return session_inputs(engine, s, pack)
 
     # Warm-up: page in the weights and build the grammar caches on sessions we do not score.
-    warm = load_sessions(opt.sessions, split="val", require_bundles=False)[: opt.warmup] if opt.warmup else []
+    warm = (
+        load_sessions(opt.sessions, split="val", require_bundles=False, empty_split_ok=True)[: opt.warmup]
+        if opt.warmup
+        else []
+    )
     for s in warm or sessions[: opt.warmup]:
         engine.generate(s, **parts(s))
 

@@ -174,7 +174,9 @@ def export_run(
     del reader
 
     # golden sessions: the val split (the run never trained on it), else test
-    sessions = load_sessions(recipe.sessions, split="val") or load_sessions(recipe.sessions, split="test")
+    sessions = load_sessions(recipe.sessions, split="val", empty_split_ok=True) or load_sessions(
+        recipe.sessions, split="test"
+    )
     if not sessions:
         raise BkdError(f"{recipe.sessions}: no val or test sessions for the parity check")
     tok = tokenizer_for(base)

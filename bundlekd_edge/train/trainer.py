@@ -178,7 +178,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     train_sessions = load_sessions(recipe.sessions, split="train")
     if recipe.limit_train:
         train_sessions = train_sessions[: recipe.limit_train]
-    val_sessions = spread(load_sessions(recipe.sessions, split="val"), recipe.eval_sessions)
+    val_sessions = spread(load_sessions(recipe.sessions, split="val", empty_split_ok=True), recipe.eval_sessions)
     if not train_sessions:
         raise BkdError(f"{recipe.sessions}: no sessions with split 'train'")
     base = resolve_base(recipe.base)
