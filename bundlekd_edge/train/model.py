@@ -121,15 +121,46 @@ def generate_answer(model, tok, prompt_ids: list[int], max_new_tokens: int) -> s
     return tok.decode(new)
 
 
+def line_logprobs(model, prompt_ids: list[int], lines_ids: list[list[int]]) -> list[float]:
+    """log P(line | prompt) for each tokenized line, one batched forward pass (the runtime's
+    `Engine.partition_logprobs`, in torch)."""
+    import torch
+
+    device = next(model.parameters()).device
+    n = len(prompt_ids)
+    width = n + max(len(ids) for ids in lines_ids)
+    batch = torch.zeros((len(lines_ids), width), dtype=torch.long, device=device)
+    mask = torch.zeros_like(batch)
+    for i, ids in enumerate(lines_ids):
+        batch[i, : n + len(ids)] = torch.tensor(prompt_ids + ids)
+        mask[i, : n + len(ids)] = 1
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=batch, attention_mask=mask).logits.float(), dim=-1)
+    return [float(sum(logprobs[i, n - 1 + j, t] for j, t in enumerate(ids))) for i, ids in enumerate(lines_ids)]
+
+
 def score_model(model, tok, maker: PromptMaker, sessions: list[Session], max_tokens: int = 0) -> dict:
-    """Generate greedily for each session, parse with the output contract, score (strict F1 ...)."""
+    """Answer each session as the runtime does and score it (strict F1 ...): greedy under no
+    grammar, or, for a compact student with a pack that offers candidate partitions, the candidate
+    with the highest expected strict F1 under the model (the bundles only: no intents)."""
+    from ..prompts import partition_text
+    from ..runtime.engine import choose_partition
+
     was_training = model.training
     model.eval()
+    config = maker.config
     preds, raws = {}, {}
     for s in sessions:
-        cap = max_answer_tokens(len(s.items), maker.config)
-        raw = generate_answer(model, tok, tok.prompt_ids(maker.messages(s)), min(cap, max_tokens or cap))
-        parsed = parse_answer(answer_part(raw, maker.config), s, maker.config)
+        prompt_ids = tok.prompt_ids(maker.messages(s))
+        candidates = maker.pack.candidates(s) if maker.pack and config.answer_format == "compact" else []
+        if candidates:
+            lines = list(dict.fromkeys(partition_text(c) for c in candidates))
+            scores = line_logprobs(model, prompt_ids, [tok.text_ids(line + "\n") for line in lines])
+            raw = choose_partition(lines, scores)
+        else:
+            cap = max_answer_tokens(len(s.items), config)
+            raw = generate_answer(model, tok, prompt_ids, min(cap, max_tokens or cap))
+        parsed = parse_answer(answer_part(raw, config), s, config)
         preds[s.session_id] = Prediction(s.session_id, [b["items"] for b in parsed.bundles], parsed.valid)
         raws[s.session_id] = raw
     if was_training:
