@@ -40,7 +40,7 @@ from llama_cpp import llama_cpp as lib
 from .. import BkdError
 from ..data import Session
 from ..prompts import PromptConfig, max_answer_tokens, output_grammar, parse_answer
-from .engine import Engine, Generation, Timing
+from .engine import Engine, Generation, Timing, skipped_generation
 from .sampling import GrammarGreedy
 
 
@@ -128,7 +128,9 @@ def generate_concurrent(
             free_seqs.append(slot.seq_id)
 
     try:
-        queue = deque(range(len(sessions)))
+        queue = deque(i for i, s in enumerate(sessions) if len(s.items) >= 2)
+        for i in set(range(len(sessions))) - set(queue):  # no bundle possible: the model is not asked
+            generations[i] = skipped_generation(sessions[i])
         t0 = time.perf_counter()
         prefix_state = _prefix_state(ctx, batch, prefix, n_batch)
         while queue or slots:

@@ -96,6 +96,11 @@ class Generation:
         }
 
 
+def skipped_generation(session: Session) -> Generation:
+    """The record of a session too small for a bundle: the model is not asked."""
+    return Generation(session.session_id, [], True, "", "", Timing(0, 0, 0, 0.0, 0.0, 0.0, 0.0), NO_BUNDLE)
+
+
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max()
     return shifted - np.log(np.exp(shifted).sum())
@@ -255,7 +260,7 @@ class Engine:
         A session of fewer than 2 items holds no bundle: it is skipped, the model is not asked.
         """
         if len(session.items) < 2:
-            return Generation(session.session_id, [], True, "", "", Timing(0, 0, 0, 0.0, 0.0, 0.0, 0.0), NO_BUNDLE)
+            return skipped_generation(session)
         tokens = self.prompt_tokens(session, knowledge, examples)
         n_items, prompt = len(session.items), self.config.prompt
         max_tokens = max_answer_tokens(n_items, prompt)
