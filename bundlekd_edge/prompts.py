@@ -193,6 +193,17 @@ def partition_text(groups: list[list[int]]) -> str:
     return " | ".join(" ".join(str(n) for n in g) for g in sorted(sorted(g) for g in groups))
 
 
+def candidate_lines(candidates: list[list[list[int]]]) -> tuple[list[str], list[int]]:
+    """Distinct first lines of candidate partitions, and how many candidates gave each (a
+    partition that several cuts of the hint agree on counts that many times)."""
+    counts: dict[str, int] = {}
+    for c in candidates:
+        if c:
+            line = partition_text(c)
+            counts[line] = counts.get(line, 0) + 1
+    return list(counts), list(counts.values())
+
+
 def render_answer(session: Session, config: PromptConfig = PromptConfig()) -> str:
     """The ground truth in the output contract: the training target for this session."""
     index = {iid: i for i, iid in enumerate(session.item_ids(), 1)}

@@ -451,3 +451,26 @@ def test_resume_never_unpickles_code_from_a_checkpoint(tmp_path):
     with pytest.raises(BkdError, match="state.pt: not a checkpoint this trainer wrote"):
         load_checkpoint(tmp_path / "last", None, None, None)
     assert not marker.exists()
+
+
+def test_training_time_candidate_scores_match_the_runtime(gguf_tok, engine, sample_path):
+    """The scorer that picks the kept checkpoint ranks candidate lines as the runtime engine does:
+    batching (right padding) changes nothing, and the log-probabilities agree with llama.cpp's
+    over the same Q4_1 weights to quantisation noise."""
+    import torch
+
+    from bundlekd_edge.prompts import build_messages
+    from bundlekd_edge.runtime import default_model_path
+    from bundlekd_edge.train.model import Base, line_logprobs, load_base_model
+
+    model = load_base_model(Base("gguf", default_model_path()), torch.float32).eval()
+    s = load_sessions(sample_path, split="val")[0]
+    prompt = gguf_tok.prompt_ids(build_messages(s))
+    lines = ["1 2", "1 2 | 3 4", "1 2 3 4"]
+    ids = [gguf_tok.text_ids(line + "\n") for line in lines]
+    batched = line_logprobs(model, prompt, ids)
+    alone = [line_logprobs(model, prompt, [x])[0] for x in ids]
+    assert batched == pytest.approx(alone, abs=1e-3)
+    assert prompt == engine.prompt_tokens(s)
+    engine._eval_prompt(prompt)
+    assert engine.partition_logprobs(lines) == pytest.approx(batched, rel=0.05)

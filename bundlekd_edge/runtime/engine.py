@@ -29,11 +29,11 @@ from ..metrics import score_session
 from ..prompts import (
     PromptConfig,
     build_messages,
+    candidate_lines,
     intents_grammar,
     max_answer_tokens,
     output_grammar,
     parse_answer,
-    partition_text,
 )
 from .adapters import AdapterSpec, check_adapter
 from .chat import ChatTokenizer
@@ -42,6 +42,9 @@ from .model_file import check_gguf_magic, inspect_gguf, resolve_model
 from .sampling import GrammarGreedy
 
 NO_BUNDLE = "fewer than 2 items: no bundle possible"
+# Candidate probabilities are taken to the power 1/T before the expected F1. Chosen on Electronic val
+# (90 sessions, shipped student): T 0.5 / 1 / 2 / 3 -> strict F1 0.615 / 0.638 / 0.669 / 0.664.
+CHOICE_TEMPERATURE = 2.0
 
 
 @dataclass(frozen=True)
@@ -112,16 +115,19 @@ def _f1(a: list[frozenset], b: list[frozenset]) -> float:
     return 2 * p * r / (p + r) if p + r else 0.0
 
 
-def choose_partition(lines: list[str], logprobs: list[float]) -> str:
+def choose_partition(lines: list[str], logprobs: list[float], counts: list[int] | None = None) -> str:
     """The candidate with the highest expected strict F1 when the truth is drawn from the
     candidates with the model's probabilities, renormalised over them (minimum Bayes risk).
+    `counts` weighs each line by how many candidates gave it: a partition two cuts of the hint
+    agree on is twice as likely a priori (val strict F1 0.669 with, 0.658 without).
 
     Greedy decoding and the single most probable line both favour one coarse bundle: its one
     line is short, so likely. Expected F1 instead rewards a line that shares bundles with most
-    of the probability mass (a fine cut whose groups also appear in the other candidates).
+    of the probability mass (a fine cut whose groups also appear in the other candidates). The
+    probabilities are flattened (`CHOICE_TEMPERATURE`), for the same reason.
     """
     groups = [[frozenset(g.split()) for g in line.split(" | ")] for line in lines]
-    p = np.exp(np.asarray(logprobs) - max(logprobs))
+    p = np.exp((np.asarray(logprobs) - max(logprobs)) / CHOICE_TEMPERATURE) * np.asarray(counts or [1] * len(lines))
     p /= p.sum()
     gain = [sum(pj * _f1(gi, gj) for pj, gj in zip(p, groups)) for gi in groups]
     return lines[int(np.argmax(gain))]
@@ -271,9 +277,9 @@ class Engine:
         chosen: list[int] = []  # answer tokens chosen, not decoded: the compact answer's first line
         gbnf = output_grammar(n_items, prompt)
         if candidates and prompt.answer_format == "compact":
-            texts = list(dict.fromkeys(partition_text(c) for c in candidates if c))
+            texts, counts = candidate_lines(candidates)
             if texts:
-                line = choose_partition(texts, self.partition_logprobs(texts))
+                line = choose_partition(texts, self.partition_logprobs(texts), counts)
                 chosen = self.llm.tokenize((line + "\n").encode("utf-8"), add_bos=False, special=False)
                 self.llm.eval(chosen)
                 gbnf = intents_grammar(line.count("|") + 1, prompt)

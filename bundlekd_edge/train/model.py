@@ -143,7 +143,7 @@ def score_model(model, tok, maker: PromptMaker, sessions: list[Session], max_tok
     """Answer each session as the runtime does and score it (strict F1 ...): greedy under no
     grammar, or, for a compact student with a pack that offers candidate partitions, the candidate
     with the highest expected strict F1 under the model (the bundles only: no intents)."""
-    from ..prompts import partition_text
+    from ..prompts import candidate_lines
     from ..runtime.engine import choose_partition
 
     was_training = model.training
@@ -154,9 +154,9 @@ def score_model(model, tok, maker: PromptMaker, sessions: list[Session], max_tok
         prompt_ids = tok.prompt_ids(maker.messages(s))
         candidates = maker.pack.candidates(s) if maker.pack and config.answer_format == "compact" else []
         if candidates:
-            lines = list(dict.fromkeys(partition_text(c) for c in candidates))
+            lines, counts = candidate_lines(candidates)
             scores = line_logprobs(model, prompt_ids, [tok.text_ids(line + "\n") for line in lines])
-            raw = choose_partition(lines, scores)
+            raw = choose_partition(lines, scores, counts)
         else:
             cap = max_answer_tokens(len(s.items), config)
             raw = generate_answer(model, tok, prompt_ids, min(cap, max_tokens or cap))
