@@ -168,7 +168,10 @@ def test_a_compact_student_chooses_its_first_line_among_the_candidates(sample_pa
         assert first == choose_partition(lines, compact.partition_logprobs(lines))
         assert g.valid and len(intents.split(" | ")) == len(g.bundles) == first.count("|") + 1
         assert g.bundles == parse_answer(g.raw, s, compact.config.prompt).bundles
-        assert g.timing.completion_tokens == len(compact.llm.tokenize(g.raw.encode(), add_bos=False))
+        t = g.timing
+        assert t.completion_tokens == len(compact.llm.tokenize(g.raw.encode(), add_bos=False))
+        assert t.chosen_tokens == len(compact.llm.tokenize((first + "\n").encode(), add_bos=False))
+        assert t.decoded_tokens == t.completion_tokens - t.chosen_tokens > 0 and t.choose_s > 0
 
 
 def test_a_title_spelling_chat_tokens_stays_text(engine):

@@ -79,7 +79,7 @@ def latency_summary(gens: list[Generation], engine: Engine) -> dict:
         "prompt_tokens_mean": float(np.mean([x.prompt_tokens for x in t])) if t else 0.0,
         "completion_tokens_mean": float(np.mean([x.completion_tokens for x in t])) if t else 0.0,
         "prefill_tps": sum(x.prefill_tokens for x in t) / prefill_s if prefill_s else 0.0,
-        "decode_tps": sum(max(x.completion_tokens - 1, 0) for x in t) / decode_s if decode_s else 0.0,
+        "decode_tps": sum(max(x.decoded_tokens - 1, 0) for x in t) / decode_s if decode_s else 0.0,
         "sessions_per_min": 60 * len(t) / sum(total) if total else 0.0,
         **engine.memory(),
     }

@@ -64,8 +64,14 @@ class Timing:
     completion_tokens: int
     ttft_s: float  # request start to first generated token, wall clock
     prefill_s: float  # evaluating the prompt's new tokens, wall clock
-    decode_s: float  # first to last generated token, wall clock: completion_tokens - 1 steps
+    decode_s: float  # first to last generated token, wall clock: decoded_tokens - 1 steps
     total_s: float
+    chosen_tokens: int = 0  # of completion_tokens, placed by the candidate choice (scored, not decoded)
+    choose_s: float = 0.0  # scoring the candidates and evaluating the chosen line, wall clock
+
+    @property
+    def decoded_tokens(self) -> int:
+        return self.completion_tokens - self.chosen_tokens
 
     @property
     def prefill_tps(self) -> float:
@@ -73,7 +79,7 @@ class Timing:
 
     @property
     def decode_tps(self) -> float:
-        return (self.completion_tokens - 1) / self.decode_s if self.decode_s else 0.0
+        return (self.decoded_tokens - 1) / self.decode_s if self.decode_s else 0.0
 
 
 @dataclass
@@ -283,6 +289,7 @@ class Engine:
                 chosen = self.llm.tokenize((line + "\n").encode("utf-8"), add_bos=False, special=False)
                 self.llm.eval(chosen)
                 gbnf = intents_grammar(line.count("|") + 1, prompt)
+        chose = time.perf_counter()
         sampler = GrammarGreedy(vocab, self.llm.n_vocab(), gbnf)  # < 1 ms
         answer, finish = [], "length"
         try:
@@ -309,6 +316,8 @@ class Engine:
             prefill_s=prefilled - t0,
             decode_s=last - first,
             total_s=total,
+            chosen_tokens=len(chosen),
+            choose_s=chose - prefilled,
         )
         raw = self.llm.detokenize(answer).decode("utf-8", errors="replace")
         parsed = parse_answer(raw, session, prompt)
