@@ -36,14 +36,17 @@ def atomic_write(path: str | os.PathLike, mode: str = "w"):
         raise
 
 
-def refuse_overwrite(out, inputs) -> None:
-    """An output that is one of the command's inputs would destroy it: refuse before any work."""
+def refuse_overwrite(out, inputs, force: bool = False, option: str = "--out") -> None:
+    """Refuse, before any work, an output that is one of the command's inputs (writing it would
+    destroy the input), or an existing file unless `force`."""
     if out is None:
         return
     target = Path(out).resolve()
     for given in inputs:
         if given is not None and str(given) != "-" and Path(given).resolve() == target:
-            raise BkdError(f"--out {out} is an input of this command ({given}); choose another output path")
+            raise BkdError(f"{option} {out} is an input of this command ({given}); choose another output path")
+    if not force and target.exists():
+        raise BkdError(f"{option} {out} exists; --force overwrites it")
 
 
 def cache_dir() -> Path:

@@ -11,7 +11,7 @@ import click
 
 from .. import BkdError
 from ..data import BUNDLEREC_FILES, OPTIONAL_FILES, import_bundlerec, load_sessions, stats, write_sessions
-from ..files import atomic_write
+from ..files import atomic_write, refuse_overwrite
 from ..report import table
 
 DOWNLOAD_BASE = "https://github.com/BundleRec/bundle_recommendation/raw/HEAD/dataset"
@@ -33,14 +33,16 @@ def import_():
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Sessions JSONL to write.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the 70/10/20 train/val/test split.")
 @click.option("--prefix", default="", help="Prefix for session ids, e.g. 'e' for Electronic.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the import report as JSON.")
-def import_bundlerec_cmd(folder, out, seed, prefix, as_json):
+def import_bundlerec_cmd(folder, out, seed, prefix, force, as_json):
     """Import a BundleRec domain FOLDER (session_item.csv, session_bundle.csv, bundle_item.csv, ...).
 
     Applies the preprocessing of the paper's line of work: keep sessions with >= 1 bundle,
     drop exact-duplicate bundles and bundles that strictly contain another bundle of the
     same session, and split train/val/test ~70/10/20 with a fixed seed.
     """
+    refuse_overwrite(out, [], force)
     sessions, report = import_bundlerec(folder, seed=seed, prefix=prefix)
     write_sessions(out, sessions)
     report["out"] = str(out)

@@ -20,8 +20,9 @@ from ..report import quality_table
 @click.option("--pred", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Predictions JSONL.")
 @click.option("--split", type=str, help=f"Score only this split of the gold file ({', '.join(SPLITS)}).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the scores as one JSON object.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def eval_(gold, pred, split, out, as_json):
+def eval_(gold, pred, split, out, force, as_json):
     """Paper metrics (precision, recall, coverage) next to strict one-to-one matched scores.
 
     \b
@@ -31,7 +32,7 @@ def eval_(gold, pred, split, out, as_json):
     prediction count as empty; a prediction for a session not in the gold file is an error.
     """
     check_split(split)
-    refuse_overwrite(out, [gold, pred])
+    refuse_overwrite(out, [gold, pred], force)
     scores = evaluate(load_sessions(gold, split=split), load_predictions(pred))
     if scores["missing_predictions"]:
         n, total = scores["missing_predictions"], scores["sessions"]

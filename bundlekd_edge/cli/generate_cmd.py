@@ -83,8 +83,8 @@ def generate(
     from ..runtime.batch import latency_summary, run_sessions
 
     check_split(split)
-    refuse_overwrite(out, [sessions])
-    refuse_overwrite(summary, [sessions, out])
+    refuse_overwrite(out, [sessions], force=True)  # an existing OUT: RecordLog (--resume or --force)
+    refuse_overwrite(summary, [sessions, out], force=force or resume, option="--summary")
     rows = load_sessions(sessions, split=split, require_bundles=False)[:limit]
     student = load_student(model, adapters, pack)
     engine = student.load_engine(n_ctx, threads, seed)
