@@ -144,7 +144,7 @@ def score_model(model, tok, maker: PromptMaker, sessions: list[Session], max_tok
     grammar, or, for a compact student with a pack that offers candidate partitions, the candidate
     with the highest expected strict F1 under the model (the bundles only: no intents)."""
     from ..prompts import candidate_lines
-    from ..runtime.engine import choose_partition
+    from ..runtime.choice import choose_partition
 
     was_training = model.training
     model.eval()
