@@ -158,7 +158,7 @@ def test_a_file_the_manifest_does_not_list_fails_verify(pack_dir, tmp_path, cli)
         assert any(name in p and "not listed" in p for p in problems), problems
     r = cli("pack", "verify", broken)
     assert r.exit_code != 0 and "static.txt: not listed" in r.output
-    (broken / "state").mkdir()  # written at run time (the persisted prefix): never a problem
+    (broken / "state").mkdir(exist_ok=True)  # written at run time (the persisted prefix): never a problem
     (broken / "state" / "prefix.bin").write_bytes(b"x")
     assert not any("prefix.bin" in p for p in verify_pack(broken))
 

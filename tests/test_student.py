@@ -32,7 +32,7 @@ def test_a_student_card_cannot_point_outside_its_folder(tmp_path):
     for field, value in (("adapters", [{**card["adapters"][0], "file": "../../etc/passwd"}]), ("pack", "/tmp"),
                          ("adapters", [{**card["adapters"][0], "file": str(src / "adapter.gguf")}])):  # fmt: skip
         (folder / STUDENT_CARD).write_text(json.dumps({**card, field: value}))
-        with pytest.raises(BkdError, match="leaves the student folder"):
+        with pytest.raises(BkdError, match="leaves"):
             resolve_student(str(folder))
     (folder / STUDENT_CARD).write_text(json.dumps({**card, "format": "other/1"}))
     with pytest.raises(BkdError, match="expected 'bkd-student/1'"):

@@ -101,7 +101,7 @@ class StubPack:
 
 def test_three_modes_share_the_prompt_builder_and_output_contract(gguf_tok):
     from bundlekd_edge.prompts import render_answer
-    from bundlekd_edge.train.sft import PromptMaker, answer_json, build_examples
+    from bundlekd_edge.train.sft import PromptMaker, answer_part, build_examples
 
     s = _session()
     answer = render_answer(s)
@@ -111,7 +111,7 @@ def test_three_modes_share_the_prompt_builder_and_output_contract(gguf_tok):
     assert "cameras go with lenses" in gguf_tok.decode(know.prompt_ids) and know.answer_ids == sft.answer_ids
     (thought,), _ = build_examples([s], gguf_tok, PromptMaker("thoughts"), 512, {"s1": "Both are  kits."})
     text = gguf_tok.decode(thought.answer_ids[:-1])
-    assert text == "Both are kits.\n" + answer and answer_json(text) == answer
+    assert text == "Both are kits.\n" + answer and answer_part(text) == answer
     assert thought.prompt_ids == sft.prompt_ids
     with pytest.raises(BkdError, match="no session has a thought"):
         build_examples([s], gguf_tok, PromptMaker("thoughts"), 512)
@@ -283,7 +283,8 @@ def test_generate_and_eval_with_the_export_folder(exported, sample_path, cli, tm
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "run8.json").read_text())["run"]["model"].endswith("model-Q8_0.gguf")
     r = cli("eval", "--gold", sample_path, "--pred", pred, "--split", "test", "--json")
-    assert r.exit_code == 0 and "strict_f1" in json.loads(r.output)
+    assert r.exit_code == 0 and "strict_f1" in json.loads(r.stdout)
+    assert "3 of 4 gold sessions have no prediction" in r.stderr
     r = cli("generate", "--model", f"{out}:Q5_K_M", "--sessions", sample_path, "--out", tmp_path / "x.jsonl")
     assert r.exit_code == 1 and "no Q5_K_M model in this export (has Q8_0, Q4_K_M)" in r.output
 

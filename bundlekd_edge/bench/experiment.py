@@ -243,6 +243,7 @@ class Experiment:
             folder / "pred.jsonl",
             "--summary",
             folder / "run.json",
+            "--force",  # a cell without its result.json is run again whole (its timings belong together)
             "--quiet",
         ]
         if pack:

@@ -92,7 +92,7 @@ def generate(
     if log.done:
         click.echo(f"resuming {out}: {len(log.done)} of {len(rows)} sessions already done", err=True)
     try:
-        with stop_on_sigterm():
+        with stop_on_signals():
             gens = run_sessions(engine, rows, log, pack=student.pack, progress=not quiet)
     except KeyboardInterrupt:
         log.close(complete=False)
@@ -139,17 +139,19 @@ def run_settings(engine, student, sessions: Path, split, limit) -> dict:
 
 
 @contextlib.contextmanager
-def stop_on_sigterm():
-    """SIGTERM (a `kill`, a scheduler) stops like Ctrl-C: cleanly, keeping the finished records."""
+def stop_on_signals():
+    """SIGTERM (a `kill`, a scheduler) and SIGINT stop cleanly, keeping the finished records. SIGINT
+    is set too: a process started in the background by a shell inherits it ignored."""
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _generate_stdin(student, n_ctx, threads, seed):
