@@ -176,7 +176,7 @@ def iter_jsonl(path: str | Path):
         raise BkdError(f"{path}: a folder, not a JSONL file")
     with open(path, "rb") as f:
         if f.read(2) == b"\x1f\x8b":
-            raise BkdError(f"{path}: a gzip file; decompress it first (gunzip -k {path.name})")
+            raise BkdError(f"{path}: a gzip file; decompress it first (gzip -dc {path.name} > sessions.jsonl)")
         f.seek(0)
         for n, raw in enumerate(f, 1):
             try:
