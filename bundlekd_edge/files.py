@@ -132,10 +132,10 @@ def verify_folder(folder: str | os.PathLike, fmt: str, kind: str, unlisted_ok: t
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         return [f"{path}: not valid JSON ({e.msg})"]
-    if manifest.get("format") != fmt:
-        return [f"{path}: format {manifest.get('format')!r}, expected {fmt!r}"]
     if not isinstance(manifest, dict):
         return [f"{path}: not a manifest (a JSON object)"]
+    if manifest.get("format") != fmt:
+        return [f"{path}: format {manifest.get('format')!r}, expected {fmt!r}"]
     return check_files(folder, manifest.get("files", {}), unlisted_ok)
 
 

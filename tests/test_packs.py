@@ -239,3 +239,12 @@ def test_similar_items_hint_at_three_cuts_is_nested_tight_to_loose(cli, tmp_path
     for tight, loose in zip(levels, levels[1:]):  # one tree cut three ways: each group sits inside a looser one
         assert all(any(g <= h for h in loose) for g in tight)
     assert sum(map(len, levels[0])) <= sum(map(len, levels[2]))
+
+
+def test_a_manifest_that_is_not_an_object_is_a_clear_problem(pack_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(pack_dir, broken)
+    (broken / "manifest.json").write_text("[1, 2]")
+    assert verify_pack(broken) == [f"{broken / 'manifest.json'}: not a manifest (a JSON object)"]

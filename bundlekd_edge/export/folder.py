@@ -77,7 +77,8 @@ def verify_export(folder: str | Path, manifest: dict | None = None) -> list[str]
     """Problems with the folder's files (missing, changed); empty when every sha256 matches."""
     folder = Path(folder)
     manifest = manifest or read_manifest(folder)
-    return check_files(folder, manifest.get("files", {}), unlisted_ok=(f"{manifest.get('pack')}/state/",))
+    pack = manifest.get("pack")
+    return check_files(folder, manifest.get("files", {}), unlisted_ok=(f"{pack}/state/",) if pack else ())
 
 
 def resolve_export(folder: str | Path, quant: str | None = None) -> Path:

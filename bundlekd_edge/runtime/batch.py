@@ -49,11 +49,13 @@ def run_sessions(
 
 def session_inputs(engine: Engine, session: Session, pack: Pack | None) -> dict:
     """What `engine.generate` takes besides the session: the pack's knowledge and examples for it
-    (trimmed to fit the context) and the candidate partitions of its hint."""
+    (trimmed to fit the context) and, for a compact-answer student, the candidate partitions of
+    its hint (a JSON student decodes its answer: no candidates to compute)."""
     if pack is None:
         return {"knowledge": "", "examples": "", "candidates": None}
     knowledge, examples = pack.prompt_parts(session, lambda k, e: engine.fits(session, k, e))
-    return {"knowledge": knowledge, "examples": examples, "candidates": pack.candidates(session)}
+    compact = engine.config.prompt.answer_format == "compact"
+    return {"knowledge": knowledge, "examples": examples, "candidates": pack.candidates(session) if compact else None}
 
 
 def _pct(values, q) -> float:
