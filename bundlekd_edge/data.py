@@ -13,6 +13,7 @@ import random
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from . import BkdError
@@ -191,6 +192,11 @@ def iter_jsonl(path: str | Path):
                 raise BkdError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
             except RecursionError:
                 raise BkdError(f"{path}:{n}: JSON nested too deeply") from None
+
+
+def sample_sessions_path() -> Path:
+    """The built-in sample: 20 sessions the project wrote itself (not a real data set)."""
+    return Path(str(resources.files("bundlekd_edge") / "sample" / "sessions.jsonl"))
 
 
 def load_sessions(

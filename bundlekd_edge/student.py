@@ -49,7 +49,7 @@ def models_dir() -> Path:
 @dataclass
 class Student:
     name: str
-    model: str  # what the runtime loads: a .gguf path, 'default' (the base GGUF) or an export folder[:QUANT]
+    model: str  # what the runtime loads: a .gguf path or 'default' (the base GGUF)
     adapters: tuple[AdapterSpec, ...] = ()
     pack: Pack | None = None
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -124,7 +124,7 @@ def student_from_folder(folder: str | Path, scale: float | None = None) -> Stude
 
 def _named(model: str) -> Student:
     """The student `--model` names, before `--adapter` and `--pack` are applied."""
-    from .export.folder import export_pack, read_manifest, split_quant
+    from .export.folder import export_pack, read_manifest, resolve_export, split_quant
 
     if model in BASE_NAMES:
         return Student("base", "default")
@@ -135,13 +135,14 @@ def _named(model: str) -> Student:
         return student_from_folder(shipped)
     if (Path(model) / STUDENT_CARD).is_file():
         return student_from_folder(model)
-    folder, _ = split_quant(model)
+    folder, quant = split_quant(model)
     if not Path(folder).is_dir():
         return Student(Path(model).stem, model)  # a .gguf file: the runtime checks it
     manifest = read_manifest(folder)  # an export folder: its prompt settings and its own pack
     own_pack = export_pack(model)
     prompt = prompt_from(manifest.get("prompt"), str(Path(folder) / "manifest.json"))
-    return Student(Path(folder).name, model, (), Pack(own_pack) if own_pack else None, prompt)
+    path = str(resolve_export(folder, quant))  # the quant asked for (or the export's default), sha256 checked
+    return Student(Path(folder).name, path, (), Pack(own_pack) if own_pack else None, prompt)
 
 
 def resolve_student(model: str | Path = "default", adapters=(), pack: str | Path | None = None) -> Student:

@@ -21,12 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-from bundlekd_edge.cli.demo_cmd import sample_sessions_path
-from bundlekd_edge.data import load_sessions
+from bundlekd_edge.data import load_sessions, sample_sessions_path
 from bundlekd_edge.files import write_json
 from bundlekd_edge.report import table
-from bundlekd_edge.runtime import Engine, EngineConfig, Generation
+from bundlekd_edge.runtime import Generation
 from bundlekd_edge.runtime.concurrent import generate_concurrent
+from bundlekd_edge.student import resolve_student
 
 
 def side(name: str, gens: list[Generation], walls: list[float], reference: list[Generation]) -> dict:
@@ -62,7 +62,7 @@ def main() -> int:
     path = args.sessions or sample_sessions_path()
     split = args.split or ("test" if args.sessions else None)
     sessions = load_sessions(path, split=split)[: args.limit]
-    engine = Engine(args.model, EngineConfig(n_threads=args.threads))
+    engine = resolve_student(args.model, pack="none").load_engine(threads=args.threads)
     engine.generate(sessions[0])  # warm-up: page the weights in, as every side then finds them
 
     sides = [0, *levels]  # 0: the sequential engine loop

@@ -28,16 +28,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bundlekd_edge.cli.demo_cmd import sample_sessions_path
-from bundlekd_edge.data import load_sessions, spread
+from bundlekd_edge.data import load_sessions, sample_sessions_path, spread
 from bundlekd_edge.files import write_json
 from bundlekd_edge.packs import Pack
 from bundlekd_edge.report import table
-from bundlekd_edge.runtime import Engine, EngineConfig
+from bundlekd_edge.student import resolve_student
 
 
 def reuse_run(pack: Pack, sessions, k: int, n_ctx: int) -> dict:
-    engine = Engine("default", EngineConfig(n_ctx=n_ctx))
+    engine = resolve_student("base").load_engine(n_ctx=n_ctx)
     parts = {s.session_id: pack.prompt_parts(s, lambda kn, ex, s=s: engine.fits(s, kn, ex)) for s in sessions}
     examples = {sid: (ex if k else "") for sid, (_, ex) in parts.items()}
     engine.warm_prefix(pack.static)
@@ -66,11 +65,11 @@ COLD = """
 import json, sys, time
 from bundlekd_edge.data import load_sessions
 from bundlekd_edge.packs import Pack
-from bundlekd_edge.runtime import Engine, EngineConfig
+from bundlekd_edge.student import resolve_student
 pack, state, sessions, split, sid, n_ctx = sys.argv[1:7]
 p = Pack(pack)
 s = next(x for x in load_sessions(sessions, split=split or None) if x.session_id == sid)
-e = Engine("default", EngineConfig(n_ctx=int(n_ctx)))
+e = resolve_student("base").load_engine(n_ctx=int(n_ctx))
 e.model_sha256()  # hashing the GGUF is a one-time cost of the key, not of the prefix
 t0 = time.perf_counter()
 warm = e.warm_prefix(p.static, state) if state else {"status": "evaluated"}
@@ -84,7 +83,7 @@ def cold_run(pack_dir: Path, sessions_path: Path, split: str | None, session_ids
     state = Path(tempfile.mkdtemp(prefix="bkd-state-"))
     try:
         # Persist the state once (what the first `generate --pack` run on a laptop leaves behind).
-        e = Engine("default", EngineConfig(n_ctx=n_ctx))
+        e = resolve_student("base").load_engine(n_ctx=n_ctx)
         e.warm_prefix(Pack(pack_dir).static, state)
         del e
         loaded, evaluated = [], []
@@ -122,7 +121,7 @@ def main() -> int:
         n_ctx = args.n_ctx or pack.n_ctx()
         # Only sessions whose prompt fits with the whole static prefix share it; a longer one gets a
         # trimmed prefix (packs.py) and pays its prefill, so it says nothing about prefix reuse.
-        fits = Engine("default", EngineConfig(n_ctx=n_ctx)).fits
+        fits = resolve_student("base").load_engine(n_ctx=n_ctx).fits
         fit = [s for s in every if fits(s, pack.static, "")]
         sessions = spread(fit, args.limit)
         row = {"pack": str(pack_dir), "n_ctx": n_ctx, "sessions": len(sessions), "too_long": len(every) - len(fit),

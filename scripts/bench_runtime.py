@@ -10,6 +10,9 @@ on a warmer machine. Both are timed the same way, from outside, by wall clock:
 The raw loop is the shortest thing a user would write: `Llama.create_chat_completion(stream=True)`.
 Target: ours / raw >= 0.95 on decode tokens/s.
 
+`--model` names a student as `generate` does (default: the shipped one, its adapter loaded on both
+sides). No pack: both sides decode the whole answer greedily under the student's own grammar.
+
     python scripts/bench_runtime.py [--sessions FILE --split test] [--limit 40] [--out bench-out/runtime.json]
 """
 
@@ -24,13 +27,13 @@ from pathlib import Path
 from llama_cpp import Llama, LlamaGrammar
 from tqdm import tqdm
 
-from bundlekd_edge.cli.demo_cmd import sample_sessions_path
-from bundlekd_edge.data import load_sessions
+from bundlekd_edge.data import load_sessions, sample_sessions_path
 from bundlekd_edge.files import write_json
 from bundlekd_edge.prompts import build_messages, max_answer_tokens, output_grammar
 from bundlekd_edge.report import table
-from bundlekd_edge.runtime import Engine, EngineConfig
+from bundlekd_edge.runtime import Engine
 from bundlekd_edge.runtime.engine import default_threads
+from bundlekd_edge.student import resolve_student
 
 
 def grammar_for(session, config) -> LlamaGrammar:
@@ -77,17 +80,22 @@ def main() -> int:
     ap.add_argument("--sessions", type=Path, default=None, help="sessions JSONL (default: built-in sample)")
     ap.add_argument("--split", default=None)
     ap.add_argument("--limit", type=int, default=40)
-    ap.add_argument("--model", default="default")
+    ap.add_argument("--model", default="default", help="a student, as `bkd-edge generate --model` takes")
     ap.add_argument("--out", type=Path, default=Path("bench-out/runtime.json"))
     args = ap.parse_args()
 
     path = args.sessions or sample_sessions_path()
     split = args.split or ("test" if args.sessions else None)
     sessions = load_sessions(path, split=split)[: args.limit]
-    config = EngineConfig(n_threads=default_threads())
-    engine = Engine(args.model, config)
+    student = resolve_student(args.model, pack="none")
+    if len(student.adapters) > 1:
+        sys.exit("bench_runtime: llama-cpp-python's Llama takes one adapter; this student has several")
+    engine = student.load_engine(threads=default_threads())
+    config = engine.config
+    lora = {"lora_path": str(a.path), "lora_scale": a.scale} if (a := next(iter(student.adapters), None)) else {}
     llm = Llama(
         model_path=str(engine.model_path),
+        **lora,
         n_ctx=config.n_ctx,
         n_batch=config.n_batch,
         n_threads=engine.threads,

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from bundlekd_edge.cli import main
-from bundlekd_edge.cli.demo_cmd import sample_sessions_path
+from bundlekd_edge.data import sample_sessions_path
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,13 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import llama_cpp
 import numpy as np
 import pytest
 from llama_cpp import LlamaGrammar
 
+import bundlekd_edge.runtime
 from bundlekd_edge import BkdError
 from bundlekd_edge.data import Item, Session, load_sessions
 from bundlekd_edge.prompts import build_messages, max_answer_tokens, output_grammar
@@ -104,12 +106,41 @@ def test_bad_model_files_get_clear_errors(tmp_path):
         Engine(text)
     with pytest.raises(BkdError, match="no such model file"):
         Engine(tmp_path / "missing.gguf")
+    with pytest.raises(BkdError, match="a folder, not a model file"):
+        Engine(tmp_path)
 
 
 def test_runtime_imports_neither_torch_nor_transformers():
     code = (
         "import sys, bundlekd_edge.runtime, bundlekd_edge.cli, bundlekd_edge.metrics;"
         "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_runtime_is_a_leaf():
+    """The runtime (what runs on a laptop) imports only the shared data-shaped modules, nothing from
+    the pipeline stages above it, so a change there cannot break generation."""
+    import ast
+
+    runtime = Path(bundlekd_edge.runtime.__file__).parent
+    allowed = {"", "data", "files", "prompts", "metrics"}  # `from .. import BkdError` is ""
+    used = {}
+    for path in runtime.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 2:
+                used.setdefault((node.module or "").split(".")[0], []).append(path.name)
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            assert not any(n.startswith("bundlekd_edge") for n in names), (path.name, names)
+    assert used.keys() <= allowed, {k: v for k, v in used.items() if k not in allowed}
+    code = (
+        "import sys, pkgutil, importlib, bundlekd_edge.runtime as r;"
+        "[importlib.import_module('bundlekd_edge.runtime.' + m.name) for m in pkgutil.iter_modules(r.__path__)];"
+        "stages = ('knowledge', 'export', 'train', 'bench', 'baselines', 'packs', 'student', 'cli', 'embeddings');"
+        "bad = [m for m in sys.modules if m.startswith('bundlekd_edge.') and m.split('.')[1] in stages];"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

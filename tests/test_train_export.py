@@ -313,7 +313,7 @@ def test_an_export_with_a_pack_generates_with_it(exported, sample_path, cli, tmp
 
 def test_export_folder_with_a_changed_file_is_refused(tmp_path):
     from bundlekd_edge.export.folder import EXPORT_FORMAT, resolve_export
-    from bundlekd_edge.runtime.model_file import resolve_model
+    from bundlekd_edge.student import resolve_student
 
     (tmp_path / "model-Q4_K_M.gguf").write_bytes(b"GGUF fake")
     write_json(tmp_path / "manifest.json", {
@@ -321,17 +321,18 @@ def test_export_folder_with_a_changed_file_is_refused(tmp_path):
         "models": {"Q4_K_M": {"file": "model-Q4_K_M.gguf"}},
         "files": {"model-Q4_K_M.gguf": sha256_file(tmp_path / "model-Q4_K_M.gguf")},
     })  # fmt: skip
-    assert resolve_model(tmp_path) == tmp_path / "model-Q4_K_M.gguf"
+    assert resolve_export(tmp_path) == tmp_path / "model-Q4_K_M.gguf"
+    assert resolve_student(f"{tmp_path}:q4_k_m").model == str(tmp_path / "model-Q4_K_M.gguf")
     (tmp_path / "model-Q4_K_M.gguf").write_bytes(b"GGUF changed")
     with pytest.raises(BkdError, match="refusing a changed model file"):
-        resolve_model(tmp_path)
+        resolve_student(str(tmp_path))
     with pytest.raises(BkdError, match="not an export folder"):
         resolve_export(tmp_path / "..")
 
 
 def test_export_folder_lookup_imports_no_torch():
     code = (
-        "import sys; from bundlekd_edge.runtime.model_file import resolve_model; import bundlekd_edge.export.folder;"
+        "import sys; import bundlekd_edge.student, bundlekd_edge.export.folder;"
         "import bundlekd_edge.cli.train_cmd, bundlekd_edge.cli.export_cmd;"
         "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]; assert not bad, bad"
     )

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 import click
 
-from ..data import load_sessions
+from ..data import load_sessions, sample_sessions_path
 from ..files import write_json
 from ..metrics import Prediction, evaluate
 from ..prompts import item_title
 from ..report import quality_table, table
 from .generate_cmd import engine_options, load_student
-
-
-def sample_sessions_path() -> Path:
-    """The built-in sample: 20 sessions the project wrote itself (not a real data set)."""
-    return Path(str(resources.files("bundlekd_edge") / "sample" / "sessions.jsonl"))
 
 
 @click.command()

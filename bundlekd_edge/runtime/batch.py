@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from tqdm import tqdm
 
 from ..data import Session
 from ..files import RecordLog
-from ..packs import Pack
 from .engine import Engine, Generation
+
+
+class Pack(Protocol):
+    """What a run takes from a prompt pack (`bundlekd_edge.packs.Pack`, above the runtime)."""
+
+    static: str  # the knowledge every prompt starts with
+    state_dir: Path  # where the prefix's KV state is persisted
+
+    def prompt_parts(self, session: Session, fits: Callable[[str, str], bool]) -> tuple[str, str]: ...
+
+    def candidates(self, session: Session) -> list[list[list[int]]]: ...
 
 
 def run_sessions(

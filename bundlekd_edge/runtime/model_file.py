@@ -93,13 +93,11 @@ def inspect_gguf(path: str | Path) -> ModelFile:
 
 
 def resolve_model(model: str | Path) -> Path:
-    """'default'/'base' (the base GGUF: shipped students are resolved above the runtime, in student.py),
-    a path to a .gguf file, or an export folder ('EXPORT' or 'EXPORT:Q8_0' to pick a quant)."""
+    """'default'/'base' (the base GGUF) or a path to a .gguf file. Students, adapters and export
+    folders are resolved above the runtime (`bundlekd_edge.student.resolve_student`)."""
     if str(model) in BASE_NAMES:
         return default_model_path()
-    from ..export.folder import resolve_export, split_quant  # no torch: reads the manifest only
-
-    folder, quant = split_quant(str(model))
-    if Path(folder).is_dir():
-        return resolve_export(folder, quant)
+    if Path(model).is_dir():
+        raise BkdError(f"{model}: a folder, not a model file (a student or export folder is opened with "
+                       "bundlekd_edge.student.resolve_student)")  # fmt: skip
     return Path(model)
