@@ -95,50 +95,6 @@ def path_inside(folder: str | os.PathLike, name, where: str, what: str = "file")
     return path
 
 
-def check_files(folder: str | os.PathLike, digests: dict[str, str], unlisted_ok: tuple[str, ...] = ()) -> list[str]:
-    """Problems with a folder against the sha256 its manifest lists: a listed file missing, changed or
-    outside the folder, or a file the manifest does not list (`unlisted_ok`: the manifest itself and
-    folders written at run time, such as a pack's persisted prefix state)."""
-    folder = Path(folder)
-    if not isinstance(digests, dict):
-        return [f'{folder / "manifest.json"}: "files" must map file names to sha256']
-    problems = []
-    listed = set()
-    for name, digest in digests.items():
-        try:
-            path = path_inside(folder, name, str(folder / "manifest.json"))
-        except BkdError as e:
-            problems.append(str(e))
-            continue
-        listed.add(path.resolve())
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-        elif sha256_file(path) != digest:
-            problems.append(f"{path}: changed (sha256 differs from the manifest)")
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if (path.is_file() or path.is_symlink()) and path.resolve() not in listed:
-            if rel != "manifest.json" and not any(rel.startswith(p) for p in unlisted_ok):
-                problems.append(f"{path}: not listed in the manifest (an added or edited file)")
-    return problems
-
-
-def verify_folder(folder: str | os.PathLike, fmt: str, kind: str, unlisted_ok: tuple[str, ...] = ()) -> list[str]:
-    """Problems of a folder whose manifest.json names its format and the sha256 of its files."""
-    path = Path(folder) / "manifest.json"
-    if not path.exists():
-        return [f"{path}: missing (not a {kind} folder)"]
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        return [f"{path}: not valid JSON ({e.msg})"]
-    if not isinstance(manifest, dict):
-        return [f"{path}: not a manifest (a JSON object)"]
-    if manifest.get("format") != fmt:
-        return [f"{path}: format {manifest.get('format')!r}, expected {fmt!r}"]
-    return check_files(folder, manifest.get("files", {}), unlisted_ok)
-
-
 class RecordLog:
     """A JSONL output that survives a kill, and a run that resumes.
 

@@ -23,17 +23,16 @@ follow the grouping and when not to.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import BkdError, __version__
+from . import BkdError
+from .artifacts import building, verify_folder, write_manifest
 from .data import Session
-from .files import sha256_file, verify_folder, write_json, write_jsonl
+from .files import write_jsonl
 from .prompts import item_title, render_answer, session_text
 
 PACK_FORMAT = "bkd-pack/1"
@@ -101,20 +100,13 @@ def build_pack(
         rows.append(row)
     example_tokens = [count_tokens(example_text(r)) for r in rows]
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with building(out) as tmp:
         (tmp / "static.txt").write_text(static + "\n" if static else "", encoding="utf-8")
         write_jsonl(tmp / "examples.jsonl", rows)
         shutil.copytree(encoder_dir, tmp / "encoder")
         vectors = TextEncoder(tmp / "encoder").encode([query_text(s) for s in examples])
         np.save(tmp / "index.npy", vectors)
-        files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-        manifest = {
-            "format": PACK_FORMAT,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "bkd_edge": __version__,
+        fields = {
             "recipe": recipe or {},
             "config": {
                 "k": config.k,
@@ -134,12 +126,8 @@ def build_pack(
                 "example_mean": float(np.mean(example_tokens)) if example_tokens else 0.0,
                 "example_max": max(example_tokens, default=0),
             },
-            "files": {f: sha256_file(tmp / f) for f in files},
         }
-        write_json(tmp / "manifest.json", manifest)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        manifest = write_manifest(tmp, PACK_FORMAT, fields)
     return manifest
 
 
@@ -152,15 +140,13 @@ def write_slim_pack(pack: str | Path, out: str | Path) -> dict:
     manifest = json.loads((src / "manifest.json").read_text())
     if manifest["config"].get("k"):
         raise BkdError(f"{src}: a pack with retrieved examples (k={manifest['config']['k']}) cannot be slimmed")
-    out.mkdir(parents=True)
-    shutil.copy2(src / "static.txt", out / "static.txt")
-    write_jsonl(out / "examples.jsonl", [])
-    np.save(out / "index.npy", np.zeros((0, np.load(src / "index.npy").shape[1]), np.float32))
-    files = ("static.txt", "examples.jsonl", "index.npy")
-    slim = {**manifest, "encoder": "default", "counts": {**manifest["counts"], "examples": 0},
-            "files": {f: sha256_file(out / f) for f in files}}  # fmt: skip
-    write_json(out / "manifest.json", slim)
-    return slim
+    fields = {k: v for k, v in manifest.items() if k not in ("format", "bkd_edge", "created", "files")}
+    with building(out) as tmp:
+        shutil.copy2(src / "static.txt", tmp / "static.txt")
+        write_jsonl(tmp / "examples.jsonl", [])
+        np.save(tmp / "index.npy", np.zeros((0, np.load(src / "index.npy").shape[1]), np.float32))
+        fields.update(encoder="default", counts={**manifest["counts"], "examples": 0})
+        return write_manifest(tmp, PACK_FORMAT, fields)
 
 
 # ---------------------------------------------------------------- verify and load

@@ -1,23 +1,23 @@
 """`bkd-edge export RUN_DIR`: one deployable folder from a training run.
 
-Built in a temporary sibling folder and renamed into place at the very end, so an interrupted or
-failed export never leaves a folder that looks complete.
+Named steps: read the source -> merge -> f16 GGUF -> quantise -> parity -> package. Built in a
+temporary sibling folder and renamed into place at the very end (`artifacts.building`), so an
+interrupted or failed export never leaves a folder that looks complete.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import BkdError, __version__
-from ..files import atomic_write, sha256_file, write_json
+from ..artifacts import building, write_manifest
+from ..files import atomic_write, sha256_file
 from ..prompts import system_text
-from .folder import ADAPTER_FILE, DEFAULT_QUANT, EXPORT_FORMAT, MANIFEST
+from .folder import ADAPTER_FILE, DEFAULT_QUANT, EXPORT_FORMAT
 from .lora_gguf import write_lora_gguf
 from .parity import Gate
 from .quantize import DEFAULT_QUANTS, check_quants, describe_gguf, quantize
@@ -78,7 +78,7 @@ def model_card(manifest: dict) -> str:
 
 LoRA-fine-tuned from `{Path(manifest["base"]["path"]).name}` (mode `{manifest["recipe"]["mode"]}`,
 {run.get("steps")} steps, best val strict F1 {f1 if f1 is None else round(f1, 3)} at step {run.get("best_step")}),
-merged and quantised by bundlekd-edge {manifest["bkd_edge_version"]}.
+merged and quantised by bundlekd-edge {manifest["bkd_edge"]}.
 
 Given a shopping session (items numbered 1..N), it answers
 `{{"bundles": [{{"items": [1, 3], "intent": "..."}}]}}`.
@@ -127,12 +127,18 @@ PARAMETER temperature 0
 '''
 
 
-def remove_stale_temps(out: Path) -> None:
-    """Temp folders of exports that were killed (SIGKILL, power loss) before they could clean up."""
-    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+@dataclass
+class Source:
+    """What an export is made from: the run, its recipe, the base GGUF, and the golden sessions."""
+
+    run_dir: Path
+    run: dict
+    recipe: object  # train.recipe.Recipe
+    base: object  # train.model.Base
+    chat_template: str
+    pack: object  # packs.Pack | None
+    tok: object  # the base's HF tokenizer
+    gold: list  # parity.Golden
 
 
 def export_run(
@@ -150,16 +156,40 @@ def export_run(
     """Merge, write GGUF f16, quantise, check parity, package; returns the manifest."""
     run_dir, out = Path(run_dir), Path(out)
     quants = check_quants(quants)
-    run, recipe_dict = read_run(run_dir)
     if out.exists():
         raise BkdError(f"{out}: already exists; choose another --out (an export is never overwritten in place)")
+    src = read_source(run_dir, golden, gen_max_tokens)
+    t0 = time.perf_counter()
+    try:
+        with building(out) as tmp:
+            merged, stages, ref = merge(src, gate, log)
+            f16 = tmp / "model-F16.gguf"
+            timings = write_f16(src, merged, f16, log)
+            del merged
+            models = quantise(f16, quants, keep_f16, threads, log)
+            t = time.perf_counter()
+            adapter = write_lora_gguf(src.base.path, src.run_dir / "adapter", tmp / ADAPTER_FILE)
+            log(f"wrote {ADAPTER_FILE} ({adapter['bytes'] / 2**20:.1f} MiB, rank {adapter['rank']})")
+            stages += check_parity(src, tmp, models, ref, gate, threads, log)
+            timings["parity_s"] = round(time.perf_counter() - t, 2)
+            if "F16" not in models:
+                f16.unlink()
+            timings["total_s"] = round(time.perf_counter() - t0, 2)
+            return package(src, tmp, out.name, models, adapter, stages, gate, timings, ollama)
+    except OSError as e:
+        raise BkdError(f"export to {out} failed while writing ({e}); nothing was left behind") from None
+
+
+def read_source(run_dir: Path, golden: int, gen_max_tokens: int) -> Source:
+    """The run, its recipe and base (checked against what it was trained on) and the golden sessions."""
     from ..data import load_sessions
     from ..train.model import resolve_base, tokenizer_for
     from ..train.recipe import recipe_from_dict
     from ..train.sft import PromptMaker
     from . import parity
-    from .gguf_write import check_base, write_gguf_f16
+    from .gguf_write import check_base
 
+    run, recipe_dict = read_run(run_dir)
     recipe = recipe_from_dict(recipe_dict, str(run_dir / "recipe.json"))
     base = resolve_base(run["base"]["path"])
     if base.kind != "gguf":
@@ -168,14 +198,13 @@ def export_run(
     if run["base"].get("sha256") and sha256_file(base.path) != run["base"]["sha256"]:
         raise BkdError(f"{base.path}: the base model changed since training (sha256 differs from run.json)")
     reader = check_base(base.path)
-    chat_template = (
-        str(reader.fields["tokenizer.chat_template"].contents()) if "tokenizer.chat_template" in reader.fields else ""
-    )
+    field = reader.fields.get("tokenizer.chat_template")
+    chat_template = str(field.contents()) if field is not None else ""
     del reader
 
     # golden sessions: the val split (the run never trained on it), else test
     sessions = load_sessions(recipe.sessions, split="val", empty_split_ok=True) or load_sessions(
-        recipe.sessions, split="test"
+        recipe.sessions, split="test", empty_split_ok=True
     )
     if not sessions:
         raise BkdError(f"{recipe.sessions}: no val or test sessions for the parity check")
@@ -187,108 +216,106 @@ def export_run(
         pack = Pack(recipe.pack)
     maker = PromptMaker(recipe.mode, recipe.prompt_config(), pack=pack)
     gold = parity.golden_set(sessions, tok, maker, golden, gen_max_tokens)
+    return Source(run_dir, run, recipe, base, chat_template, pack, tok, gold)
 
-    remove_stale_temps(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+
+def merge(src: Source, gate: Gate, log) -> tuple[object, list[dict], tuple]:
+    """The merged HF model, the merge's parity stage, and the reference (top-1, texts) every
+    GGUF stage is compared with."""
+    from . import parity
+
     t0 = time.perf_counter()
-    try:
-        tmp.mkdir(parents=True)
-        log(f"merging {run_dir / 'adapter'} into {base.path.name}")
-        merged, adapted_top1 = load_merged(base, run_dir / "adapter", gold)
-        ref_top1 = parity.hf_top1(merged, gold)
-        stages = [parity.compare("merge", gold, adapted_top1, None, ref_top1, None, gate)]
-        parity.check(stages)
-        log(f"merged ({time.perf_counter() - t0:.0f} s)")
-        t = time.perf_counter()
-        ref_texts = parity.hf_generate(merged, tok, gold)
-        log(f"reference generation with the merged HF model ({time.perf_counter() - t:.0f} s)")
+    log(f"merging {src.run_dir / 'adapter'} into {src.base.path.name}")
+    merged, adapted_top1 = load_merged(src.base, src.run_dir / "adapter", src.gold)
+    ref_top1 = parity.hf_top1(merged, src.gold)
+    stages = [parity.compare("merge", src.gold, adapted_top1, None, ref_top1, None, gate)]
+    parity.check(stages)
+    log(f"merged ({time.perf_counter() - t0:.0f} s)")
+    t = time.perf_counter()
+    ref_texts = parity.hf_generate(merged, src.tok, src.gold)
+    log(f"reference generation with the merged HF model ({time.perf_counter() - t:.0f} s)")
+    return merged, stages, (ref_top1, ref_texts)
 
-        f16 = tmp / "model-F16.gguf"
-        t = time.perf_counter()
-        write_gguf_f16(base.path, merged.state_dict(), f16)
-        timings = {"write_f16_s": round(time.perf_counter() - t, 2)}
-        del merged
-        log(f"wrote {f16.name} ({f16.stat().st_size / 2**20:.0f} MiB)")
 
-        models = {}
-        if keep_f16 or "F16" in quants:
-            models["F16"] = {"file": f16.name, **describe_gguf(f16)}
-        for q in quants:
-            if q == "F16":
-                continue
-            path = tmp / f"model-{q}.gguf"
-            seconds = quantize(f16, path, q, threads)
-            models[q] = {"file": path.name, "quantize_s": round(seconds, 2), **describe_gguf(path, q)}
-            m = models[q]
-            log(f"quantised {path.name}: {m['bytes'] / 2**20:.1f} MiB, {m['bits_per_weight']:.2f} bits/weight, "
-                f"{m['fallbacks']} k-quant fallbacks")  # fmt: skip
+def write_f16(src: Source, merged, f16: Path, log) -> dict:
+    from .gguf_write import write_gguf_f16
 
-        t = time.perf_counter()
-        for stage, path in [("F16", f16)] + [(q, tmp / models[q]["file"]) for q in models if q != "F16"]:
-            top1, texts = parity.gguf_top1_and_generate(path, gold, threads)
-            stages.append(parity.compare(stage, gold, ref_top1, ref_texts, top1, texts, gate))
-            r = stages[-1]
-            log(
-                f"parity {stage}: top-1 {r['top1_agreement']:.3f}, identical bundles {r['identical_bundles']:.3f} "
-                f"({time.perf_counter() - t:.0f} s)"
-            )
-        # The adapter alone, over the very base file it was trained on: what a shipped student runs.
-        t = time.perf_counter()
-        adapter_info = write_lora_gguf(base.path, run_dir / "adapter", tmp / ADAPTER_FILE)
-        top1, texts = parity.gguf_top1_and_generate(base.path, gold, threads, adapter=tmp / ADAPTER_FILE)
-        stages.append(parity.compare("adapter", gold, ref_top1, ref_texts, top1, texts, gate))
-        r = stages[-1]
-        log(
-            f"wrote {ADAPTER_FILE} ({adapter_info['bytes'] / 2**20:.1f} MiB, rank {adapter_info['rank']}); parity "
-            f"base+adapter: top-1 {r['top1_agreement']:.3f}, identical bundles {r['identical_bundles']:.3f} "
-            f"({time.perf_counter() - t:.0f} s)"
-        )
-        timings["parity_s"] = round(time.perf_counter() - t, 2)
-        parity.check(stages)
-        if not (keep_f16 or "F16" in quants):
-            f16.unlink()
+    t = time.perf_counter()
+    write_gguf_f16(src.base.path, merged.state_dict(), f16)
+    log(f"wrote {f16.name} ({f16.stat().st_size / 2**20:.0f} MiB)")
+    return {"write_f16_s": round(time.perf_counter() - t, 2)}
 
-        default = DEFAULT_QUANT if DEFAULT_QUANT in models else next(iter(models))
-        if pack is not None:
-            shutil.copytree(pack.folder, tmp / "pack", ignore=shutil.ignore_patterns("state"))
-        adapter_files = sorted(p for p in (run_dir / "adapter").iterdir() if p.is_file())
-        manifest = {
-            "format": EXPORT_FORMAT,
-            "name": out.name,
-            "bkd_edge_version": __version__,
-            "created_unix": int(time.time()),
-            "base": {"path": str(base.path), "sha256": run["base"].get("sha256"), "arch": "llama"},
-            "adapter": {
-                "run_dir": str(run_dir.resolve()),
-                "files": {p.name: sha256_file(p) for p in adapter_files},
-                "gguf": adapter_info,
-            },
-            "prompt": asdict(recipe.prompt_config()),
-            "recipe": recipe.to_dict(),
-            "run": {k: run.get(k) for k in ("steps", "best_step", "best_val_strict_f1", "train_s", "tokens_per_s")},
-            "data": _run_data(run_dir),
-            "default_quant": default,
-            "models": models,
-            "pack": "pack" if pack is not None else None,
-            "parity": {"golden_sessions": len(gold), "gate": asdict(gate), "stages": stages},
-            "timings": timings,
-        }
-        with atomic_write(tmp / "README.md") as f:
-            f.write(model_card(manifest))
-        system = system_text(recipe.prompt_config())
-        for name, source in (("Modelfile", f"./{models[default]['file']}"), ("Modelfile.adapter", str(base.path))):
-            text = modelfile(source, chat_template, system, ADAPTER_FILE if name.endswith("adapter") else None)
-            if ollama and text:
-                with atomic_write(tmp / name) as f:
-                    f.write(text)
-        manifest["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest["timings"]["total_s"] = round(time.perf_counter() - t0, 2)
-        write_json(tmp / MANIFEST, manifest)
-        tmp.rename(out)
-        return manifest
-    except OSError as e:
-        raise BkdError(f"export to {out} failed while writing ({e}); nothing was left behind") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(tmp)
+
+def quantise(f16: Path, quants: list[str], keep_f16: bool, threads: int, log) -> dict:
+    """{quant: description} of the quantised files written next to `f16` (F16 itself when kept)."""
+    models = {}
+    if keep_f16 or "F16" in quants:
+        models["F16"] = {"file": f16.name, **describe_gguf(f16)}
+    for q in quants:
+        if q == "F16":
+            continue
+        path = f16.with_name(f"model-{q}.gguf")
+        seconds = quantize(f16, path, q, threads)
+        models[q] = m = {"file": path.name, "quantize_s": round(seconds, 2), **describe_gguf(path, q)}
+        log(f"quantised {path.name}: {m['bytes'] / 2**20:.1f} MiB, {m['bits_per_weight']:.2f} bits/weight, "
+            f"{m['fallbacks']} k-quant fallbacks")  # fmt: skip
+    return models
+
+
+def check_parity(src: Source, folder: Path, models: dict, ref: tuple, gate: Gate, threads: int, log) -> list[dict]:
+    """Each GGUF stage (F16, every quant, the adapter over its base) against the merged HF model;
+    raises when one falls below the gate."""
+    from . import parity
+
+    ref_top1, ref_texts = ref
+    stages = []
+    files = [("F16", folder / "model-F16.gguf")] + [(q, folder / m["file"]) for q, m in models.items() if q != "F16"]
+    t = time.perf_counter()
+    for stage, path in files:
+        top1, texts = parity.gguf_top1_and_generate(path, src.gold, threads)
+        stages.append(r := parity.compare(stage, src.gold, ref_top1, ref_texts, top1, texts, gate))
+        log(f"parity {stage}: top-1 {r['top1_agreement']:.3f}, identical bundles {r['identical_bundles']:.3f} "
+            f"({time.perf_counter() - t:.0f} s)")  # fmt: skip
+    # The adapter alone, over the very base file it was trained on: what a shipped student runs.
+    top1, texts = parity.gguf_top1_and_generate(src.base.path, src.gold, threads, adapter=folder / ADAPTER_FILE)
+    stages.append(r := parity.compare("adapter", src.gold, ref_top1, ref_texts, top1, texts, gate))
+    log(f"parity base+adapter: top-1 {r['top1_agreement']:.3f}, identical bundles {r['identical_bundles']:.3f}")
+    parity.check(stages)
+    return stages
+
+
+def package(src: Source, folder: Path, name: str, models: dict, adapter: dict, stages: list, gate: Gate,
+            timings: dict, ollama: bool) -> dict:  # fmt: skip
+    """The pack, model card, Modelfiles and manifest around the checked models."""
+    default = DEFAULT_QUANT if DEFAULT_QUANT in models else next(iter(models))
+    if src.pack is not None:
+        shutil.copytree(src.pack.folder, folder / "pack", ignore=shutil.ignore_patterns("state"))
+    adapter_files = sorted(p for p in (src.run_dir / "adapter").iterdir() if p.is_file())
+    run = src.run
+    fields = {
+        "name": name,
+        "base": {"path": str(src.base.path), "sha256": run["base"].get("sha256"), "arch": "llama"},
+        "adapter": {
+            "run_dir": str(src.run_dir.resolve()),
+            "files": {p.name: sha256_file(p) for p in adapter_files},
+            "gguf": adapter,
+        },
+        "prompt": asdict(src.recipe.prompt_config()),
+        "recipe": src.recipe.to_dict(),
+        "run": {k: run.get(k) for k in ("steps", "best_step", "best_val_strict_f1", "train_s", "tokens_per_s")},
+        "data": _run_data(src.run_dir),
+        "default_quant": default,
+        "models": models,
+        "pack": "pack" if src.pack is not None else None,
+        "parity": {"golden_sessions": len(src.gold), "gate": asdict(gate), "stages": stages},
+        "timings": timings,
+    }
+    with atomic_write(folder / "README.md") as f:
+        f.write(model_card({**fields, "bkd_edge": __version__}))
+    system = system_text(src.recipe.prompt_config())
+    for file, source in (("Modelfile", f"./{models[default]['file']}"), ("Modelfile.adapter", str(src.base.path))):
+        text = modelfile(source, src.chat_template, system, ADAPTER_FILE if file.endswith("adapter") else None)
+        if ollama and text:
+            with atomic_write(folder / file) as f:
+                f.write(text)
+    return write_manifest(folder, EXPORT_FORMAT, fields)

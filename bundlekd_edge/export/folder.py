@@ -19,7 +19,8 @@ import re
 from pathlib import Path
 
 from .. import BkdError
-from ..files import check_files, path_inside, sha256_file
+from ..artifacts import check_files
+from ..files import path_inside, sha256_file
 
 EXPORT_FORMAT = "bkd-export/1"
 MANIFEST = "manifest.json"

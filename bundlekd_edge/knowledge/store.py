@@ -15,12 +15,13 @@ holds patterns keeps them, and the manifest lists every run and hashes every kno
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .. import BkdError, __version__
-from ..files import sha256_file, verify_folder, write_json, write_jsonl
+from .. import BkdError
+from ..artifacts import verify_folder
+from ..artifacts import write_manifest as write_folder_manifest
+from ..files import write_jsonl
 
 STORE_FORMAT = "bkd-knowledge/1"
 KINDS = ("pattern", "rule", "thought")
@@ -100,20 +101,11 @@ def write_manifest(folder: str | Path, run: dict) -> dict:
             runs = json.loads(path.read_text()).get("runs", [])
         except (json.JSONDecodeError, AttributeError):
             raise BkdError(f"{path}: not valid JSON; remove it or choose a new --out folder") from None
-    files = sorted(p.name for p in folder.glob("*.jsonl"))
     counts = {}
-    for name in files:
+    for name in sorted(p.name for p in folder.glob("*.jsonl")):
         counts[name] = sum(1 for line in (folder / name).open(encoding="utf-8") if line.strip())
-    manifest = {
-        "format": STORE_FORMAT,
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "bkd_edge": __version__,
-        "runs": [*runs, run],
-        "records": counts,
-        "files": {name: sha256_file(folder / name) for name in files},
-    }
-    write_json(path, manifest)
-    return manifest
+    fields = {"runs": [*runs, run], "records": counts}
+    return write_folder_manifest(folder, STORE_FORMAT, fields, skip=(CACHE_DIR + "/",))
 
 
 def verify_store(folder: str | Path) -> list[str]:

@@ -10,7 +10,7 @@ Run folder (every file written atomically; `adapter/` appears last, so its prese
       checkpoints/last/   adapter + optimizer + scheduler + RNG + step: `--resume` continues here
       best/               the adapter with the best val strict F1 so far
       adapter/            the final (best) LoRA adapter, peft format
-      run.json            status, base model (path, sha256), best step and scores, timings
+      run.json            format bkd-run/1, status, base model (path, sha256), best step and scores, timings
 
 Multi-GPU: `accelerate launch -m bundlekd_edge.cli train RECIPE --out RUN` (each process takes
 every world_size-th row; process 0 evaluates and writes). Only the single-process path is tested.
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from .. import BkdError, __version__
+from ..artifacts import building
 from ..data import load_sessions, spread
 from ..files import atomic_write, sha256_file, write_json
 from .model import load_base_model, pick_device, resolve_base, score_model, set_threads
@@ -40,6 +41,8 @@ from .sft import (
     make_rows,
     with_shuffled_copies,
 )
+
+RUN_FORMAT = "bkd-run/1"
 
 
 class Interrupted(Exception):
@@ -80,30 +83,20 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Put a fully written folder in place (the old one is removed only once the new one is complete)."""
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_adapter(model, folder: Path) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    _replace_dir(tmp, folder)
+    with building(folder, replace=True) as tmp:
+        model.save_pretrained(str(tmp))
 
 
 def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> None:
+    with building(folder, replace=True) as tmp:
+        _save_state(tmp, model, optimizer, scheduler, state)
+
+
+def _save_state(tmp: Path, model, optimizer, scheduler, state: dict) -> None:
     import torch
     from peft import get_peft_model_state_dict
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     torch.save(
         {
             "adapter": get_peft_model_state_dict(model),
@@ -114,7 +107,6 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> N
         tmp / "state.pt",
     )
     write_json(tmp / "progress.json", state)
-    _replace_dir(tmp, folder)
 
 
 def load_checkpoint(folder: Path, model, optimizer, scheduler) -> dict:
@@ -339,6 +331,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool 
     if main:
         train_s = state.get("train_s", 0.0)
         result = {
+            "format": RUN_FORMAT,
             "status": "complete",
             "bkd_edge_version": __version__,
             "name": recipe.name,
