@@ -23,10 +23,10 @@ from pathlib import Path
 
 from bundlekd_edge.data import load_sessions, sample_sessions_path
 from bundlekd_edge.files import write_json
-from bundlekd_edge.report import table
 from bundlekd_edge.runtime import Generation
 from bundlekd_edge.runtime.concurrent import generate_concurrent
 from bundlekd_edge.student import resolve_student
+from bundlekd_edge.tables import table
 
 
 def side(name: str, gens: list[Generation], walls: list[float], reference: list[Generation]) -> dict:

@@ -31,8 +31,8 @@ from pathlib import Path
 from bundlekd_edge.data import load_sessions, sample_sessions_path, spread
 from bundlekd_edge.files import write_json
 from bundlekd_edge.packs import Pack
-from bundlekd_edge.report import table
 from bundlekd_edge.student import resolve_student
+from bundlekd_edge.tables import table
 
 
 def reuse_run(pack: Pack, sessions, k: int, n_ctx: int) -> dict:

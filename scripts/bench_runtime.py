@@ -30,10 +30,10 @@ from tqdm import tqdm
 from bundlekd_edge.data import load_sessions, sample_sessions_path
 from bundlekd_edge.files import write_json
 from bundlekd_edge.prompts import build_messages, max_answer_tokens, output_grammar
-from bundlekd_edge.report import table
 from bundlekd_edge.runtime import Engine
 from bundlekd_edge.runtime.engine import default_threads
 from bundlekd_edge.student import resolve_student
+from bundlekd_edge.tables import table
 
 
 def grammar_for(session, config) -> LlamaGrammar:

@@ -5,12 +5,12 @@ import json
 import pytest
 
 from bundlekd_edge import BkdError
-from bundlekd_edge.bench.experiment import Cell, Experiment, load_grid
 from bundlekd_edge.data import load_sessions
+from bundlekd_edge.experiment import Cell, Experiment, load_grid
 
 GRID = """
 sessions = "{sessions}"
-limit = 2
+spread = 2
 k = 1
 [base]
 formats = "patterns"
@@ -40,7 +40,7 @@ def test_tiny_grid_runs_and_resumes(tmp_path, sample_path, cli):
     assert t["format"][0]["pack"] is None and t["format"][1]["pack_tokens"]["static"] == 0
     for row in t["format"] + t["quantity"]:
         assert row["quality"]["sessions"] == 2 and row["quality"]["valid_rate"] == 1.0
-    # `limit` sessions spread evenly over the split, not its first ones (files are often sorted)
+    # `spread` sessions spread evenly over the split, not its first ones (files are often sorted)
     test = load_sessions(sample_path, split="test")
     scored = [s.session_id for s in load_sessions(out / "scored-sessions.jsonl")]
     assert scored == [test[0].session_id, test[len(test) // 2].session_id]
@@ -60,8 +60,8 @@ def test_tiny_grid_runs_and_resumes(tmp_path, sample_path, cli):
     (out / "cells" / "icl__examples" / "result.json").unlink()
     assert cli("experiment", grid_file, "--out", out).exit_code == 0
     assert generate_calls(out) == 5
-    # Another limit scores other sessions: no cell result is reused.
-    assert cli("experiment", grid_file, "--out", out, "--limit", "3").exit_code == 0
+    # Another spread scores other sessions: no cell result is reused.
+    assert cli("experiment", grid_file, "--out", out, "--spread", "3").exit_code == 0
     assert generate_calls(out) == 9
     assert json.loads((out / "results.json").read_text())["tables"]["format"][0]["quality"]["sessions"] == 3
 
@@ -69,7 +69,7 @@ def test_tiny_grid_runs_and_resumes(tmp_path, sample_path, cli):
 def test_grid_errors(tmp_path, sample_path):
     bad = tmp_path / "bad.toml"
     for text, message in [
-        ('limit = 2\n[base]\nformats = "rules"', "names no `sessions`"),
+        ('spread = 2\n[base]\nformats = "rules"', "names no `sessions`"),
         (f'sessions = "{sample_path}"\n[sweep]\ncolour = ["red"]', "unknown factor 'colour'"),
         (f'sessions = "{sample_path}"\n[sweep]\nformats = ["poems"]', "formats 'poems'"),
         (f'sessions = "{sample_path}"\n[base]\nratio = 0', "ratio 0.0"),

@@ -19,7 +19,7 @@ from bundlekd_edge.prompts import (
     render_answer,
     session_text,
 )
-from bundlekd_edge.runtime.sampling import GrammarGreedy
+from bundlekd_edge.runtime.grammar_greedy import GrammarGreedy
 
 
 def make_session(n=4):

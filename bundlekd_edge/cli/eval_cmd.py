@@ -10,7 +10,7 @@ import click
 from ..data import SPLITS, check_split, load_sessions
 from ..files import refuse_overwrite, write_json
 from ..metrics import evaluate, load_predictions
-from ..report import quality_table
+from ..tables import quality_table
 
 
 @click.command("eval")

@@ -12,9 +12,13 @@ import click
 @click.argument("grid", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Experiment folder.")
 @click.option("--sft-model", help="Reuse this fine-tuned student (EXPORT_DIR[:QUANT] or .gguf) for the SFT cells.")
-@click.option("--limit", type=click.IntRange(min=1), help="Override the grid's sessions scored per cell.")
+@click.option(
+    "--spread",
+    type=click.IntRange(min=0),
+    help="Override the grid's sessions scored per cell, spread evenly over the split (0: all).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def experiment(grid, out, sft_model, limit, as_json):
+def experiment(grid, out, sft_model, spread, as_json):
     """Run the knowledge format / quantity / utilisation grid of GRID (a small TOML file).
 
     \b
@@ -26,9 +30,9 @@ def experiment(grid, out, sft_model, limit, as_json):
     """
     from dataclasses import replace
 
-    from ..bench.experiment import Experiment, load_grid
+    from ..experiment import Experiment, load_grid
 
     g = load_grid(grid)
-    g = replace(g, sft_model=sft_model or g.sft_model, limit=g.limit if limit is None else limit)
+    g = replace(g, sft_model=sft_model or g.sft_model, spread=g.spread if spread is None else spread)
     report = Experiment(g, out, say=lambda m: click.echo(f"[experiment] {m}", err=True)).run()
     click.echo(json.dumps(report, indent=2) if as_json else (out / "results.md").read_text())

@@ -41,7 +41,7 @@ from .. import BkdError
 from ..data import Session
 from ..prompts import PromptConfig, max_answer_tokens, output_grammar, parse_answer
 from .engine import Engine, Generation, Timing, skipped_generation
-from .sampling import GrammarGreedy
+from .grammar_greedy import GrammarGreedy
 
 
 @dataclass

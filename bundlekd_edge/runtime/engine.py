@@ -7,7 +7,7 @@ the exact token count before generating (a session that does not fit is an error
 silently cut prompt). The static part of the prompt comes first and the engine never resets
 the model between sessions: it reuses the KV cache of the longest token prefix a prompt shares
 with the one before, so a shared prefix is evaluated once. Answers are decoded greedily under
-the output grammar, the cheap way round (sampling.py).
+the output grammar, the cheap way round (grammar_greedy.py).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from ..prompts import (
 from .adapters import AdapterSpec, check_adapter
 from .chat import ChatTokenizer
 from .choice import choose_partition
+from .grammar_greedy import GrammarGreedy
 from .memory import memory_snapshot
 from .model_file import check_gguf_magic, inspect_gguf, resolve_model
-from .sampling import GrammarGreedy
 
 NO_BUNDLE = "fewer than 2 items: no bundle possible"
 

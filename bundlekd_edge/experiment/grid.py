@@ -3,7 +3,7 @@
 A grid file names a base cell and the values each factor sweeps over:
 
     sessions = "data/electronic.jsonl"
-    limit = 40                      # test sessions scored per cell, spread evenly over the split
+    spread = 40                     # test sessions scored per cell, spread evenly over the split
     teacher = "gguf:default"        # the distillation teacher (URL or gguf:PATH)
     sft_model = "runs/export"       # a fine-tuned student to reuse for the SFT cells ...
     # sft_recipe = "train/cpu-smollm2.toml"   # ... or one to train (sft_max_steps) and export once
@@ -38,7 +38,7 @@ from .. import BkdError
 from ..config import from_dict, read_config
 from ..files import atomic_write, write_json
 from ..knowledge.sampling import STRATEGIES
-from ..report import table
+from ..tables import table
 
 KNOWLEDGE = ("patterns", "rules", "thoughts")
 USES = ("icl", "sft", "sft+icl")
@@ -76,7 +76,7 @@ class Cell:
 class Grid:
     sessions: str = ""
     split: str = "test"
-    limit: int = 0  # sessions of the split scored per cell, spread evenly over it (0: all)
+    spread: int = 0  # sessions of the split scored per cell, spread evenly over it (0: all)
     teacher: str = "gguf:default"
     student: str = "base"  # the untuned student of the ICL cells (`default` is the shipped, tuned one)
     sft_model: str = ""  # fine-tuned student for the SFT cells: EXPORT_DIR[:QUANT] or a .gguf (reused)
@@ -158,7 +158,7 @@ class Experiment:
         self._scored_written = False
 
     def scored_sessions(self) -> Path:
-        """The sessions every cell scores: the split, or `limit` of them spread evenly over it
+        """The sessions every cell scores: the split, or `spread` of them spread evenly over it
         (data.spread). Written once per run, the same file for every cell."""
         from ..data import load_sessions, spread, write_sessions
 
@@ -167,7 +167,7 @@ class Experiment:
             sessions = load_sessions(self.grid.sessions, split=self.grid.split)
             if not sessions:
                 raise BkdError(f"{self.grid.sessions}: no sessions with split {self.grid.split!r}")
-            write_sessions(path, spread(sessions, self.grid.limit))
+            write_sessions(path, spread(sessions, self.grid.spread))
             self._scored_written = True
         return path
 
@@ -221,7 +221,7 @@ class Experiment:
     def run_cell(self, cell: Cell) -> dict:
         folder = self.out / "cells" / cell.name
         done = folder / "result.json"
-        same = {"cell": asdict(cell), "limit": self.grid.limit}
+        same = {"cell": asdict(cell), "spread": self.grid.spread}
         if done.is_file() and {k: json.loads(done.read_text()).get(k) for k in same} == same:
             return json.loads(done.read_text())
         folder.mkdir(parents=True, exist_ok=True)
@@ -256,7 +256,7 @@ class Experiment:
         run = json.loads((folder / "run.json").read_text())
         result = {
             "cell": asdict(cell),
-            "limit": g.limit,
+            "spread": g.spread,
             "name": cell.name,
             "model": model,
             "pack": str(pack) if pack else None,
@@ -308,7 +308,7 @@ def markdown(report: dict) -> str:
         "# bkd-edge experiment",
         "",
         f"Sessions `{g['sessions']}`, split `{g['split']}`"
-        + (f" ({g['limit']} sessions spread evenly over it)" if g["limit"] else "")
+        + (f" ({g['spread']} sessions spread evenly over it)" if g["spread"] else "")
         + f"; teacher `{g['teacher']}`; student `{g['student']}`; SFT student `{g['sft_model'] or 'trained here'}`; "
         f"k={g['k']} retrieved examples. Base cell: formats `{base['formats']}`, sampling `{base['sampling']}` at "
         f"ratio {base['ratio']:g}, use `{base['use']}`. Took {report['seconds'] / 60:.1f} min (finished steps reused).",
@@ -340,7 +340,7 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import save_png
+    from ..bench.report import save_png
 
     t = report["tables"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
