@@ -15,6 +15,7 @@ from bundlekd_edge.knowledge.rules import check_bundles, check_rules, merge_rule
 from bundlekd_edge.knowledge.sampling import k_center, sample_sessions
 from bundlekd_edge.knowledge.store import (
     Record,
+    read_knowledge,
     read_records,
     verify_store,
     write_manifest,
@@ -161,6 +162,8 @@ def test_store_roundtrip_manifest_and_tamper_check(tmp_path):
 
     (tmp_path / "rules.jsonl").write_text((tmp_path / "rules.jsonl").read_text().replace("chargers", "cables"))
     assert verify_store(tmp_path) == [f"{tmp_path / 'rules.jsonl'}: changed (sha256 differs from the manifest)"]
+    with pytest.raises(BkdError, match="refusing a changed knowledge store: .*rules.jsonl: changed"):
+        read_knowledge(tmp_path)  # what `pack build` reads: never a store edited behind its manifest
     with pytest.raises(BkdError, match="unknown knowledge format"):
         write_records(tmp_path, "hunches", [])
     (tmp_path / "thoughts.jsonl").write_text('{"text": "x"}\n')
@@ -264,8 +267,6 @@ def test_distill_with_a_dead_teacher_fails_clearly_and_writes_nothing(tmp_path, 
 
 
 def test_distill_end_to_end_with_a_real_server_then_rerun_from_cache(tmp_path, cli, sample_path):
-    from bundlekd_edge.cli.pack_cmds import read_knowledge
-
     out = tmp_path / "knowledge"
     args = ["distill", "--sessions", sample_path, "--out", out, "--formats", "patterns,rules,thoughts",
             "--sampling", "random", "--ratio", "0.1", "--attempts", "1", "--rules-per-batch", "2",

@@ -9,47 +9,9 @@ import click
 
 from .. import BkdError
 from ..data import load_sessions
+from ..knowledge.store import read_knowledge
 from ..packs import Pack, PackConfig, build_pack, verify_pack
 from .generate_cmd import MODEL_HELP
-
-
-def read_knowledge(folder: Path | None, formats: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
-    """Static lines (rules first, then patterns, in file order) and thoughts by session id.
-
-    `formats` (e.g. ["patterns", "rules"]) picks which of the folder's knowledge files are read."""
-    if folder is None:
-        return [], {}
-    files = sorted(Path(folder).glob("*.jsonl"))
-    if formats is not None:
-        missing = [f for f in formats if not (Path(folder) / f"{f}.jsonl").is_file()]
-        if missing:
-            raise BkdError(f"{folder}: no {', '.join(missing)} knowledge ({', '.join(f + '.jsonl' for f in missing)})")
-        files = [p for p in files if p.stem in formats]
-    if not files:
-        raise BkdError(f"{folder}: no knowledge (*.jsonl) files")
-    rules, patterns, thoughts = [], [], {}
-    for path in files:
-        for n, line in enumerate(path.open(encoding="utf-8"), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                kind, text = rec["kind"], rec["text"].strip()
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                raise BkdError(f"{path}:{n}: not a knowledge record (needs 'kind' and 'text')") from None
-            if kind == "rule":
-                rules.append(text)
-            elif kind == "pattern":
-                patterns.append(text)
-            elif kind == "thought":
-                for sid in rec.get("source_session_ids", []):
-                    thoughts[str(sid)] = text
-    lines = []
-    if rules:
-        lines += ["Rules for finding bundles:"] + [f"- {r}" for r in rules]
-    if patterns:
-        lines += ["Product types often bundled together:"] + [f"- {p}" for p in patterns]
-    return lines, thoughts
 
 
 def vocab_counter(model: str):

@@ -111,3 +111,49 @@ def write_manifest(folder: str | Path, run: dict) -> dict:
 def verify_store(folder: str | Path) -> list[str]:
     """Problems found, empty when every file the manifest names is present and unchanged."""
     return verify_folder(folder, STORE_FORMAT, "knowledge", unlisted_ok=(CACHE_DIR + "/",))
+
+
+def read_knowledge(folder: Path | None, formats: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """What a prompt pack takes from a knowledge folder: static lines (rules first, then patterns,
+    in file order) and thoughts by session id. A store `distill` wrote is verified first; a folder
+    of hand-written *.jsonl records is read as it is.
+
+    `formats` (e.g. ["patterns", "rules"]) picks which of the folder's knowledge files are read."""
+    if folder is None:
+        return [], {}
+    folder = Path(folder)
+    if (folder / "manifest.json").exists():  # a store `distill` made: verified before use
+        problems = verify_store(folder)
+        if problems:
+            raise BkdError(f"{folder}: refusing a changed knowledge store: " + "; ".join(problems))
+    files = sorted(folder.glob("*.jsonl"))
+    if formats is not None:
+        missing = [f for f in formats if not (Path(folder) / f"{f}.jsonl").is_file()]
+        if missing:
+            raise BkdError(f"{folder}: no {', '.join(missing)} knowledge ({', '.join(f + '.jsonl' for f in missing)})")
+        files = [p for p in files if p.stem in formats]
+    if not files:
+        raise BkdError(f"{folder}: no knowledge (*.jsonl) files")
+    rules, patterns, thoughts = [], [], {}
+    for path in files:
+        for n, line in enumerate(path.open(encoding="utf-8"), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = record_from_dict(json.loads(line), f"{path}:{n}")
+            except json.JSONDecodeError as e:
+                raise BkdError(f"{path}:{n}: not a knowledge record (not valid JSON: {e.msg})") from None
+            kind, text = rec.kind, rec.text.strip()
+            if kind == "rule":
+                rules.append(text)
+            elif kind == "pattern":
+                patterns.append(text)
+            elif kind == "thought":
+                for sid in rec.source_session_ids:
+                    thoughts[sid] = text
+    lines = []
+    if rules:
+        lines += ["Rules for finding bundles:"] + [f"- {r}" for r in rules]
+    if patterns:
+        lines += ["Product types often bundled together:"] + [f"- {p}" for p in patterns]
+    return lines, thoughts

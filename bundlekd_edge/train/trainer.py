@@ -152,219 +152,263 @@ def check_run_dir(out: Path, resume: bool) -> Path | None:
 
 def train(recipe: Recipe, out: str | Path, resume: bool = False, progress: bool = True, stop_after: int = 0) -> dict:
     """Train a LoRA adapter by `recipe` into the run folder `out`; returns run.json's content."""
-    import torch
-    from accelerate import Accelerator
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from tqdm import tqdm
-    from transformers import get_cosine_schedule_with_warmup
-
     out = Path(out)
-    ckpt = check_run_dir(out, resume)
-    t_start = time.perf_counter()
-    set_threads(recipe.threads)
-    seed_everything(recipe.seed)
+    checkpoint = check_run_dir(out, resume)
+    run = Training(recipe, out, progress)
+    run.load_data()
+    run.build_model()
+    run.start(checkpoint)
+    run.loop(stop_after)
+    return run.finish()
+
+
+class Training:
+    """One run, in the order it happens: data -> model -> start (or resume) -> loop, evaluating
+    on val and keeping the best adapter -> finish. `train()` drives it."""
+
+    def __init__(self, recipe: Recipe, out: Path, progress: bool = True):
+        self.recipe, self.out, self.progress = recipe, out, progress
+        self.t_start = time.perf_counter()
+        self.metrics_path = out / "metrics.jsonl"
+        set_threads(recipe.threads)
+        seed_everything(recipe.seed)
 
     # -- data ---------------------------------------------------------------------------
-    if not recipe.sessions:
-        raise BkdError("the recipe names no `sessions` file")
-    train_sessions = load_sessions(recipe.sessions, split="train")
-    if recipe.limit_train:
-        train_sessions = train_sessions[: recipe.limit_train]
-    val_sessions = spread(load_sessions(recipe.sessions, split="val", empty_split_ok=True), recipe.eval_sessions)
-    if not train_sessions:
-        raise BkdError(f"{recipe.sessions}: no sessions with split 'train'")
-    base = resolve_base(recipe.base)
-    from .model import tokenizer_for
+    def load_data(self) -> None:
+        from .model import tokenizer_for
 
-    tok = tokenizer_for(base)
-    pack = None
-    if recipe.mode == "knowledge":
-        from ..packs import Pack
+        recipe = self.recipe
+        if not recipe.sessions:
+            raise BkdError("the recipe names no `sessions` file")
+        train_sessions = load_sessions(recipe.sessions, split="train")
+        if recipe.limit_train:
+            train_sessions = train_sessions[: recipe.limit_train]
+        if not train_sessions:
+            raise BkdError(f"{recipe.sessions}: no sessions with split 'train'")
+        val = load_sessions(recipe.sessions, split="val", empty_split_ok=True)  # none: train without evaluating
+        self.val_sessions = spread(val, recipe.eval_sessions)
+        self.base = resolve_base(recipe.base)
+        self.tok = tokenizer_for(self.base)
+        pack = None
+        if recipe.mode == "knowledge":
+            from ..packs import Pack
 
-        pack = Pack(recipe.pack)
-    maker = PromptMaker(recipe.mode, recipe.prompt_config(), pack=pack)
-    thoughts = load_thoughts(recipe.thoughts) if recipe.thoughts else None
-    train_sessions = with_shuffled_copies(train_sessions, recipe.shuffled_copies, recipe.seed)
-    examples, data_stats = build_examples(train_sessions, tok, maker, recipe.max_len, thoughts)
-    if not examples:
-        raise BkdError(f"no training example fits max_len {recipe.max_len} tokens (raise max_len)")
-    rows = make_rows(examples, recipe.max_len, recipe.packing, recipe.seed)
+            pack = Pack(recipe.pack)
+        self.maker = PromptMaker(recipe.mode, recipe.prompt_config(), pack=pack)
+        thoughts = load_thoughts(recipe.thoughts) if recipe.thoughts else None
+        train_sessions = with_shuffled_copies(train_sessions, recipe.shuffled_copies, recipe.seed)
+        self.examples, self.data_stats = build_examples(train_sessions, self.tok, self.maker, recipe.max_len, thoughts)
+        if not self.examples:
+            raise BkdError(f"no training example fits max_len {recipe.max_len} tokens (raise max_len)")
+        self.rows = make_rows(self.examples, recipe.max_len, recipe.packing, recipe.seed)
 
     # -- model ----------------------------------------------------------------------------
-    device = pick_device(recipe.device)
-    bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and device == "cuda")
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "no")
-    main = accelerator.is_main_process
-    model = load_base_model(base, torch.float32, accelerator.device.type, recipe.qlora)
-    if recipe.qlora:
-        model = prepare_model_for_kbit_training(model)
-    model.config.use_cache = False
-    lora = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=recipe.lora_r,
-        lora_alpha=recipe.lora_alpha,
-        lora_dropout=recipe.lora_dropout,
-        target_modules=list(recipe.target_modules),
-    )
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as e:
-        raise BkdError(f"recipe target_modules {recipe.target_modules}: {e}") from None
-    model.base_model.model.name_or_path = str(base.path)  # recorded in adapter_config.json
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    def build_model(self) -> None:
+        import torch
+        from accelerate import Accelerator
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from transformers import get_cosine_schedule_with_warmup
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    my_rows = rows[rank::world] if world > 1 else rows
-    steps_per_epoch = max(1, math.ceil(math.ceil(len(my_rows) / recipe.batch_size) / recipe.grad_accum))
-    total_steps = recipe.max_steps or recipe.epochs * steps_per_epoch
-    scheduler = get_cosine_schedule_with_warmup(optimizer, min(recipe.warmup_steps, total_steps // 2), total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    state = {"step": 0, "best_f1": -1.0, "best_step": 0, "evals": [], "tokens": 0, "train_s": 0.0}
-    metrics_path = out / "metrics.jsonl"
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "recipe.json", recipe.to_dict())
-        write_json(
-            out / "data.json", {**data_stats, "rows": len(rows), "sessions_sha256": sha256_file(recipe.sessions)}
+        recipe = self.recipe
+        self.device = pick_device(recipe.device)
+        self.bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and self.device == "cuda")
+        self.accelerator = acc = Accelerator(cpu=self.device == "cpu", mixed_precision="bf16" if self.bf16 else "no")
+        self.main = acc.is_main_process
+        model = load_base_model(self.base, torch.float32, acc.device.type, recipe.qlora)
+        if recipe.qlora:
+            model = prepare_model_for_kbit_training(model)
+        model.config.use_cache = False
+        lora = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=recipe.lora_r,
+            lora_alpha=recipe.lora_alpha,
+            lora_dropout=recipe.lora_dropout,
+            target_modules=list(recipe.target_modules),
         )
-        dump_examples(out / "examples.jsonl", examples, tok)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
-        if main:
-            _trim_metrics(metrics_path, state["step"])
-            print(f"resuming {out} at step {state['step']}/{total_steps}")
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:
+            raise BkdError(f"recipe target_modules {recipe.target_modules}: {e}") from None
+        model.base_model.model.name_or_path = str(self.base.path)  # recorded in adapter_config.json
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
 
-    def evaluate_and_keep_best(step: int) -> None:
-        if not main:
+        self.world, rank = acc.num_processes, acc.process_index
+        self.my_rows = self.rows[rank :: self.world] if self.world > 1 else self.rows
+        batches = math.ceil(len(self.my_rows) / recipe.batch_size)
+        self.steps_per_epoch = max(1, math.ceil(batches / recipe.grad_accum))
+        self.total_steps = recipe.max_steps or recipe.epochs * self.steps_per_epoch
+        warmup = min(recipe.warmup_steps, self.total_steps // 2)
+        self.scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, self.total_steps)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+
+    # -- start or resume --------------------------------------------------------------------
+    def start(self, checkpoint: Path | None) -> None:
+        out, recipe = self.out, self.recipe
+        self.state = {"step": 0, "best_f1": -1.0, "best_step": 0, "evals": [], "tokens": 0, "train_s": 0.0}
+        if self.main:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / "recipe.json", recipe.to_dict())
+            data = {**self.data_stats, "rows": len(self.rows), "sessions_sha256": sha256_file(recipe.sessions)}
+            write_json(out / "data.json", data)
+            dump_examples(out / "examples.jsonl", self.examples, self.tok)
+        if checkpoint is not None:
+            model = self.accelerator.unwrap_model(self.model)
+            self.state = load_checkpoint(checkpoint, model, self.optimizer, self.scheduler)
+            if self.main:
+                _trim_metrics(self.metrics_path, self.state["step"])
+                print(f"resuming {out} at step {self.state['step']}/{self.total_steps}")
+
+    # -- evaluate ---------------------------------------------------------------------------
+    def evaluate(self, step: int) -> None:
+        """Score val as the runtime answers (`score_model`); keep the adapter when it is the best."""
+        from tqdm import tqdm
+
+        if not self.main:
             return
-        if not val_sessions:
-            save_adapter(accelerator.unwrap_model(model), out / "best")
+        state, model = self.state, self.accelerator.unwrap_model(self.model)
+        if not self.val_sessions:
+            save_adapter(model, self.out / "best")
             state["best_step"] = step
             return
         t0 = time.perf_counter()
-        result = score_model(accelerator.unwrap_model(model), tok, maker, val_sessions, recipe.eval_max_tokens)
-        scores = result["scores"]
+        scores = score_model(model, self.tok, self.maker, self.val_sessions, self.recipe.eval_max_tokens)["scores"]
         row = {"step": step, "eval": {k: round(v, 4) for k, v in scores.items()}, "eval_s": time.perf_counter() - t0}
-        _append_metrics(metrics_path, row)
+        _append_metrics(self.metrics_path, row)
         state["evals"].append({"step": step, "strict_f1": scores["strict_f1"], "exact_match": scores["exact_match"]})
         if scores["strict_f1"] > state["best_f1"]:
             state["best_f1"], state["best_step"] = scores["strict_f1"], step
-            save_adapter(accelerator.unwrap_model(model), out / "best")
+            save_adapter(model, self.out / "best")
         tqdm.write(
             f"step {step}: val strict F1 {scores['strict_f1']:.3f}, exact {scores['exact_match']:.3f} "
-            f"({len(val_sessions)} sessions, {row['eval_s']:.0f} s); best {state['best_f1']:.3f} @ {state['best_step']}"
+            f"({len(self.val_sessions)} sessions, {row['eval_s']:.0f} s); "
+            f"best {state['best_f1']:.3f} @ {state['best_step']}"
         )
 
-    # -- loop -----------------------------------------------------------------------------
-    def groups(epoch: int):
+    # -- loop -------------------------------------------------------------------------------
+    def groups(self, epoch: int):
         """The micro-batches of each optimizer step, in a fixed seeded order per epoch (resumable)."""
-        order = list(range(len(my_rows)))
+        recipe, rows = self.recipe, self.my_rows
+        order = list(range(len(rows)))
         random.Random(recipe.seed * 1000 + epoch).shuffle(order)
         micro = [order[i : i + recipe.batch_size] for i in range(0, len(order), recipe.batch_size)]
         for i in range(0, len(micro), recipe.grad_accum):
-            yield [collate([my_rows[j] for j in idx], tok.eos_id) for idx in micro[i : i + recipe.grad_accum]]
+            yield [collate([rows[j] for j in idx], self.tok.eos_id) for idx in micro[i : i + recipe.grad_accum]]
 
-    model.train()
-    bar = tqdm(
-        total=total_steps, initial=state["step"], disable=not (progress and main), unit="step", dynamic_ncols=True
-    )
-    step = state["step"]
-    epoch, skip = divmod(step, steps_per_epoch)
-    t_loop, tokens_run = time.perf_counter(), 0
-    while step < total_steps:
-        for g, group in enumerate(groups(epoch)):
-            if g < skip:
-                continue  # resumed mid-epoch: these steps were done before the checkpoint
-            loss_sum, answer_tokens = 0.0, 0
-            for m, batch in enumerate(group):
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                # gradients are all-reduced once per step, on the last micro-batch
-                sync = m == len(group) - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    loss = model(**batch, use_cache=False).loss / len(group)
-                    accelerator.backward(loss)
-                loss_sum += loss.item()
-                answer_tokens += int((batch["labels"] != -100).sum())
-                tokens_run += int(batch["input_ids"].numel())
-            if recipe.max_grad_norm:
-                accelerator.clip_grad_norm_(trainable, recipe.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
-            scheduler.step()
-            step += 1
-            elapsed = time.perf_counter() - t_loop
-            tps = tokens_run / elapsed if elapsed else 0.0
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:.0f}", epoch=epoch)
-            bar.update(1)
-            if main and (step % recipe.log_every == 0 or step == total_steps):
-                row = {"step": step, "epoch": epoch, "loss": round(loss_sum, 5), "lr": scheduler.get_last_lr()[0],
-                       "tokens_per_s": round(tps, 1), "answer_tokens": answer_tokens}  # fmt: skip
-                _append_metrics(metrics_path, row)
-            end_of_epoch = step % steps_per_epoch == 0
-            due = step % recipe.eval_every == 0 if recipe.eval_every else end_of_epoch
-            if (due or step == total_steps) and not any(e["step"] == step for e in state["evals"]):
-                evaluate_and_keep_best(step)
-            if step % recipe.save_every == 0 or step == total_steps or end_of_epoch:
-                state["step"] = step
-                state["tokens"] += tokens_run
-                state["train_s"] += time.perf_counter() - t_loop
-                if main:
-                    unwrapped = accelerator.unwrap_model(model)
-                    save_checkpoint(out / "checkpoints" / "last", unwrapped, optimizer, scheduler, state)
-                accelerator.wait_for_everyone()
-                t_loop, tokens_run = time.perf_counter(), 0
-                if stop_after and stop_after <= step < total_steps:
-                    bar.close()
-                    raise Interrupted(f"stopped after step {step} (simulated interruption)")
-            if step >= total_steps:
-                break
-            if recipe.max_minutes and time.perf_counter() - t_start > 60 * recipe.max_minutes:
-                total_steps = step + 1  # out of time: one more step, then evaluate and finish as usual
-                bar.total = total_steps
-        epoch, skip = epoch + 1, 0
-    bar.close()
+    def loop(self, stop_after: int = 0) -> None:
+        from tqdm import tqdm
 
-    # -- finish: the best adapter becomes adapter/, last of all --------------------------------
-    result = {}
-    if main:
+        recipe, acc, model, state = self.recipe, self.accelerator, self.model, self.state
+        model.train()
+        show = self.progress and self.main
+        bar = tqdm(total=self.total_steps, initial=state["step"], disable=not show, unit="step", dynamic_ncols=True)
+        step = state["step"]
+        epoch, skip = divmod(step, self.steps_per_epoch)
+        t_loop, tokens_run = time.perf_counter(), 0
+        while step < self.total_steps:
+            for g, group in enumerate(self.groups(epoch)):
+                if g < skip:
+                    continue  # resumed mid-epoch: these steps were done before the checkpoint
+                loss_sum, answer_tokens = 0.0, 0
+                for m, batch in enumerate(group):
+                    batch = {k: v.to(acc.device) for k, v in batch.items()}
+                    # gradients are all-reduced once per step, on the last micro-batch
+                    sync = m == len(group) - 1
+                    with contextlib.nullcontext() if sync else acc.no_sync(model):
+                        loss = model(**batch, use_cache=False).loss / len(group)
+                        acc.backward(loss)
+                    loss_sum += loss.item()
+                    answer_tokens += int((batch["labels"] != -100).sum())
+                    tokens_run += int(batch["input_ids"].numel())
+                if recipe.max_grad_norm:
+                    acc.clip_grad_norm_(self.trainable, recipe.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad()
+                self.scheduler.step()
+                step += 1
+                elapsed = time.perf_counter() - t_loop
+                tps = tokens_run / elapsed if elapsed else 0.0
+                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:.0f}", epoch=epoch)
+                bar.update(1)
+                if self.main and (step % recipe.log_every == 0 or step == self.total_steps):
+                    lr = self.scheduler.get_last_lr()[0]
+                    row = {"step": step, "epoch": epoch, "loss": round(loss_sum, 5), "lr": lr,
+                           "tokens_per_s": round(tps, 1), "answer_tokens": answer_tokens}  # fmt: skip
+                    _append_metrics(self.metrics_path, row)
+                end_of_epoch = step % self.steps_per_epoch == 0
+                due = step % recipe.eval_every == 0 if recipe.eval_every else end_of_epoch
+                if (due or step == self.total_steps) and not any(e["step"] == step for e in state["evals"]):
+                    self.evaluate(step)
+                if step % recipe.save_every == 0 or step == self.total_steps or end_of_epoch:
+                    self.checkpoint(step, tokens_run, time.perf_counter() - t_loop)
+                    t_loop, tokens_run = time.perf_counter(), 0
+                    if stop_after and stop_after <= step < self.total_steps:
+                        bar.close()
+                        raise Interrupted(f"stopped after step {step} (simulated interruption)")
+                if step >= self.total_steps:
+                    break
+                if recipe.max_minutes and time.perf_counter() - self.t_start > 60 * recipe.max_minutes:
+                    self.total_steps = step + 1  # out of time: one more step, then evaluate and finish as usual
+                    bar.total = self.total_steps
+            epoch, skip = epoch + 1, 0
+        bar.close()
+
+    def checkpoint(self, step: int, tokens: int, seconds: float) -> None:
+        """Everything `--resume` needs to continue after `step`."""
+        state = self.state
+        state["step"] = step
+        state["tokens"] += tokens
+        state["train_s"] += seconds
+        if self.main:
+            model = self.accelerator.unwrap_model(self.model)
+            save_checkpoint(self.out / "checkpoints" / "last", model, self.optimizer, self.scheduler, state)
+        self.accelerator.wait_for_everyone()
+
+    # -- finish: the best adapter becomes adapter/, last of all -------------------------------
+    def finish(self) -> dict:
+        result = {}
+        if self.main:
+            result = self.summary()
+            best = self.out / "best"
+            if not best.exists():
+                save_adapter(self.accelerator.unwrap_model(self.model), best)
+            tmp = self.out / "adapter.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(best, tmp)
+            write_json(self.out / "run.json", result)
+            tmp.rename(self.out / "adapter")
+        self.accelerator.wait_for_everyone()
+        return result
+
+    def summary(self) -> dict:
+        """run.json: what was trained, on what, how well and how fast."""
+        state, base, step = self.state, self.base, self.state["step"]
         train_s = state.get("train_s", 0.0)
-        result = {
+        return {
             "format": RUN_FORMAT,
             "status": "complete",
             "bkd_edge_version": __version__,
-            "name": recipe.name,
-            "mode": recipe.mode,
+            "name": self.recipe.name,
+            "mode": self.recipe.mode,
             "base": {
                 "kind": base.kind,
                 "path": str(base.path),
                 "sha256": sha256_file(base.path) if base.kind == "gguf" else None,
             },
-            "device": device,
-            "precision": "bf16" if bf16 else "fp32",
-            "processes": world,
+            "device": self.device,
+            "precision": "bf16" if self.bf16 else "fp32",
+            "processes": self.world,
             "steps": step,
-            "examples": len(examples),
-            "rows": len(rows),
+            "examples": len(self.examples),
+            "rows": len(self.rows),
             "best_step": state["best_step"],
-            "best_val_strict_f1": state["best_f1"] if val_sessions else None,
+            "best_val_strict_f1": state["best_f1"] if self.val_sessions else None,
             "evals": state["evals"],
-            "val_sessions": len(val_sessions),
+            "val_sessions": len(self.val_sessions),
             "tokens": state.get("tokens", 0),
             "train_s": round(train_s, 2),
             "s_per_step": round(train_s / max(1, step), 3),
             "tokens_per_s": round(state.get("tokens", 0) / train_s, 1) if train_s else 0.0,
-            "wall_s": round(time.perf_counter() - t_start, 2),
-            "trainable_params": sum(p.numel() for p in trainable),
+            "wall_s": round(time.perf_counter() - self.t_start, 2),
+            "trainable_params": sum(p.numel() for p in self.trainable),
         }
-        best = out / "best"
-        if not best.exists():
-            save_adapter(accelerator.unwrap_model(model), best)
-        tmp = out / "adapter.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(best, tmp)
-        write_json(out / "run.json", result)
-        tmp.rename(out / "adapter")
-    accelerator.wait_for_everyone()
-    return result
