@@ -95,42 +95,19 @@ def distill(sessions, out, teacher, teacher_model, api_key_env, formats, samplin
         raise BkdError("--sampling difficulty needs a --teacher: its per-session error ranks the sessions")
     picked = sample_sessions(rows, sampling, ratio, seed, embed=_embed, error=_errors(client, attempts, quiet))
 
-    counts, failures, extra, produced = {}, [], {}, {}
-    for fmt in wanted:
-        if fmt == "patterns":
-            from ..knowledge.patterns import PatternConfig, mine_patterns, type_stats
+    from ..knowledge.distill import DistillConfig
+    from ..knowledge.distill import distill as distill_sessions
 
-            found = mine_patterns(picked, PatternConfig(min_support=min_support, min_confidence=min_confidence))
-            records = [
-                store.Record("pattern", p.text(), list(p.session_ids), "patterns",
-                             extra={"pattern": p.kind, "lhs": list(p.lhs), "rhs": list(p.rhs), "support": p.support,
-                                    "confidence": p.confidence, "lift": p.lift})
-                for p in found
-            ]  # fmt: skip
-            extra["types"] = type_stats(picked)
-        elif fmt == "rules":
-            from ..knowledge.rules import RuleConfig, distill_rules
-
-            with _bar(quiet, "rules") as bar:
-                records, failed, scores = distill_rules(
-                    client, picked, RuleConfig(batch_size, rules_per_batch, rule_chars, attempts), progress=bar
-                )
-            failures += failed
-            extra["teacher_scores"] = scores
-        else:
-            from ..knowledge.thoughts import ThoughtConfig, distill_thoughts
-
-            with _bar(quiet, "thoughts", total=len(picked)) as bar:
-                records, failed = distill_thoughts(
-                    client, picked, ThoughtConfig(why_chars=why_chars, attempts=attempts), progress=bar
-                )
-            failures += failed
-        produced[fmt] = records
-        counts[fmt] = len(records)
+    config = DistillConfig(min_support, min_confidence, batch_size, rules_per_batch, rule_chars, why_chars, attempts)
+    made = distill_sessions(
+        client, picked, wanted, config, progress=lambda stage, total=None: _bar(quiet, stage, total)
+    )
+    counts = {fmt: len(records) for fmt, records in made.records.items()}
+    failures = made.failures
 
     # Written only now: a run stopped by a dead teacher leaves the folder as it was (its finished
     # calls are in the cache, so the rerun picks up from there).
-    for fmt, records in produced.items():
+    for fmt, records in made.records.items():
         store.write_records(out, fmt, records)
 
     stats = client.stats if client else None
@@ -151,11 +128,11 @@ def distill(sessions, out, teacher, teacher_model, api_key_env, formats, samplin
         "counts": counts,
         "calls": stats.to_dict() if stats else None,
         "failures": failures,
-        **extra,
+        **made.extra,
     }
     store.write_manifest(out, run)
-    made = ", ".join(f"{n} {fmt}" for fmt, n in counts.items())
-    line = f"distilled {made} from {len(picked)} of {len(rows)} {split} sessions -> {out}"
+    summary = ", ".join(f"{n} {fmt}" for fmt, n in counts.items())
+    line = f"distilled {summary} from {len(picked)} of {len(rows)} {split} sessions -> {out}"
     if stats:
         line += f"; {stats.summary()}; {len(failures)} answer(s) failed validation"
     click.echo(line)
