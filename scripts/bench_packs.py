@@ -43,8 +43,7 @@ def reuse_run(pack: Pack, sessions, k: int, n_ctx: int) -> dict:
     reused = [engine.generate(s, pack.static, examples[s.session_id]).timing for s in sessions]
     cold = []
     for s in sessions:
-        engine.llm._ctx.kv_cache_clear()
-        engine.llm.reset()  # forget everything: the whole prompt is evaluated again
+        engine.forget()  # the whole prompt is evaluated again
         cold.append(engine.generate(s, pack.static, examples[s.session_id]).timing)
     # Reuse skips the prefix only: the session's own tokens are still evaluated, so the ratio cannot
     # fall below their share of the prompt (the floor, were prefill time linear in tokens).

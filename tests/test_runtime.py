@@ -146,6 +146,18 @@ def test_runtime_is_a_leaf():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_llama_cpp_private_attributes_stay_in_the_runtime():
+    """llama-cpp-python's private attributes change between releases: only the runtime touches them."""
+    import re
+
+    root = Path(bundlekd_edge.runtime.__file__).parent.parent
+    private = re.compile(r"\.(_ctx|_model|_batch|_requires_eval)\b")
+    files = [p for p in root.rglob("*.py") if "runtime" not in p.parts] + list((root.parent / "scripts").glob("*.py"))
+    offenders = [f"{p.name}:{n}" for p in files for n, line in enumerate(p.read_text().splitlines(), 1)
+                 if private.search(line)]  # fmt: skip
+    assert not offenders, offenders
+
+
 def _log_softmax(row: np.ndarray) -> np.ndarray:
     row = row.astype(np.float64) - row.max()
     return row - np.log(np.exp(row).sum())

@@ -95,8 +95,7 @@ def llama_row(spec: EngineSpec, opt: BenchOptions, sessions: list[Session], pred
     # Uncached prefix: the KV cache emptied before each session, so the whole prompt is evaluated.
     cold = []
     for s in sessions[: opt.cold]:
-        engine.llm.reset()
-        engine.llm._ctx.kv_cache_clear()
+        engine.forget()  # the whole prompt is evaluated again
         cold.append(engine.generate(s, **parts(s)).timing)
 
     # The scored run: the static prefix evaluated (or loaded from the pack's state) once, then reused.

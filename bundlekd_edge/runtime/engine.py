@@ -216,8 +216,7 @@ class Engine:
         t0 = time.perf_counter()
         status = load_prefix_state(self, tokens, state_dir) if state_dir else "not persisted"
         if status != "loaded":
-            self.llm._ctx.kv_cache_clear()
-            self.llm.reset()
+            self.forget()
             self.llm.eval(tokens)
             if state_dir:
                 try:
@@ -225,6 +224,11 @@ class Engine:
                 except OSError:  # a read-only install (a shipped student's pack): the state is only a speed-up
                     status = f"{status}; not persisted ({state_dir} is not writable)"
         return {"tokens": len(tokens), "status": status, "seconds": time.perf_counter() - t0}
+
+    def forget(self) -> None:
+        """Empty the KV cache: the next prompt is evaluated whole (what a cold start pays)."""
+        self.llm._ctx.kv_cache_clear()
+        self.llm.reset()
 
     def model_sha256(self) -> str:
         if self._sha256 is None:
