@@ -94,6 +94,25 @@ def test_bench_rows(bench, sample_path):
     assert report["comparisons"][0]["engine"] == "student"
 
 
+def test_generate_demo_and_bench_run_the_same_student_the_same_way(bench, cli, sample_path, tmp_path):
+    """One road: the three commands resolve `--model default` to the same student (adapter, pack,
+    prompt settings, context) and give each session the same prompt tokens and the same answer."""
+    _, out, _, _ = bench
+
+    def answers(path):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return [(r["session_id"], r["raw"], r["bundles"], r["timing"]["prompt_tokens"]) for r in rows]
+
+    r = cli("generate", "--model", "default", "--sessions", sample_path, "--split", "test", "--threads", "1",
+            "--out", tmp_path / "generate.jsonl", "--quiet")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = cli("demo", "--sessions", sample_path, "--split", "test", "--threads", "1", "--out", tmp_path / "demo")
+    assert r.exit_code == 0, r.output
+    bench_answers = answers(out / "rows" / "student.pred.jsonl")
+    assert answers(tmp_path / "generate.jsonl") == bench_answers
+    assert answers(tmp_path / "demo" / "predictions.jsonl") == bench_answers
+
+
 def test_broken_engine_is_reported_in_its_row(bench):
     report, out, _, _ = bench
     broken = next(r for r in report["rows"] if r["name"] == "broken")

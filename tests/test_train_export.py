@@ -59,11 +59,12 @@ def trained_run(tmp_path_factory, sample_path):
 def exported(trained_run):
     from bundlekd_edge.export.build import export_run
     from bundlekd_edge.export.parity import Gate
+    from bundlekd_edge.export.recipe import ExportRecipe
 
     out = trained_run.parent / "export"
     # a 2-step model is unstable under greedy decoding: gate the bundle rate of the quants off, keep top-1
-    gate = Gate(q8_bundles=0.0, quant_bundles=0.0)
-    manifest = export_run(trained_run, out, golden=1, gen_max_tokens=12, gate=gate, log=lambda *a: None)
+    recipe = ExportRecipe(golden=1, gen_max_tokens=12, gate=Gate(q8_bundles=0.0, quant_bundles=0.0))
+    manifest = export_run(trained_run, out, recipe, log=lambda *a: None)
     return out, manifest
 
 
@@ -356,6 +357,7 @@ def test_export_bad_input_gets_clear_errors_and_leaves_nothing(tmp_path):
     import gguf
 
     from bundlekd_edge.export.build import export_run
+    from bundlekd_edge.export.recipe import ExportRecipe
 
     gemma = tmp_path / "gemma.gguf"
     w = gguf.GGUFWriter(str(gemma), "gemma3")
@@ -367,8 +369,30 @@ def test_export_bad_input_gets_clear_errors_and_leaves_nothing(tmp_path):
     with pytest.raises(BkdError, match="no adapter"):
         export_run(_fake_run(tmp_path / "b", gemma, adapter=False), out)
     with pytest.raises(BkdError, match="unknown quant type 'Q3_FAST'"):
-        export_run(_fake_run(tmp_path / "c", gemma), out, quants=["Q8_0", "q3_fast"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "c", "gemma.gguf", "run"]
+        ExportRecipe(quants=["Q8_0", "q3_fast"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "gemma.gguf", "run"]
+
+
+def test_export_recipes_are_checked_and_the_shipped_default_is_the_built_in_one(tmp_path):
+    from bundlekd_edge.export.recipe import ExportRecipe, load_export_recipe
+
+    shipped = Path(__file__).resolve().parent.parent / "export" / "default.toml"
+    assert load_export_recipe(shipped) == ExportRecipe()  # the file documents exactly what runs without one
+    for text, message in (
+        ('quants = ["Q4_K_M", "Q9_X"]', "unknown quant type 'Q9_X'"),
+        ("golden = 0", "at least 1 session"),
+        ("colour = 1", "unknown key 'colour'"),
+        ("[gate]\nquant_top1 = 1.5", "gate.quant_top1 1.5: a share"),
+        ("[gate]\nq4_top1 = 0.5", "gate: unknown key 'q4_top1'"),
+        ('golden = "8"', "golden: expected int"),
+    ):
+        path = tmp_path / "r.toml"
+        path.write_text(text + "\n")
+        with pytest.raises(BkdError, match=message):
+            load_export_recipe(path)
+    path.write_text('quants = ["q8_0"]\ngolden = 2\n[gate]\nq8_top1 = 0.9\n')
+    r = load_export_recipe(path)
+    assert (r.quants, r.golden, r.gate.q8_top1, r.gate.quant_top1) == (["Q8_0"], 2, 0.9, 0.8)
 
 
 def test_disk_full_during_export_leaves_nothing(trained_run, monkeypatch):
@@ -377,6 +401,7 @@ def test_disk_full_during_export_leaves_nothing(trained_run, monkeypatch):
     import gguf
 
     from bundlekd_edge.export import build, parity
+    from bundlekd_edge.export.recipe import ExportRecipe
 
     def full(self, *a, **k):
         self.fout[0].write(b"\0" * 1000)  # half-written, then the disk is full
@@ -386,7 +411,7 @@ def test_disk_full_during_export_leaves_nothing(trained_run, monkeypatch):
     monkeypatch.setattr(parity, "hf_generate", lambda model, tok, golden: [""] * len(golden))
     out = trained_run.parent / "full"
     with pytest.raises(BkdError, match="No space left on device.*nothing was left behind"):
-        build.export_run(trained_run, out, golden=1, gen_max_tokens=8, log=lambda *a: None)
+        build.export_run(trained_run, out, ExportRecipe(golden=1, gen_max_tokens=8), log=lambda *a: None)
     assert not out.exists() and not list(trained_run.parent.glob(".full.tmp-*"))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -17,11 +18,16 @@ def _exit_on_sigterm() -> None:
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Export folder to create.")
-@click.option("--quant", "quants", default="Q8_0,Q4_K_M", show_default=True, help="Comma-separated quant types.")
-@click.option("--golden", default=8, show_default=True, help="Val sessions in the parity check.")
-@click.option("--gen-max-tokens", default=0, help="Cap on generated tokens per golden session (0: the contract's).")
-@click.option("--min-top1", type=float, help="Parity gate: min top-1 agreement of quants below 8 bits (default 0.8).")
-@click.option("--min-bundles", type=float, help="Parity gate: min identical-bundle rate below 8 bits (default 0.5).")
+@click.option(
+    "--recipe",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Export recipe TOML (quants, golden sessions, parity gate) [default: export/default.toml's values].",
+)
+@click.option("--quant", "quants", help="Comma-separated quant types [recipe: Q8_0,Q4_K_M].")
+@click.option("--golden", type=click.IntRange(min=1), help="Val sessions in the parity check [recipe: 8].")
+@click.option("--gen-max-tokens", type=click.IntRange(min=0), help="Cap on generated tokens per golden session.")
+@click.option("--min-top1", type=float, help="Parity gate: min top-1 agreement of quants below 8 bits [recipe: 0.8].")
+@click.option("--min-bundles", type=float, help="Parity gate: min identical-bundle rate below 8 bits [recipe: 0.5].")
 @click.option("--keep-f16", is_flag=True, help="Also ship the GGUF f16 file.")
 @click.option("--no-ollama", is_flag=True, help="No Ollama Modelfile.")
 @click.option("--threads", default=0, help="CPU threads for quantisation and parity; 0 = all.")
@@ -37,8 +43,8 @@ def _exit_on_sigterm() -> None:
     help="With --promote: the training data's origin and licence, for the card.",
 )
 def export(
-    run_dir, out, quants, golden, gen_max_tokens, min_top1, min_bundles, keep_f16, no_ollama, threads, promote,
-    data_licence,
+    run_dir, out, recipe, quants, golden, gen_max_tokens, min_top1, min_bundles, keep_f16, no_ollama, threads,
+    promote, data_licence,
 ):  # fmt: skip
     """Merge the run's LoRA into its base, write GGUF f16, quantise, check parity, package.
 
@@ -50,33 +56,28 @@ def export(
     The export fails, leaving nothing behind, when a stage diverges from the merged model.
     """
     from ..export.build import export_run  # torch loads only for this command
-    from ..export.parity import Gate
+    from ..export.recipe import ExportRecipe, load_export_recipe
 
-    gate = Gate()
-    if min_top1 is not None:
-        gate = Gate(**{**gate.__dict__, "quant_top1": min_top1})
-    if min_bundles is not None:
-        gate = Gate(**{**gate.__dict__, "quant_bundles": min_bundles})
+    base = load_export_recipe(recipe) if recipe else ExportRecipe()
+    gate = replace(base.gate, **{k: v for k, v in (("quant_top1", min_top1), ("quant_bundles", min_bundles))
+                                 if v is not None})  # fmt: skip
+    given = {
+        "quants": [q for q in quants.split(",") if q.strip()] if quants is not None else None,
+        "golden": golden,
+        "gen_max_tokens": gen_max_tokens,
+        "keep_f16": True if keep_f16 else None,  # flags turn a recipe's setting on, never off
+        "ollama": False if no_ollama else None,
+    }
+    recipe = replace(base, gate=gate, **{k: v for k, v in given.items() if v is not None})  # validated again
     _exit_on_sigterm()
-    manifest = export_run(
-        run_dir,
-        out,
-        quants=[q for q in quants.split(",") if q.strip()],
-        golden=golden,
-        gate=gate,
-        gen_max_tokens=gen_max_tokens,
-        keep_f16=keep_f16,
-        ollama=not no_ollama,
-        threads=threads,
-        log=click.echo,
-    )
+    manifest = export_run(run_dir, out, recipe, threads=threads, log=click.echo)
     sizes = ", ".join(f"{q} {m['bytes'] / 2**20:.0f} MiB" for q, m in manifest["models"].items())
     click.echo(f"{out}: {sizes}; parity passed; {manifest['timings']['total_s']:.0f} s")
     if promote:
         from ..export.promote import promote as install
 
-        recipe = manifest["recipe"]
-        data = {"sessions": Path(recipe["sessions"]).name, "split": "train", "licence": data_licence or "not given"}
+        trained = manifest["recipe"]
+        data = {"sessions": Path(trained["sessions"]).name, "split": "train", "licence": data_licence or "not given"}
         data["sessions_sha256"] = (manifest.get("data") or {}).get("sessions_sha256")
         folder = install(out, promote, data)
         click.echo(f"promoted: {folder} (run it with --model {promote})")

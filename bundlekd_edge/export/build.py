@@ -20,7 +20,8 @@ from ..prompts import system_text
 from .folder import ADAPTER_FILE, DEFAULT_QUANT, EXPORT_FORMAT
 from .lora_gguf import write_lora_gguf
 from .parity import Gate
-from .quantize import DEFAULT_QUANTS, check_quants, describe_gguf, quantize
+from .quantize import describe_gguf, quantize
+from .recipe import ExportRecipe
 
 
 def read_run(run_dir: Path) -> tuple[dict, dict]:
@@ -141,24 +142,14 @@ class Source:
     gold: list  # parity.Golden
 
 
-def export_run(
-    run_dir: str | Path,
-    out: str | Path,
-    quants=DEFAULT_QUANTS,
-    golden: int = 8,
-    gate: Gate = Gate(),
-    gen_max_tokens: int = 0,
-    keep_f16: bool = False,
-    ollama: bool = True,
-    threads: int = 0,
-    log=print,
-) -> dict:
+def export_run(run_dir: str | Path, out: str | Path, recipe: ExportRecipe | None = None, threads: int = 0,
+               log=print) -> dict:  # fmt: skip
     """Merge, write GGUF f16, quantise, check parity, package; returns the manifest."""
-    run_dir, out = Path(run_dir), Path(out)
-    quants = check_quants(quants)
+    run_dir, out, recipe = Path(run_dir), Path(out), recipe or ExportRecipe()
     if out.exists():
         raise BkdError(f"{out}: already exists; choose another --out (an export is never overwritten in place)")
-    src = read_source(run_dir, golden, gen_max_tokens)
+    src = read_source(run_dir, recipe.golden, recipe.gen_max_tokens)
+    gate = recipe.gate
     t0 = time.perf_counter()
     try:
         with building(out) as tmp:
@@ -166,7 +157,7 @@ def export_run(
             f16 = tmp / "model-F16.gguf"
             timings = write_f16(src, merged, f16, log)
             del merged
-            models = quantise(f16, quants, keep_f16, threads, log)
+            models = quantise(f16, recipe.quants, recipe.keep_f16, threads, log)
             t = time.perf_counter()
             adapter = write_lora_gguf(src.base.path, src.run_dir / "adapter", tmp / ADAPTER_FILE)
             log(f"wrote {ADAPTER_FILE} ({adapter['bytes'] / 2**20:.1f} MiB, rank {adapter['rank']})")
@@ -175,7 +166,7 @@ def export_run(
             if "F16" not in models:
                 f16.unlink()
             timings["total_s"] = round(time.perf_counter() - t0, 2)
-            return package(src, tmp, out.name, models, adapter, stages, gate, timings, ollama)
+            return package(src, tmp, out.name, models, adapter, stages, recipe, timings)
     except OSError as e:
         raise BkdError(f"export to {out} failed while writing ({e}); nothing was left behind") from None
 
@@ -284,8 +275,8 @@ def check_parity(src: Source, folder: Path, models: dict, ref: tuple, gate: Gate
     return stages
 
 
-def package(src: Source, folder: Path, name: str, models: dict, adapter: dict, stages: list, gate: Gate,
-            timings: dict, ollama: bool) -> dict:  # fmt: skip
+def package(src: Source, folder: Path, name: str, models: dict, adapter: dict, stages: list,
+            recipe: ExportRecipe, timings: dict) -> dict:  # fmt: skip
     """The pack, model card, Modelfiles and manifest around the checked models."""
     default = DEFAULT_QUANT if DEFAULT_QUANT in models else next(iter(models))
     if src.pack is not None:
@@ -307,7 +298,8 @@ def package(src: Source, folder: Path, name: str, models: dict, adapter: dict, s
         "default_quant": default,
         "models": models,
         "pack": "pack" if src.pack is not None else None,
-        "parity": {"golden_sessions": len(src.gold), "gate": asdict(gate), "stages": stages},
+        "parity": {"golden_sessions": len(src.gold), "gate": asdict(recipe.gate), "stages": stages},
+        "export_recipe": recipe.to_dict(),
         "timings": timings,
     }
     with atomic_write(folder / "README.md") as f:
@@ -315,7 +307,7 @@ def package(src: Source, folder: Path, name: str, models: dict, adapter: dict, s
     system = system_text(src.recipe.prompt_config())
     for file, source in (("Modelfile", f"./{models[default]['file']}"), ("Modelfile.adapter", str(src.base.path))):
         text = modelfile(source, src.chat_template, system, ADAPTER_FILE if file.endswith("adapter") else None)
-        if ollama and text:
+        if recipe.ollama and text:
             with atomic_write(folder / file) as f:
                 f.write(text)
     return write_manifest(folder, EXPORT_FORMAT, fields)
