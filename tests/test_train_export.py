@@ -63,7 +63,8 @@ def exported(trained_run):
 
     out = trained_run.parent / "export"
     # a 2-step model is unstable under greedy decoding: gate the bundle rate of the quants off, keep top-1
-    recipe = ExportRecipe(golden=1, gen_max_tokens=12, gate=Gate(q8_bundles=0.0, quant_bundles=0.0))
+    gate = Gate(q8_bundles=0.0, quant_bundles=0.0)
+    recipe = ExportRecipe(golden=1, gen_max_tokens=12, keep_f16=True, gate=gate)  # F16: quant-pick's reference
     manifest = export_run(trained_run, out, recipe, log=lambda *a: None)
     return out, manifest
 
@@ -234,7 +235,7 @@ def test_export_folder_layout_manifest_and_parity(exported):
     out, manifest = exported
     names = sorted(p.name for p in out.iterdir())
     assert names == ["Modelfile", "Modelfile.adapter", "README.md", "adapter.gguf", "manifest.json",
-                     "model-Q4_K_M.gguf", "model-Q8_0.gguf"]  # fmt: skip
+                     "model-F16.gguf", "model-Q4_K_M.gguf", "model-Q8_0.gguf"]  # fmt: skip
     assert manifest["files"].keys() == {n for n in names if n != "manifest.json"}
     for name, digest in manifest["files"].items():
         assert sha256_file(out / name) == digest
@@ -287,7 +288,35 @@ def test_generate_and_eval_with_the_export_folder(exported, sample_path, cli, tm
     assert r.exit_code == 0 and "strict_f1" in json.loads(r.stdout)
     assert "3 of 4 gold sessions have no prediction" in r.stderr
     r = cli("generate", "--model", f"{out}:Q5_K_M", "--sessions", sample_path, "--out", tmp_path / "x.jsonl")
-    assert r.exit_code == 1 and "no Q5_K_M model in this export (has Q8_0, Q4_K_M)" in r.output
+    assert r.exit_code == 1 and "no Q5_K_M model in this export (has F16, Q8_0, Q4_K_M)" in r.output
+
+
+def test_quant_pick_measures_every_quant_here_and_generate_runs_the_choice(exported, sample_path, cli, tmp_path):
+    out, manifest = exported
+    folder = tmp_path / "export"
+    shutil.copytree(out, folder)
+    r = cli("quant-pick", folder, "--sessions", sample_path, "--spread", "2", "--threads", "1", "--json")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    table = {t["quant"]: t for t in result["table"]}
+    assert set(table) == {"F16", "Q8_0", "Q4_K_M"} and result["sessions"] == 2
+    for t in table.values():
+        assert t["latency_p50_s"] > 0 and t["decode_tps"] > 0 and t["peak_rss"] > 0 and 0 <= t["val_strict_f1"] <= 1
+    eligible = [q for q, t in table.items() if t["val_strict_f1"] >= table["F16"]["val_strict_f1"] - 0.01]
+    assert result["choice"] == min(eligible, key=lambda q: table[q]["latency_p50_s"])
+    after = json.loads((folder / "manifest.json").read_text())
+    assert after["default_quant"] == result["choice"] and after["quant_pick"]["table"] == result["table"]
+    assert "Quant chosen on" in (folder / "README.md").read_text()
+    r = cli("generate", "--model", folder, "--sessions", sample_path, "--split", "test", "--limit", "1", "--out",
+            tmp_path / "p.jsonl", "--quiet", "--summary", tmp_path / "run.json")  # fmt: skip
+    assert r.exit_code == 0, r.output  # the edited manifest still verifies
+    assert json.loads((tmp_path / "run.json").read_text())["run"]["model"].endswith(f"model-{result['choice']}.gguf")
+
+    (folder / "model-F16.gguf").unlink()
+    del after["models"]["F16"], after["files"]["model-F16.gguf"]
+    write_json(folder / "manifest.json", after)
+    r = cli("quant-pick", folder, "--sessions", sample_path)
+    assert r.exit_code == 1 and "no F16 model to compare the quants with" in r.output
 
 
 def test_an_export_with_a_pack_generates_with_it(exported, sample_path, cli, tmp_path):

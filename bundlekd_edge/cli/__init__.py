@@ -49,6 +49,7 @@ def _register():
     main.add_command(distill_cmd.distill)
     main.add_command(train_cmd.train)
     main.add_command(export_cmd.export)
+    main.add_command(export_cmd.quant_pick)
     main.add_command(bench_cmd.bench)
     main.add_command(experiment_cmd.experiment)
 

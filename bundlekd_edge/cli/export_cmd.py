@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from dataclasses import replace
@@ -23,7 +24,12 @@ def _exit_on_sigterm() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Export recipe TOML (quants, golden sessions, parity gate) [default: export/default.toml's values].",
 )
-@click.option("--quant", "quants", help="Comma-separated quant types [recipe: Q8_0,Q4_K_M].")
+@click.option(
+    "--quant",
+    "quants",
+    help="Comma-separated quant types [recipe: Q8_0,Q4_K_M]; 'auto': all of Q4_0,Q4_K_S,Q4_K_M,Q5_K_M,Q8_0,F16, "
+    "each measured on this machine, the fastest within 0.01 val strict F1 of F16 made the default (quant-pick).",
+)
 @click.option("--golden", type=click.IntRange(min=1), help="Val sessions in the parity check [recipe: 8].")
 @click.option("--gen-max-tokens", type=click.IntRange(min=0), help="Cap on generated tokens per golden session.")
 @click.option("--min-top1", type=float, help="Parity gate: min top-1 agreement of quants below 8 bits [recipe: 0.8].")
@@ -61,6 +67,11 @@ def export(
     base = load_export_recipe(recipe) if recipe else ExportRecipe()
     gate = replace(base.gate, **{k: v for k, v in (("quant_top1", min_top1), ("quant_bundles", min_bundles))
                                  if v is not None})  # fmt: skip
+    auto = quants is not None and quants.strip().lower() == "auto"
+    if auto:
+        from ..bench.quant_pick import CANDIDATES
+
+        quants = ",".join(CANDIDATES)
     given = {
         "quants": [q for q in quants.split(",") if q.strip()] if quants is not None else None,
         "golden": golden,
@@ -73,6 +84,8 @@ def export(
     manifest = export_run(run_dir, out, recipe, threads=threads, log=click.echo)
     sizes = ", ".join(f"{q} {m['bytes'] / 2**20:.0f} MiB" for q, m in manifest["models"].items())
     click.echo(f"{out}: {sizes}; parity passed; {manifest['timings']['total_s']:.0f} s")
+    if auto:
+        _pick(out, None, 30, 0.01, threads)
     if promote:
         from ..export.promote import promote as install
 
@@ -81,3 +94,37 @@ def export(
         data["sessions_sha256"] = (manifest.get("data") or {}).get("sessions_sha256")
         folder = install(out, promote, data)
         click.echo(f"promoted: {folder} (run it with --model {promote})")
+
+
+@click.command("quant-pick")
+@click.argument("export_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--sessions", type=click.Path(dir_okay=False, path_type=Path),
+              help="Sessions JSONL whose val split is measured [the export's training data].")  # fmt: skip
+@click.option("--spread", default=30, show_default=True, type=click.IntRange(min=1),
+              help="Val sessions measured, spread evenly over the split.")  # fmt: skip
+@click.option("--tolerance", default=0.01, show_default=True, type=click.FloatRange(0, 1),
+              help="Largest val strict F1 a quant may lose against F16.")  # fmt: skip
+@click.option("--threads", default=0, help="CPU threads; 0 = all.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def quant_pick(export_dir, sessions, spread, tolerance, threads, as_json):
+    """Measure every quant of EXPORT_DIR on this machine and make the fastest good one its default.
+
+    \b
+    Each quant (the export needs its F16 as reference: export with --keep-f16 or --quant auto)
+    generates the same val sessions in its own process: per-session latency, decode and prefill
+    tokens/s, peak RSS, and val strict F1. The fastest whose F1 is within --tolerance of F16's
+    becomes the manifest's default_quant, so `generate --model EXPORT_DIR` runs it; the table
+    goes into the manifest (quant_pick).
+    """
+    _pick(export_dir, sessions, spread, tolerance, threads, as_json)
+
+
+def _pick(export_dir, sessions, spread, tolerance, threads, as_json=False) -> None:
+    from ..bench.quant_pick import pick_quant, quant_table
+
+    result = pick_quant(export_dir, sessions, spread, tolerance, threads)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(quant_table(result))
+        click.echo(f"{export_dir}: default quant is now {result['choice']}")

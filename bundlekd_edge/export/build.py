@@ -75,6 +75,30 @@ def model_card(manifest: dict) -> str:
     )
     run = manifest["run"]
     f1 = run.get("best_val_strict_f1")
+    return _card_head(manifest, run, f1, rows, parity) + _card_quant_pick(manifest.get("quant_pick"))
+
+
+def _card_quant_pick(pick: dict | None) -> str:
+    if not pick:
+        return ""
+    rows = "\n".join(
+        f"| {t['quant']}{' (chosen)' if t['quant'] == pick['choice'] else ''} | {t['latency_p50_s']:.3f} | "
+        f"{t['decode_tps']:.1f} | {t['prefill_tps']:.1f} | {(t['peak_rss'] or 0) / 2**20:.0f} | "
+        f"{t['val_strict_f1']:.3f} |"
+        for t in pick["table"]
+    )
+    machine = pick["machine"]
+    return f"""
+Quant chosen on {machine["cpu"].get("model", "this machine")} ({machine["threads"]} threads), {pick["measured"]}:
+{pick["rule"]}, over {pick["sessions"]} {pick["split"]} sessions (`bkd-edge quant-pick`).
+
+| quant | p50 latency s | decode tok/s | prefill tok/s | peak RSS MiB | val strict F1 |
+|---|---|---|---|---|---|
+{rows}
+"""
+
+
+def _card_head(manifest: dict, run: dict, f1, rows: str, parity: str) -> str:
     return f"""# {manifest["name"]}: a bundle-generation student
 
 LoRA-fine-tuned from `{Path(manifest["base"]["path"]).name}` (mode `{manifest["recipe"]["mode"]}`,
