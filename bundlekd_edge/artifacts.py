@@ -49,14 +49,6 @@ def write_manifest(folder: str | os.PathLike, fmt: str, fields: dict, skip: tupl
     return manifest
 
 
-def read_manifest(folder: str | os.PathLike, fmt: str, kind: str) -> dict:
-    """The manifest of a `kind` folder of format `fmt`, or a BkdError that says what is wrong."""
-    problems, manifest = _load(folder, fmt, kind)
-    if problems:
-        raise BkdError(problems[0])
-    return manifest
-
-
 def check_files(folder: str | os.PathLike, digests: dict[str, str], unlisted_ok: tuple[str, ...] = ()) -> list[str]:
     """Problems with a folder against the sha256 its manifest lists: a listed file missing, changed or
     outside the folder, or a file the manifest does not list (`unlisted_ok`: the manifest itself and

@@ -9,12 +9,12 @@ Built in a temporary sibling folder and renamed into place, never over an existi
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 from .. import BkdError, __version__
+from ..artifacts import building
 from ..files import sha256_file, write_json
 from ..student import BASE_PACKAGE, STUDENT_CARD, STUDENT_FORMAT, models_dir
 from .folder import ADAPTER_FILE, read_manifest, verify_export
@@ -77,10 +77,7 @@ def promote(export_dir: str | Path, name: str, data: dict | None = None, root: s
     final = out / name
     if final.exists():
         raise BkdError(f"{final}: a student of that name exists; remove it first or choose another name")
-    tmp = out / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with building(final) as tmp:
         shutil.copy2(adapter, tmp / ADAPTER_FILE)
         pack = manifest.get("pack")
         if pack:
@@ -89,9 +86,6 @@ def promote(export_dir: str | Path, name: str, data: dict | None = None, root: s
         card["adapters"][0]["sha256"] = sha256_file(tmp / ADAPTER_FILE)
         write_json(tmp / STUDENT_CARD, card)
         (tmp / "README.md").write_text(student_readme(card), encoding="utf-8")
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
