@@ -95,77 +95,96 @@ def generate_concurrent(
         return ConcurrentRun([], 0.0, concurrency)
 
     n_seq = min(concurrency, len(sessions))  # no KV cache for sequences that could never be used
-    n_batch = max(engine.config.n_batch, n_seq)  # every active sequence's next token must fit one batch
-    prefix = _common_prefix(prompts)
-    vocab = engine.llm._model.vocab
-    n_vocab = engine.llm.n_vocab()
-    generations: list[Generation | None] = [None] * len(sessions)
-    slots: dict[int, _Slot] = {}  # seq_id -> the session decoding in it
-    free_seqs = list(range(n_seq - 1, -1, -1))  # a stack: pop() hands out 0, 1, ...
-    ctx = _new_context(engine, n_seq, n_batch)
-    batch = lib.llama_batch_init(n_batch, 0, 1)
+    run = _Scheduler(engine, sessions, prompts, n_seq)
+    try:
+        wall = run.until_done()
+    finally:
+        run.free()
+    return ConcurrentRun([g for g in run.generations if g is not None], wall, concurrency)
 
-    def take(slot: _Slot, pos: int) -> None:
+
+class _Scheduler:
+    """Sessions admitted into free KV sequences as others finish; one llama_decode per step for
+    every session in flight."""
+
+    def __init__(self, engine: Engine, sessions: list[Session], prompts: list[list[int]], n_seq: int):
+        self.engine, self.sessions, self.prompts = engine, sessions, prompts
+        self.n_batch = max(engine.config.n_batch, n_seq)  # every active sequence's next token must fit one batch
+        self.prefix = _common_prefix(prompts)
+        self.vocab, self.n_vocab = engine.llm._model.vocab, engine.llm.n_vocab()
+        self.generations: list[Generation | None] = [None] * len(sessions)
+        self.slots: dict[int, _Slot] = {}  # seq_id -> the session decoding in it
+        self.free_seqs = list(range(n_seq - 1, -1, -1))  # a stack: pop() hands out 0, 1, ...
+        self.ctx = _new_context(engine, n_seq, self.n_batch)
+        self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
+
+    def until_done(self) -> float:
+        """Run every session to its end; the wall time from the first admission."""
+        queue = deque(i for i, s in enumerate(self.sessions) if len(s.items) >= 2)
+        for i in set(range(len(self.sessions))) - set(queue):  # no bundle possible: the model is not asked
+            self.generations[i] = skipped_generation(self.sessions[i])
+        t0 = time.perf_counter()
+        self.prefix_state = _prefix_state(self.ctx, self.batch, self.prefix, self.n_batch)
+        while queue or self.slots:
+            while queue and self.free_seqs:
+                self.admit(queue.popleft(), self.free_seqs.pop())
+            # One decode step: the next token of every session in flight, one llama_decode for all.
+            active = list(self.slots.values())
+            if not active:  # every admitted session ended on its first token
+                continue
+            _decode(self.ctx, self.batch, [(s.seq_id, s.n_past, s.next_token, True) for s in active])
+            for pos, slot in enumerate(active):
+                slot.n_past += 1
+                self.take(slot, pos)
+        return time.perf_counter() - t0
+
+    def admit(self, i: int, seq: int) -> None:
+        """Start session `i` in sequence `seq`: the shared prefix copied in, its own tokens prefilled."""
+        prompt = self.engine.config.prompt
+        n_items = len(self.sessions[i].items)
+        self.slots[seq] = slot = _Slot(
+            index=i,
+            seq_id=seq,
+            prompt=self.prompts[i],
+            max_tokens=max_answer_tokens(n_items, prompt),
+            sampler=GrammarGreedy(self.vocab, self.n_vocab, output_grammar(n_items, prompt)),
+            started=time.perf_counter(),
+            prefix_len=len(self.prefix),
+            n_past=len(self.prefix),
+        )
+        state = self.prefix_state
+        if self.prefix and not lib.llama_state_seq_set_data(self.ctx, state, len(state), seq):
+            raise BkdError(f"llama.cpp could not restore the shared prompt prefix into sequence {seq}")
+        self.take(slot, _prefill(self.ctx, self.batch, slot, self.n_batch))
+
+    def take(self, slot: _Slot, pos: int) -> None:
         """Sample the slot's next token from the logits at batch position `pos`; finish the session if done."""
-        token = slot.sampler.sample(ctx, pos)
+        token = slot.sampler.sample(self.ctx, pos)
         now = time.perf_counter()
         slot.first_at = slot.first_at or now
         finish = None
-        if lib.llama_vocab_is_eog(vocab, token):
+        if lib.llama_vocab_is_eog(self.vocab, token):
             finish = "stop"  # like create_completion: the end token is neither text nor counted
         else:
             slot.answer.append(token)
-            slot.text += _piece(vocab, token)
+            slot.text += _piece(self.vocab, token)
             slot.next_token = token
             if len(slot.answer) >= slot.max_tokens:
                 finish = "length"
         if finish:
-            generations[slot.index] = _generation(sessions[slot.index], slot, finish, now, engine.config.prompt)
+            session = self.sessions[slot.index]
+            self.generations[slot.index] = _generation(session, slot, finish, now, self.engine.config.prompt)
             # Free the sequence's KV cells and its sampler, then hand the sequence id to the next session.
-            lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), slot.seq_id, -1, -1)
+            lib.llama_memory_seq_rm(lib.llama_get_memory(self.ctx), slot.seq_id, -1, -1)
             slot.sampler.free()
-            del slots[slot.seq_id]
-            free_seqs.append(slot.seq_id)
+            del self.slots[slot.seq_id]
+            self.free_seqs.append(slot.seq_id)
 
-    try:
-        queue = deque(i for i, s in enumerate(sessions) if len(s.items) >= 2)
-        for i in set(range(len(sessions))) - set(queue):  # no bundle possible: the model is not asked
-            generations[i] = skipped_generation(sessions[i])
-        t0 = time.perf_counter()
-        prefix_state = _prefix_state(ctx, batch, prefix, n_batch)
-        while queue or slots:
-            while queue and free_seqs:
-                i, seq = queue.popleft(), free_seqs.pop()
-                n_items = len(sessions[i].items)
-                slots[seq] = slot = _Slot(
-                    index=i,
-                    seq_id=seq,
-                    prompt=prompts[i],
-                    max_tokens=max_answer_tokens(n_items, engine.config.prompt),
-                    sampler=GrammarGreedy(vocab, n_vocab, output_grammar(n_items, engine.config.prompt)),
-                    started=time.perf_counter(),
-                    prefix_len=len(prefix),
-                    n_past=len(prefix),
-                )
-                if prefix and not lib.llama_state_seq_set_data(ctx, prefix_state, len(prefix_state), seq):
-                    raise BkdError(f"llama.cpp could not restore the shared prompt prefix into sequence {seq}")
-                take(slot, _prefill(ctx, batch, slot, n_batch))
-
-            # One decode step: the next token of every session in flight, one llama_decode for all.
-            active = list(slots.values())
-            if not active:  # every admitted session ended on its first token
-                continue
-            _decode(ctx, batch, [(s.seq_id, s.n_past, s.next_token, True) for s in active])
-            for pos, slot in enumerate(active):
-                slot.n_past += 1
-                take(slot, pos)
-        wall = time.perf_counter() - t0
-    finally:
-        for slot in slots.values():  # only left when an error stopped the run
+    def free(self) -> None:
+        for slot in self.slots.values():  # only left when an error stopped the run
             slot.sampler.free()
-        lib.llama_batch_free(batch)
-        lib.llama_free(ctx)
-    return ConcurrentRun([g for g in generations if g is not None], wall, concurrency)
+        lib.llama_batch_free(self.batch)
+        lib.llama_free(self.ctx)
 
 
 def _prefill(ctx: lib.llama_context_p, batch: lib.llama_batch, slot: _Slot, n_batch: int) -> int:
