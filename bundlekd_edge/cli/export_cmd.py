@@ -76,8 +76,9 @@ def export(
         "quants": [q for q in quants.split(",") if q.strip()] if quants is not None else None,
         "golden": golden,
         "gen_max_tokens": gen_max_tokens,
-        "keep_f16": True if keep_f16 else None,  # flags turn a recipe's setting on, never off
         "ollama": False if no_ollama else None,
+        "keep_f16": True if keep_f16 or auto else None,  # auto: F16 is the reference quant-pick measures against
+        "drop_failing_quants": True if auto else None,  # auto: a candidate below the parity gate is left out
     }
     recipe = replace(base, gate=gate, **{k: v for k, v in given.items() if v is not None})  # validated again
     _exit_on_sigterm()

@@ -70,7 +70,7 @@ def model_card(manifest: dict) -> str:
     )
     parity = "\n".join(
         f"| {r['stage']} | {r['top1_agreement']:.3f} | {r.get('identical_bundles', float('nan')):.3f} | "
-        f"{'pass' if r['passed'] else 'FAIL'} |"
+        f"{'pass' if r['passed'] else 'dropped' if r.get('dropped') else 'FAIL'} |"
         for r in manifest["parity"]["stages"]
     )
     run = manifest["run"]
@@ -185,7 +185,7 @@ def export_run(run_dir: str | Path, out: str | Path, recipe: ExportRecipe | None
             t = time.perf_counter()
             adapter = write_lora_gguf(src.base.path, src.run_dir / "adapter", tmp / ADAPTER_FILE)
             log(f"wrote {ADAPTER_FILE} ({adapter['bytes'] / 2**20:.1f} MiB, rank {adapter['rank']})")
-            stages += check_parity(src, tmp, models, ref, gate, threads, log)
+            stages += check_parity(src, tmp, models, ref, gate, threads, log, recipe.drop_failing_quants)
             timings["parity_s"] = round(time.perf_counter() - t, 2)
             if "F16" not in models:
                 f16.unlink()
@@ -277,9 +277,11 @@ def quantise(f16: Path, quants: list[str], keep_f16: bool, threads: int, log) ->
     return models
 
 
-def check_parity(src: Source, folder: Path, models: dict, ref: tuple, gate: Gate, threads: int, log) -> list[dict]:
+def check_parity(src: Source, folder: Path, models: dict, ref: tuple, gate: Gate, threads: int, log,
+                 drop_failing: bool = False) -> list[dict]:  # fmt: skip
     """Each GGUF stage (F16, every quant, the adapter over its base) against the merged HF model;
-    raises when one falls below the gate."""
+    raises when one falls below the gate. `drop_failing`: a quant below the gate is removed from
+    the export instead (`--quant auto` tries candidates), its stage kept in the record."""
     from . import parity
 
     ref_top1, ref_texts = ref
@@ -295,7 +297,12 @@ def check_parity(src: Source, folder: Path, models: dict, ref: tuple, gate: Gate
     top1, texts = parity.gguf_top1_and_generate(src.base.path, src.gold, threads, adapter=folder / ADAPTER_FILE)
     stages.append(r := parity.compare("adapter", src.gold, ref_top1, ref_texts, top1, texts, gate))
     log(f"parity base+adapter: top-1 {r['top1_agreement']:.3f}, identical bundles {r['identical_bundles']:.3f}")
-    parity.check(stages)
+    for r in stages:
+        if drop_failing and not r["passed"] and r["stage"] in models and r["stage"] != "F16":
+            (folder / models.pop(r["stage"])["file"]).unlink()
+            r["dropped"] = True
+            log(f"dropped {r['stage']}: below the parity gate")
+    parity.check([r for r in stages if not r.get("dropped")])
     return stages
 
 

@@ -6,6 +6,7 @@ top-level `export/` folder (as training recipes live under `train/`).
     gen_max_tokens = 0            # cap on generated tokens per golden session (0: the answer contract's)
     keep_f16 = false              # also ship model-F16.gguf
     ollama = true                 # write the Ollama Modelfiles
+    drop_failing_quants = false   # leave out a quant below the gate instead of failing (--quant auto)
 
     [gate]                        # parity thresholds per stage (parity.Gate)
     quant_top1 = 0.8
@@ -30,6 +31,7 @@ class ExportRecipe:
     gen_max_tokens: int = 0
     keep_f16: bool = False
     ollama: bool = True
+    drop_failing_quants: bool = False  # a quant below the gate is left out instead of failing the export
     gate: Gate = field(default_factory=Gate)
 
     def __post_init__(self):
