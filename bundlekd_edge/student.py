@@ -124,7 +124,7 @@ def student_from_folder(folder: str | Path, scale: float | None = None) -> Stude
 
 def _named(model: str) -> Student:
     """The student `--model` names, before `--adapter` and `--pack` are applied."""
-    from .export.folder import export_pack, read_manifest, resolve_export, split_quant
+    from .export.folder import MANIFEST, read_manifest, resolve_export, split_quant
 
     if model in BASE_NAMES:
         return Student("base", "default")
@@ -139,10 +139,11 @@ def _named(model: str) -> Student:
     if not Path(folder).is_dir():
         return Student(Path(model).stem, model)  # a .gguf file: the runtime checks it
     manifest = read_manifest(folder)  # an export folder: its prompt settings and its own pack
-    own_pack = export_pack(model)
-    prompt = prompt_from(manifest.get("prompt"), str(Path(folder) / "manifest.json"))
+    where = str(Path(folder) / MANIFEST)
+    own_pack = Pack(path_inside(folder, manifest["pack"], where, "pack")) if manifest.get("pack") else None
+    prompt = prompt_from(manifest.get("prompt"), where)
     path = str(resolve_export(folder, quant))  # the quant asked for (or the export's default), sha256 checked
-    return Student(Path(folder).name, path, (), Pack(own_pack) if own_pack else None, prompt)
+    return Student(Path(folder).name, path, (), own_pack, prompt)
 
 
 def resolve_student(model: str | Path = "default", adapters=(), pack: str | Path | None = None) -> Student:

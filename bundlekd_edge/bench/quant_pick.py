@@ -24,8 +24,6 @@ from ..files import atomic_write, sha256_file, write_json
 from .engines import BenchOptions, parse_engine
 from .runner import reproducibility, run_bench
 
-CANDIDATES = ("Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q8_0", "F16")
-
 
 def pick_quant(
     export_dir: str | Path,
@@ -51,7 +49,7 @@ def pick_quant(
     work = Path(work or folder.parent / f".{folder.name}.quant-pick")
     work.mkdir(parents=True, exist_ok=True)
     picked = work / "sessions.jsonl"
-    write_sessions(picked, spread(val, n_sessions))
+    n_picked = write_sessions(picked, spread(val, n_sessions))
     split = val[0].split if val else "val"
 
     specs = [parse_engine(f"{q}={folder}:{q}") for q in models]
@@ -69,7 +67,7 @@ def pick_quant(
     result = {
         "choice": choice,
         "rule": f"fastest per-session latency p50 with val strict F1 >= F16's - {tolerance}",
-        "sessions": len(spread(val, n_sessions)),
+        "sessions": n_picked,
         "split": split,
         "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {k: v for k, v in reproducibility(opt, report["rows"]).items() if k in ("cpu", "threads")},

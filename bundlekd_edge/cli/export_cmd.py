@@ -62,23 +62,20 @@ def export(
     The export fails, leaving nothing behind, when a stage diverges from the merged model.
     """
     from ..export.build import export_run  # torch loads only for this command
-    from ..export.recipe import ExportRecipe, load_export_recipe
+    from ..export.recipe import ExportRecipe, load_export_recipe, with_auto_quants
 
     base = load_export_recipe(recipe) if recipe else ExportRecipe()
-    gate = replace(base.gate, **{k: v for k, v in (("quant_top1", min_top1), ("quant_bundles", min_bundles))
-                                 if v is not None})  # fmt: skip
     auto = quants is not None and quants.strip().lower() == "auto"
     if auto:
-        from ..bench.quant_pick import CANDIDATES
-
-        quants = ",".join(CANDIDATES)
+        base, quants = with_auto_quants(base), None
+    gate = replace(base.gate, **{k: v for k, v in (("quant_top1", min_top1), ("quant_bundles", min_bundles))
+                                 if v is not None})  # fmt: skip
     given = {
         "quants": [q for q in quants.split(",") if q.strip()] if quants is not None else None,
         "golden": golden,
         "gen_max_tokens": gen_max_tokens,
+        "keep_f16": True if keep_f16 else None,  # flags turn a recipe's setting on, never off
         "ollama": False if no_ollama else None,
-        "keep_f16": True if keep_f16 or auto else None,  # auto: F16 is the reference quant-pick measures against
-        "drop_failing_quants": True if auto else None,  # auto: a candidate below the parity gate is left out
     }
     recipe = replace(base, gate=gate, **{k: v for k, v in given.items() if v is not None})  # validated again
     _exit_on_sigterm()
@@ -86,7 +83,7 @@ def export(
     sizes = ", ".join(f"{q} {m['bytes'] / 2**20:.0f} MiB" for q, m in manifest["models"].items())
     click.echo(f"{out}: {sizes}; parity passed; {manifest['timings']['total_s']:.0f} s")
     if auto:
-        _pick(out, None, 30, 0.01, threads)
+        _pick(out, threads=threads)
     if promote:
         from ..export.promote import promote as install
 
@@ -120,7 +117,7 @@ def quant_pick(export_dir, sessions, spread, tolerance, threads, as_json):
     _pick(export_dir, sessions, spread, tolerance, threads, as_json)
 
 
-def _pick(export_dir, sessions, spread, tolerance, threads, as_json=False) -> None:
+def _pick(export_dir, sessions=None, spread=30, tolerance=0.01, threads=0, as_json=False) -> None:
     from ..bench.quant_pick import pick_quant, quant_table
 
     result = pick_quant(export_dir, sessions, spread, tolerance, threads)

@@ -51,29 +51,6 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
-def export_pack(model: str | Path) -> Path | None:
-    """The pack an exported student was trained with (mode 'knowledge'); None for anything else."""
-    folder, _ = split_quant(str(model))
-    if not Path(folder).is_dir():
-        return None
-    name = read_manifest(folder).get("pack")
-    return path_inside(folder, name, str(Path(folder) / MANIFEST), "pack") if name else None
-
-
-def load_pack(pack: str | Path | None, model: str | Path = ""):
-    """The pack given, else the one an export folder's student was trained with, else None.
-
-    `pack="none"` runs without any, even an export's own (to measure what the pack adds)."""
-    if str(pack) == "none":
-        return None
-    folder = pack or export_pack(model)
-    if not folder:
-        return None
-    from ..packs import Pack
-
-    return Pack(folder)
-
-
 def verify_export(folder: str | Path, manifest: dict | None = None) -> list[str]:
     """Problems with the folder's files (missing, changed); empty when every sha256 matches."""
     folder = Path(folder)

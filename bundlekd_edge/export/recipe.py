@@ -15,7 +15,7 @@ top-level `export/` folder (as training recipes live under `train/`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .. import BkdError
@@ -48,6 +48,15 @@ class ExportRecipe:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# `--quant auto`: every candidate worth measuring on a CPU, F16 kept as the reference quant-pick
+# compares with, and a candidate below the parity gate left out rather than failing the export.
+AUTO_QUANTS = ("Q4_0", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q8_0", "F16")
+
+
+def with_auto_quants(recipe: ExportRecipe) -> ExportRecipe:
+    return replace(recipe, quants=list(AUTO_QUANTS), keep_f16=True, drop_failing_quants=True)
 
 
 def load_export_recipe(path: str | Path) -> ExportRecipe:

@@ -75,20 +75,19 @@ def write_records(folder: str | Path, fmt: str, records: list[Record]) -> Path:
 
 def read_records(folder: str | Path) -> list[Record]:
     """Every record of every knowledge file in the folder, in format order then file order."""
-    folder = Path(folder)
-    out = []
-    for fmt in FORMATS:
-        path = folder / f"{fmt}.jsonl"
-        if not path.exists():
-            continue
-        for n, line in enumerate(path.open(encoding="utf-8"), 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise BkdError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                out.append(record_from_dict(obj, f"{path}:{n}"))
-    return out
+    paths = (Path(folder) / f"{fmt}.jsonl" for fmt in FORMATS)
+    return [rec for path in paths if path.exists() for rec in file_records(path)]
+
+
+def file_records(path: Path):
+    """The records of one knowledge file, each checked; errors name the file and line."""
+    for n, line in enumerate(path.open(encoding="utf-8"), 1):
+        if line.strip():
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BkdError(f"{path}:{n}: not a knowledge record (not valid JSON: {e.msg})") from None
+            yield record_from_dict(obj, f"{path}:{n}")
 
 
 def write_manifest(folder: str | Path, run: dict) -> dict:
@@ -128,7 +127,7 @@ def read_knowledge(folder: Path | None, formats: list[str] | None = None) -> tup
             raise BkdError(f"{folder}: refusing a changed knowledge store: " + "; ".join(problems))
     files = sorted(folder.glob("*.jsonl"))
     if formats is not None:
-        missing = [f for f in formats if not (Path(folder) / f"{f}.jsonl").is_file()]
+        missing = [f for f in formats if not (folder / f"{f}.jsonl").is_file()]
         if missing:
             raise BkdError(f"{folder}: no {', '.join(missing)} knowledge ({', '.join(f + '.jsonl' for f in missing)})")
         files = [p for p in files if p.stem in formats]
@@ -136,13 +135,7 @@ def read_knowledge(folder: Path | None, formats: list[str] | None = None) -> tup
         raise BkdError(f"{folder}: no knowledge (*.jsonl) files")
     rules, patterns, thoughts = [], [], {}
     for path in files:
-        for n, line in enumerate(path.open(encoding="utf-8"), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = record_from_dict(json.loads(line), f"{path}:{n}")
-            except json.JSONDecodeError as e:
-                raise BkdError(f"{path}:{n}: not a knowledge record (not valid JSON: {e.msg})") from None
+        for rec in file_records(path):
             kind, text = rec.kind, rec.text.strip()
             if kind == "rule":
                 rules.append(text)

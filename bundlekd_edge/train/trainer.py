@@ -372,11 +372,9 @@ class Training:
             best = self.out / "best"
             if not best.exists():
                 save_adapter(self.accelerator.unwrap_model(self.model), best)
-            tmp = self.out / "adapter.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(best, tmp)
-            write_json(self.out / "run.json", result)
-            tmp.rename(self.out / "adapter")
+            with building(self.out / "adapter") as tmp:  # appears last: its presence means done
+                shutil.copytree(best, tmp, dirs_exist_ok=True)
+                write_json(self.out / "run.json", result)
         self.accelerator.wait_for_everyone()
         return result
 
