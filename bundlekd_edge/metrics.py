@@ -93,6 +93,13 @@ def score_session(predicted: list[frozenset], gold: list[frozenset]) -> dict:
     }
 
 
+def session_strict_f1(predicted: list[frozenset], gold: list[frozenset]) -> float:
+    """One session's strict F1 (the harmonic mean of its strict precision and recall)."""
+    scores = score_session(predicted, gold)
+    p, r = scores["strict_precision"], scores["strict_recall"]
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
 def evaluate(gold: list[Session], preds: dict[str, Prediction]) -> dict:
     """Score predictions against the gold sessions (averages over the gold sessions).
 

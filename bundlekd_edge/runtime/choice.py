@@ -8,17 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..metrics import score_session
+from ..metrics import session_strict_f1
 
 # Candidate probabilities are taken to the power 1/T before the expected F1. Chosen on Electronic val
 # (90 sessions, shipped student): T 0.5 / 1 / 2 / 3 -> strict F1 0.615 / 0.638 / 0.669 / 0.664.
 CHOICE_TEMPERATURE = 2.0
-
-
-def _f1(a: list[frozenset], b: list[frozenset]) -> float:
-    scores = score_session(a, b)
-    p, r = scores["strict_precision"], scores["strict_recall"]
-    return 2 * p * r / (p + r) if p + r else 0.0
 
 
 def choose_partition(lines: list[str], logprobs: list[float], counts: list[int] | None = None) -> str:
@@ -35,5 +29,5 @@ def choose_partition(lines: list[str], logprobs: list[float], counts: list[int] 
     groups = [[frozenset(g.split()) for g in line.split(" | ")] for line in lines]
     p = np.exp((np.asarray(logprobs) - max(logprobs)) / CHOICE_TEMPERATURE) * np.asarray(counts or [1] * len(lines))
     p /= p.sum()
-    gain = [sum(pj * _f1(gi, gj) for pj, gj in zip(p, groups)) for gi in groups]
+    gain = [sum(pj * session_strict_f1(gi, gj) for pj, gj in zip(p, groups)) for gi in groups]
     return lines[int(np.argmax(gain))]

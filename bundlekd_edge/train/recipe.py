@@ -10,6 +10,7 @@ from ..config import from_dict, read_config
 from ..prompts import PromptConfig
 
 MODES = ("sft", "knowledge", "thoughts")
+TARGETS = ("truth", "closest_candidate")
 
 
 @dataclass
@@ -27,6 +28,9 @@ class Recipe:
     instructions: bool = True  # false: the system message without the task and answer contract (shorter)
     answer_format: str = PromptConfig.answer_format  # json | compact: what the student learns to write (prompts.py)
     packing: bool = True  # pack short examples into rows of max_len (attention stays within an example)
+    # truth: learn the true bundles; closest_candidate: learn the pack's candidate partition closest to
+    # them (train/sft.py), for a compact student whose runtime ranks those candidates
+    target: str = "truth"
 
     # LoRA
     lora_r: int = 16
@@ -75,6 +79,10 @@ def recipe_from_dict(obj: dict, where: str = "recipe") -> Recipe:
         raise BkdError(f"{where}: mode {recipe.mode!r} is not one of {', '.join(MODES)}")
     if recipe.mode == "knowledge" and not recipe.pack:
         raise BkdError(f"{where}: mode 'knowledge' needs `pack` (a prompt pack folder)")
+    if recipe.target not in TARGETS:
+        raise BkdError(f"{where}: target {recipe.target!r} is not one of {', '.join(TARGETS)}")
+    if recipe.target == "closest_candidate" and (recipe.mode != "knowledge" or recipe.answer_format != "compact"):
+        raise BkdError(f"{where}: target 'closest_candidate' needs mode 'knowledge' and answer_format 'compact'")
     if recipe.device not in ("auto", "cpu", "cuda"):
         raise BkdError(f"{where}: device {recipe.device!r} is not one of auto, cpu, cuda")
     if recipe.precision not in ("auto", "bf16", "fp32"):

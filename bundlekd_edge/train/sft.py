@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import BkdError
-from ..data import Session, iter_jsonl
+from ..data import Bundle, Session, iter_jsonl
+from ..metrics import session_strict_f1
 from ..prompts import PromptConfig, build_messages, render_answer
 
 IGNORE = -100  # label of tokens without loss (prompt, padding)
@@ -129,6 +130,31 @@ def with_shuffled_copies(sessions: list[Session], copies: int, seed: int = 0) ->
             rng.shuffle(items)
             out.append(replace(s, items=items))  # same id: its thought and provenance still apply
     return out
+
+
+def with_closest_candidate(session: Session, candidates: list[list[list[int]]]) -> Session:
+    """The session with its bundles replaced by the candidate partition (item numbers, as
+    `Pack.candidates` gives them) of the highest strict F1 against its true bundles, each candidate
+    bundle named by the true bundle it shares most items with. Unchanged when no candidate shares
+    anything with the truth. Ties go to the earlier candidate (the hint's finer cut).
+
+    A student that ranks candidates (runtime/choice.py) never writes a partition outside them, so
+    learning which candidate is closest teaches the choice itself; the truth often lies outside
+    every candidate (val: best candidate strict F1 0.76), and then it only blurs the ranking.
+    """
+    ids = session.item_ids()
+    gold = [frozenset(b.items) for b in session.bundles]
+    parts = [[frozenset(ids[n - 1] for n in group) for group in c] for c in candidates]
+    scores = [session_strict_f1([g for g in p if len(g) >= 2], gold) for p in parts]
+    if not scores or max(scores) == 0:
+        return session
+    best = parts[scores.index(max(scores))]
+
+    def intent(group: frozenset) -> str:
+        return max(session.bundles, key=lambda b: len(group & set(b.items))).intent
+
+    bundles = [Bundle(tuple(x for x in ids if x in g), intent(g)) for g in best if len(g) >= 2]
+    return replace(session, bundles=bundles)
 
 
 def build_examples(

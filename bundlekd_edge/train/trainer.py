@@ -39,6 +39,7 @@ from .sft import (
     dump_examples,
     load_thoughts,
     make_rows,
+    with_closest_candidate,
     with_shuffled_copies,
 )
 
@@ -197,6 +198,10 @@ class Training:
         self.maker = PromptMaker(recipe.mode, recipe.prompt_config(), pack=pack)
         thoughts = load_thoughts(recipe.thoughts) if recipe.thoughts else None
         train_sessions = with_shuffled_copies(train_sessions, recipe.shuffled_copies, recipe.seed)
+        if recipe.target == "closest_candidate":
+            if not pack.candidates(train_sessions[0]):
+                raise BkdError(f"{recipe.pack}: target 'closest_candidate' needs a pack with the similar-items hint")
+            train_sessions = [with_closest_candidate(s, pack.candidates(s)) for s in train_sessions]
         self.examples, self.data_stats = build_examples(train_sessions, self.tok, self.maker, recipe.max_len, thoughts)
         if not self.examples:
             raise BkdError(f"no training example fits max_len {recipe.max_len} tokens (raise max_len)")
