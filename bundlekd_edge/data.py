@@ -8,6 +8,7 @@ file, line and field of the first problem it finds.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 import re
@@ -229,6 +230,20 @@ def spread(sessions: list, n: int | None) -> list:
     Data files are often ordered (Electronic by session length), so the first n would be the easiest n."""
     n = min(n or len(sessions), len(sessions))
     return [sessions[i * len(sessions) // n] for i in range(n)]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N), 0 <= K < N: the K-th of N shards."""
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit()) or not 0 <= int(k) < int(n):
+        raise BkdError(f"shard {text!r}: expected K/N with 0 <= K < N, e.g. 0/2")
+    return int(k), int(n)
+
+
+def in_shard(session_id: str, k: int, n: int) -> bool:
+    """Whether a session belongs to shard k of n: by a hash of its id, so every process, machine
+    and rerun agrees without talking to the others, whatever the file's order."""
+    return int.from_bytes(hashlib.sha256(session_id.encode("utf-8")).digest()[:8], "big") % n == k
 
 
 def write_sessions(path: str | Path, sessions: list[Session]) -> int:

@@ -63,6 +63,19 @@ def load_predictions(path: str | Path) -> dict[str, Prediction]:
     return preds
 
 
+def load_prediction_files(paths: list[str | Path]) -> dict[str, Prediction]:
+    """Several predictions files (e.g. the shards of one run) as one; a session predicted in two
+    files is an error, since the union would depend on which file came first."""
+    preds: dict[str, Prediction] = {}
+    origin: dict[str, str] = {}
+    for path in paths:
+        for sid, pred in load_predictions(path).items():
+            if sid in preds:
+                raise BkdError(f"{path}: session {sid!r} is also predicted in {origin[sid]} (overlapping files)")
+            preds[sid], origin[sid] = pred, str(path)
+    return preds
+
+
 def _jaccard(a: frozenset, b: frozenset) -> float:
     return len(a & b) / len(a | b)
 

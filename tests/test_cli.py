@@ -30,6 +30,33 @@ def test_generate_then_eval_writes_machine_readable_scores(tmp_path, cli, sample
     assert result["sessions"] == 4 and result["valid_rate"] == 1.0 and result["hallucination_rate"] == 0.0
 
 
+def test_shards_split_a_run_and_eval_scores_their_union(tmp_path, cli, sample_path):
+    runs = {}
+    for name, extra in (("all", ()), ("part-0", ("--shard", "0/2")), ("part-1", ("--shard", "1/2"))):
+        out = tmp_path / f"{name}.jsonl"
+        r = cli("generate", "--sessions", sample_path, "--limit", 6, "--out", out, "--quiet", *extra)
+        assert r.exit_code == 0, r.output
+        runs[name] = {row["session_id"]: row["bundles"] for row in map(json.loads, out.read_text().splitlines())}
+    assert runs["part-0"] and runs["part-1"] and not set(runs["part-0"]) & set(runs["part-1"])
+    assert {**runs["part-0"], **runs["part-1"]} == runs["all"]  # same sessions, same answers
+
+    scores = {}
+    for name, preds in (("all", ["--pred", tmp_path / "all.jsonl"]), ("parts", ["--pred", tmp_path / "part-*.jsonl"])):
+        r = cli("eval", "--gold", sample_path, *preds, "--out", tmp_path / f"{name}.json")
+        assert r.exit_code == 0, r.output
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert scores["parts"]["pred"] == [str(tmp_path / "part-0.jsonl"), str(tmp_path / "part-1.jsonl")]
+    scores["parts"].pop("pred"), scores["all"].pop("pred")
+    assert scores["parts"] == scores["all"]
+
+    r = cli("eval", "--gold", sample_path, "--pred", tmp_path / "all.jsonl", "--pred", tmp_path / "part-0.jsonl")
+    assert r.exit_code == 1 and "also predicted in" in r.output and "all.jsonl" in r.output
+    r = cli("eval", "--gold", sample_path, "--pred", tmp_path / "nothing-*.jsonl")
+    assert r.exit_code == 1 and "no file matches" in r.output
+    r = cli("generate", "--sessions", sample_path, "--shard", "2/2", "--out", tmp_path / "x.jsonl")
+    assert r.exit_code == 1 and "shard '2/2': expected K/N with 0 <= K < N" in r.output
+
+
 def test_bad_sessions_file_fails_without_output(tmp_path, cli):
     bad = write_lines(tmp_path / "bad.jsonl", [session("a"), session("a")])
     out = tmp_path / "pred.jsonl"

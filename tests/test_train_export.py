@@ -143,11 +143,13 @@ def test_closest_candidate_target_is_the_candidate_a_ranking_student_should_choo
     from bundlekd_edge.train.sft import with_closest_candidate
 
     truth = (("i1", "i2", "i3"), ("i5", "i6"))
-    s = Session("s", [Item(f"i{k}", f"P{k}") for k in range(1, 8)], [Bundle(truth[0], "cables"), Bundle(truth[1], "mice")])
+    items = [Item(f"i{k}", f"P{k}") for k in range(1, 8)]
+    s = Session("s", items, [Bundle(truth[0], "cables"), Bundle(truth[1], "mice")])
     fine, coarse, whole = [[1, 2], [5, 6]], [[1, 2, 3, 4], [5, 6]], [list(range(1, 8))]
     out = with_closest_candidate(s, [fine, coarse, whole])
     # fine: 1/3*(2/3+1) strict; coarse: (3/4+1)/2 -> coarse is closer; each bundle keeps its true intent
-    assert [(set(b.items), b.intent) for b in out.bundles] == [({"i1", "i2", "i3", "i4"}, "cables"), ({"i5", "i6"}, "mice")]
+    expected = [({"i1", "i2", "i3", "i4"}, "cables"), ({"i5", "i6"}, "mice")]
+    assert [(set(b.items), b.intent) for b in out.bundles] == expected
     assert out.items == s.items and out.session_id == "s" and s.bundles[0].items == truth[0]  # a copy
     assert with_closest_candidate(s, [[[1, 4]], whole]).bundles[0].items == tuple(f"i{k}" for k in range(1, 8))
     assert with_closest_candidate(s, [[[4, 7]]]) is s  # no candidate shares an item with a bundle: the truth stays

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import glob
 import json
 from pathlib import Path
 
 import click
 
+from .. import BkdError
 from ..data import SPLITS, check_split, load_sessions
 from ..files import refuse_overwrite, write_json
-from ..metrics import evaluate, load_predictions
+from ..metrics import evaluate, load_prediction_files
 from ..tables import quality_table
 
 
@@ -17,12 +19,19 @@ from ..tables import quality_table
 @click.option(
     "--gold", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Sessions JSONL with bundles."
 )
-@click.option("--pred", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Predictions JSONL.")
+@click.option(
+    "--pred",
+    "preds",
+    required=True,
+    multiple=True,
+    help="Predictions JSONL, or a quoted glob ('pred-*.jsonl'); repeatable. Several files (the shards of one "
+    "run) are scored as one; a session in two of them is an error.",
+)
 @click.option("--split", type=str, help=f"Score only this split of the gold file ({', '.join(SPLITS)}).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the scores as one JSON object.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def eval_(gold, pred, split, out, force, as_json):
+def eval_(gold, preds, split, out, force, as_json):
     """Paper metrics (precision, recall, coverage) next to strict one-to-one matched scores.
 
     \b
@@ -32,16 +41,29 @@ def eval_(gold, pred, split, out, force, as_json):
     prediction count as empty; a prediction for a session not in the gold file is an error.
     """
     check_split(split)
-    refuse_overwrite(out, [gold, pred], force)
-    scores = evaluate(load_sessions(gold, split=split), load_predictions(pred))
+    files = prediction_paths(preds)
+    refuse_overwrite(out, [gold, *files], force)
+    scores = evaluate(load_sessions(gold, split=split), load_prediction_files(files))
     if scores["missing_predictions"]:
         n, total = scores["missing_predictions"], scores["sessions"]
         click.echo(
-            f"warning: {n} of {total} gold sessions have no prediction in {pred} and score 0"
+            f"warning: {n} of {total} gold sessions have no prediction in {', '.join(map(str, files))} and score 0"
             + ("" if split else " (score one split with --split)"),
             err=True,
         )
-    scores["gold"], scores["pred"], scores["split"] = str(gold), str(pred), split
+    scores["gold"], scores["split"] = str(gold), split
+    scores["pred"] = str(files[0]) if len(files) == 1 else [str(f) for f in files]
     if out:
         write_json(out, scores)
     click.echo(json.dumps(scores, indent=2) if as_json else quality_table(scores))
+
+
+def prediction_paths(patterns: tuple[str, ...]) -> list[Path]:
+    """Each --pred as a file, or the files its glob matches (sorted); a pattern matching nothing is an error."""
+    files: list[Path] = []
+    for pattern in patterns:
+        matched = [pattern] if Path(pattern).exists() or not glob.has_magic(pattern) else sorted(glob.glob(pattern))
+        if not matched:
+            raise BkdError(f"--pred {pattern!r}: no file matches")
+        files.extend(Path(m) for m in matched if not m.endswith(".run.json"))
+    return list(dict.fromkeys(files))

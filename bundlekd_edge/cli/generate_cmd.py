@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from .. import BkdError
-from ..data import SPLITS, check_split, load_sessions, session_from_dict
+from ..data import SPLITS, check_split, in_shard, load_sessions, parse_shard, session_from_dict
 from ..files import RecordLog, refuse_overwrite
 
 MODEL_HELP = (
@@ -55,6 +55,12 @@ def load_student(model, adapters=(), pack=None):
 @click.option("--sessions", type=click.Path(dir_okay=False, path_type=Path), help="Sessions JSONL.")
 @click.option("--split", type=str, help=f"Only this split ({', '.join(SPLITS)}).")
 @click.option("--limit", type=click.IntRange(min=0), help="Only the first N sessions.")
+@click.option(
+    "--shard",
+    metavar="K/N",
+    help="Only shard K of N (0 <= K < N), chosen by a hash of the session id: N processes or machines "
+    "each run one shard, and `eval --pred 'OUT-*.jsonl'` scores the union.",
+)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Predictions JSONL to write.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into --out: generate only what is missing.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
@@ -62,8 +68,9 @@ def load_student(model, adapters=(), pack=None):
 @click.option("--json", "json_mode", is_flag=True, help="Read one session as JSON on stdin, write its bundles as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(
-    model, pack, adapters, n_ctx, threads, seed, sessions, split, limit, out, resume, force, summary, json_mode, quiet
-):
+    model, pack, adapters, n_ctx, threads, seed, sessions, split, limit, shard, out, resume, force, summary, json_mode,
+    quiet,
+):  # fmt: skip
     """Generate bundles for each session with a llama.cpp model (greedy, grammar constrained).
 
     \b
@@ -83,12 +90,15 @@ def generate(
     from ..runtime.batch import latency_summary, run_sessions
 
     check_split(split)
+    shard = parse_shard(shard) if shard else None
     refuse_overwrite(out, [sessions], force=True)  # an existing OUT: RecordLog (--resume or --force)
     refuse_overwrite(summary, [sessions, out], force=force or resume, option="--summary")
     rows = load_sessions(sessions, split=split, require_bundles=False)[:limit]
+    if shard:
+        rows = [s for s in rows if in_shard(s.session_id, *shard)]
     student = load_student(model, adapters, pack)
     engine = student.load_engine(n_ctx, threads, seed)
-    log = RecordLog(out, run_settings(engine, student, sessions, split, limit), resume=resume, force=force)
+    log = RecordLog(out, run_settings(engine, student, sessions, split, limit, shard), resume=resume, force=force)
     if log.done:
         click.echo(f"resuming {out}: {len(log.done)} of {len(rows)} sessions already done", err=True)
     try:
@@ -121,7 +131,7 @@ def generate(
         write_json(summary, {**record, **result})
 
 
-def run_settings(engine, student, sessions: Path, split, limit) -> dict:
+def run_settings(engine, student, sessions: Path, split, limit, shard=None) -> dict:
     """What must not change between an interrupted run and its --resume."""
     from ..files import sha256_file
 
@@ -135,6 +145,7 @@ def run_settings(engine, student, sessions: Path, split, limit) -> dict:
         "sessions_sha256": sha256_file(sessions),
         "split": split,
         "limit": limit,
+        "shard": list(shard) if shard else None,
     }
 
 
