@@ -19,7 +19,7 @@ from bundlekd_edge.prompts import (
     render_answer,
     session_text,
 )
-from bundlekd_edge.runtime.grammar_greedy import GrammarGreedy
+from bundlekd_edge.runtime.llamacpp import GrammarGreedy
 
 
 def make_session(n=4):
@@ -108,8 +108,7 @@ def test_compact_answer_round_trips_in_far_fewer_tokens(sample_path, engine):
 
 def admitted(engine, gbnf: str, text: str) -> bool:
     """Whether the grammar admits `text` token by token and then lets the answer end."""
-    vocab, n_vocab = engine.llm._model.vocab, engine.llm.n_vocab()
-    sampler = GrammarGreedy(vocab, n_vocab, gbnf)
+    sampler = GrammarGreedy(engine.llm, gbnf)
     try:
         for token in engine.llm.tokenize(text.encode(), add_bos=False) + [engine.llm.token_eos()]:
             one = np.zeros(1, dtype=sampler._one.dtype)

@@ -47,7 +47,7 @@ def trained_run(tmp_path_factory, sample_path):
     out = tmp_path_factory.mktemp("train") / "run"
     with pytest.raises(Interrupted):
         train(recipe, out, progress=False, stop_after=1)
-    assert not (out / "adapter").exists()  # an interrupted run never looks complete
+    assert not (out / "manifest.json").exists()  # an interrupted run never looks complete
     assert json.loads((out / "checkpoints/last/progress.json").read_text())["step"] == 1
     with pytest.raises(BkdError, match="--resume"):
         train(recipe, out, progress=False)
@@ -249,6 +249,22 @@ def test_run_folder_is_complete_and_was_resumed(trained_run):
         check_run_dir(trained_run, resume=True)
 
 
+def test_a_finished_run_is_verified_before_export(trained_run, tmp_path):
+    from bundlekd_edge.train.run_folder import read_run
+
+    listed = json.loads((trained_run / "manifest.json").read_text())["files"]
+    assert {"run.json", "recipe.json", "data.json", "adapter/adapter_model.safetensors"} <= set(listed)
+    assert not any(name.startswith(("checkpoints/", "best/")) for name in listed)  # scratch, not the result
+    assert read_run(trained_run)[0]["status"] == "complete"
+    copy = shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
+    (copy / "adapter/adapter_config.json").write_text('{"r": 64}')
+    with pytest.raises(BkdError, match=r"do not match its manifest:\n.*adapter_config.json: changed"):
+        read_run(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(BkdError, match="did not finish"):
+        read_run(copy)
+
+
 # ------------------------------------------------------------------ export
 
 
@@ -393,13 +409,17 @@ def test_export_folder_lookup_imports_no_torch():
 # ------------------------------------------------------------------ bad input
 
 
-def _fake_run(tmp_path, base, adapter=True):
+def _fake_run(tmp_path, base, finished=True):
+    from bundlekd_edge.artifacts import write_manifest
+    from bundlekd_edge.train.run_folder import RUN_FORMAT
+
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)
-    if adapter:
-        (run / "adapter/adapter_config.json").write_text("{}")
+    (run / "adapter/adapter_config.json").write_text("{}")
     write_json(run / "run.json", {"base": {"kind": "gguf", "path": str(base), "sha256": None}})
     write_json(run / "recipe.json", {"sessions": "bundlekd_edge/sample/sessions.jsonl"})
+    if finished:
+        write_manifest(run, RUN_FORMAT, {})
     return run
 
 
@@ -416,8 +436,8 @@ def test_export_bad_input_gets_clear_errors_and_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(BkdError, match="architecture 'gemma3' is not supported by the GGUF writer"):
         export_run(_fake_run(tmp_path, gemma), out)
-    with pytest.raises(BkdError, match="no adapter"):
-        export_run(_fake_run(tmp_path / "b", gemma, adapter=False), out)
+    with pytest.raises(BkdError, match="did not finish"):
+        export_run(_fake_run(tmp_path / "b", gemma, finished=False), out)
     with pytest.raises(BkdError, match="unknown quant type 'Q3_FAST'"):
         ExportRecipe(quants=["Q8_0", "q3_fast"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "gemma.gguf", "run"]

@@ -105,14 +105,15 @@ def _cpu() -> dict:
 
 
 def reproducibility(opt: BenchOptions, rows: list[dict]) -> dict:
-    import llama_cpp
+    from ..runtime.llamacpp import build_info
 
+    llama = build_info()
     return {
         "bkd_edge_version": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "llama_cpp_python": llama_cpp.__version__,
-        "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        "llama_cpp_python": llama["llama_cpp_python"],
+        "llama_cpp_system_info": llama["system_info"],
         "cpu": _cpu(),
         "threads": opt.threads or len(os.sched_getaffinity(0)),
         "n_ctx": opt.n_ctx,

@@ -16,11 +16,10 @@ from .generate_cmd import MODEL_HELP
 
 def vocab_counter(model: str):
     """count_tokens(text) under the student's tokenizer (llama.cpp, vocabulary only: fast)."""
-    from llama_cpp import Llama
-
+    from ..runtime.llamacpp import load_vocab
     from ..runtime.model_file import check_gguf_magic, resolve_model
 
-    llm = Llama(str(check_gguf_magic(resolve_model(model))), vocab_only=True, verbose=False)
+    llm = load_vocab(check_gguf_magic(resolve_model(model)))
     return lambda text: len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
 

@@ -39,6 +39,7 @@ from ..config import from_dict, read_config
 from ..files import atomic_write, write_json
 from ..knowledge.sampling import STRATEGIES
 from ..tables import table
+from ..train.run_folder import is_finished
 
 KNOWLEDGE = ("patterns", "rules", "thoughts")
 USES = ("icl", "sft", "sft+icl")
@@ -207,7 +208,7 @@ class Experiment:
             return g.sft_model
         run, export = self.out / "sft" / "run", self.out / "sft" / "export"
         if not (export / "manifest.json").is_file():
-            if not (run / "adapter").is_dir():
+            if not is_finished(run):
                 self.say(f"train {g.sft_recipe}")
                 steps = ["--max-steps", g.sft_max_steps] if g.sft_max_steps else []
                 resume = ["--resume"] if run.is_dir() else []

@@ -17,29 +17,12 @@ from .. import BkdError, __version__
 from ..artifacts import building, write_manifest
 from ..files import atomic_write, sha256_file
 from ..prompts import system_text
+from ..train.run_folder import read_run
 from .folder import ADAPTER_FILE, DEFAULT_QUANT, EXPORT_FORMAT
 from .lora_gguf import write_lora_gguf
 from .parity import Gate
 from .quantize import describe_gguf, quantize
 from .recipe import ExportRecipe
-
-
-def read_run(run_dir: Path) -> tuple[dict, dict]:
-    """run.json and recipe.json of a finished run with an adapter, or a clear error."""
-    if not run_dir.is_dir():
-        raise BkdError(f"{run_dir}: no such run folder")
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise BkdError(
-            f"{run_dir}: no adapter (adapter/adapter_config.json missing): the run did not finish; "
-            "continue it with `bkd-edge train RECIPE --out RUN --resume`"
-        )
-    try:
-        run = json.loads((run_dir / "run.json").read_text())
-        recipe = json.loads((run_dir / "recipe.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BkdError(f"{run_dir}: run.json / recipe.json unreadable ({e})") from None
-    return run, recipe
 
 
 def _run_data(run_dir: Path) -> dict:

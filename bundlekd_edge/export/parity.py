@@ -88,14 +88,11 @@ def gguf_top1_and_generate(
     path, golden: list[Golden], threads: int = 0, adapter=None
 ) -> tuple[list[np.ndarray], list[str]]:
     """Teacher-forced top-1 and greedy answers of a GGUF (with a LoRA adapter GGUF over it, if given)."""
-    from llama_cpp import Llama
-
     from ..runtime.engine import default_threads
+    from ..runtime.llamacpp import load_for_scoring
 
     n_ctx = max(len(g.prompt_ids) + max(len(g.answer_ids), g.max_tokens) for g in golden) + 8
-    threads = threads or default_threads()
-    lora = {"lora_path": str(adapter)} if adapter else {}
-    llm = Llama(str(path), n_ctx=n_ctx, n_threads=threads, logits_all=True, verbose=False, **lora)
+    llm = load_for_scoring(path, n_ctx, threads or default_threads(), lora_path=adapter)
     try:
         top1, texts = [], []
         for g in golden:

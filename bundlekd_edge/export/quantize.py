@@ -1,4 +1,4 @@
-"""Quantise a GGUF f16 file with llama.cpp (ctypes) and describe what came out.
+"""Quantise a GGUF f16 file with llama.cpp and describe what came out.
 
 SmolLM2's width 576 is not a multiple of 256 (the k-quant block), so llama.cpp falls back to
 a legacy type for most matrices of a k-quant target (e.g. Q4_K -> Q5_0): we read the result
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import os
 import sys
 import time
@@ -21,10 +20,9 @@ DEFAULT_QUANTS = ("Q8_0", "Q4_K_M")
 
 
 def known_quants() -> list[str]:
-    import llama_cpp
+    from ..runtime.llamacpp import quant_types
 
-    prefix = "LLAMA_FTYPE_MOSTLY_"
-    return sorted(name[len(prefix) :] for name in dir(llama_cpp) if name.startswith(prefix))
+    return quant_types()
 
 
 def check_quants(quants) -> list[str]:
@@ -55,14 +53,11 @@ def _stderr_to(path: Path):
 
 
 def quantize(src: str | Path, dst: str | Path, quant: str, threads: int = 0) -> float:
-    import llama_cpp
+    from ..runtime.llamacpp import quantize_file
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
-    params.nthread = threads
     t0 = time.perf_counter()
     with _stderr_to(Path(dst).with_suffix(".log")):  # one fallback warning per tensor: counted, not shown
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+        rc = quantize_file(src, dst, quant, threads)
     Path(dst).with_suffix(".log").unlink(missing_ok=True)
     if rc != 0 or not Path(dst).is_file():
         raise BkdError(f"{dst}: llama.cpp quantisation to {quant} failed (status {rc})")

@@ -345,11 +345,11 @@ class GgufTeacher(Teacher):
         """The schema's llama.cpp grammar, built once per schema (building one costs more than a short answer)."""
         if not schema:
             return None
-        from llama_cpp import LlamaGrammar
+        from ..runtime.llamacpp import json_schema_grammar
 
         text = json.dumps(schema, sort_keys=True)
         if text not in self._grammars:
-            self._grammars[text] = LlamaGrammar.from_json_schema(text, verbose=False)
+            self._grammars[text] = json_schema_grammar(text)
         return self._grammars[text]
 
     def _call(self, messages: list[dict], params: dict) -> tuple[str, dict, str]:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import BkdError
+from . import llamacpp
 
 # Used only when a GGUF carries no chat template (e.g. a base model): ChatML, as SmolLM2 uses.
 FALLBACK_TEMPLATE = (
@@ -50,17 +51,12 @@ class ChatTokenizer:
     """The GGUF's chat template and llama.cpp's tokenizer (a loaded model, or one with `vocab_only`)."""
 
     def __init__(self, llm, source: str | Path):
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        vocab = llm._model
         template = llm.metadata.get("tokenizer.chat_template") or FALLBACK_TEMPLATE
-        eos, bos = llm.token_eos(), llm.token_bos()
         try:
-            self._format = Jinja2ChatFormatter(template, vocab.token_get_text(eos), vocab.token_get_text(bos))
+            self._render, self._add_bos = llamacpp.chat_formatter(llm, template)
         except Exception as e:  # the template does not even compile
             raise BkdError(f"{source}: the chat template failed: {type(e).__name__}: {e}") from None
-        self.llm, self.source, self.eos_id = llm, str(source), eos
-        self._add_bos = vocab.add_bos_token()
+        self.llm, self.source, self.eos_id = llm, str(source), llm.token_eos()
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The tokens of the rendered prompt, ending with the assistant's turn header."""
@@ -74,6 +70,3 @@ class ChatTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.llm.detokenize(ids).decode("utf-8", errors="replace")
-
-    def _render(self, messages: list[dict]) -> str:
-        return self._format(messages=messages).prompt

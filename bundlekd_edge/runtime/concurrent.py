@@ -30,18 +30,15 @@ token or several in a step gave bit-identical logits (12 of 12 sample answers id
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections import deque
 from dataclasses import dataclass, field
-
-from llama_cpp import llama_cpp as lib
 
 from .. import BkdError
 from ..data import Session
 from ..prompts import PromptConfig, max_answer_tokens, output_grammar, parse_answer
 from .engine import Engine, Generation, Timing, skipped_generation
-from .grammar_greedy import GrammarGreedy
+from .llamacpp import GrammarGreedy, SequenceContext
 
 
 @dataclass
@@ -111,12 +108,12 @@ class _Scheduler:
         self.engine, self.sessions, self.prompts = engine, sessions, prompts
         self.n_batch = max(engine.config.n_batch, n_seq)  # every active sequence's next token must fit one batch
         self.prefix = _common_prefix(prompts)
-        self.vocab, self.n_vocab = engine.llm._model.vocab, engine.llm.n_vocab()
         self.generations: list[Generation | None] = [None] * len(sessions)
         self.slots: dict[int, _Slot] = {}  # seq_id -> the session decoding in it
         self.free_seqs = list(range(n_seq - 1, -1, -1))  # a stack: pop() hands out 0, 1, ...
-        self.ctx = _new_context(engine, n_seq, self.n_batch)
-        self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        # Not a unified KV cache: each sequence's cells lie exactly as in the engine's own context
+        # (`Engine.prompt_tokens` checks that every prompt and its longest answer fit n_ctx).
+        self.ctx = SequenceContext(engine.llm, engine.config.n_ctx, n_seq, self.n_batch)
 
     def until_done(self) -> float:
         """Run every session to its end; the wall time from the first admission."""
@@ -124,7 +121,7 @@ class _Scheduler:
         for i in set(range(len(self.sessions))) - set(queue):  # no bundle possible: the model is not asked
             self.generations[i] = skipped_generation(self.sessions[i])
         t0 = time.perf_counter()
-        self.prefix_state = _prefix_state(self.ctx, self.batch, self.prefix, self.n_batch)
+        self.prefix_state = _prefix_state(self.ctx, self.prefix, self.n_batch)
         while queue or self.slots:
             while queue and self.free_seqs:
                 self.admit(queue.popleft(), self.free_seqs.pop())
@@ -132,7 +129,7 @@ class _Scheduler:
             active = list(self.slots.values())
             if not active:  # every admitted session ended on its first token
                 continue
-            _decode(self.ctx, self.batch, [(s.seq_id, s.n_past, s.next_token, True) for s in active])
+            self.ctx.decode([(s.seq_id, s.n_past, s.next_token, True) for s in active])
             for pos, slot in enumerate(active):
                 slot.n_past += 1
                 self.take(slot, pos)
@@ -147,27 +144,26 @@ class _Scheduler:
             seq_id=seq,
             prompt=self.prompts[i],
             max_tokens=max_answer_tokens(n_items, prompt),
-            sampler=GrammarGreedy(self.vocab, self.n_vocab, output_grammar(n_items, prompt)),
+            sampler=GrammarGreedy(self.engine.llm, output_grammar(n_items, prompt)),
             started=time.perf_counter(),
             prefix_len=len(self.prefix),
             n_past=len(self.prefix),
         )
-        state = self.prefix_state
-        if self.prefix and not lib.llama_state_seq_set_data(self.ctx, state, len(state), seq):
+        if self.prefix and not self.ctx.restore(self.prefix_state, seq):
             raise BkdError(f"llama.cpp could not restore the shared prompt prefix into sequence {seq}")
-        self.take(slot, _prefill(self.ctx, self.batch, slot, self.n_batch))
+        self.take(slot, _prefill(self.ctx, slot, self.n_batch))
 
     def take(self, slot: _Slot, pos: int) -> None:
         """Sample the slot's next token from the logits at batch position `pos`; finish the session if done."""
-        token = slot.sampler.sample(self.ctx, pos)
+        token = slot.sampler.sample(self.ctx.logits(pos))
         now = time.perf_counter()
         slot.first_at = slot.first_at or now
         finish = None
-        if lib.llama_vocab_is_eog(self.vocab, token):
+        if self.ctx.is_end(token):
             finish = "stop"  # like create_completion: the end token is neither text nor counted
         else:
             slot.answer.append(token)
-            slot.text += _piece(self.vocab, token)
+            slot.text += self.ctx.piece(token)
             slot.next_token = token
             if len(slot.answer) >= slot.max_tokens:
                 finish = "length"
@@ -175,7 +171,7 @@ class _Scheduler:
             session = self.sessions[slot.index]
             self.generations[slot.index] = _generation(session, slot, finish, now, self.engine.config.prompt)
             # Free the sequence's KV cells and its sampler, then hand the sequence id to the next session.
-            lib.llama_memory_seq_rm(lib.llama_get_memory(self.ctx), slot.seq_id, -1, -1)
+            self.ctx.remove(slot.seq_id)
             slot.sampler.free()
             del self.slots[slot.seq_id]
             self.free_seqs.append(slot.seq_id)
@@ -183,11 +179,10 @@ class _Scheduler:
     def free(self) -> None:
         for slot in self.slots.values():  # only left when an error stopped the run
             slot.sampler.free()
-        lib.llama_batch_free(self.batch)
-        lib.llama_free(self.ctx)
+        self.ctx.free()
 
 
-def _prefill(ctx: lib.llama_context_p, batch: lib.llama_batch, slot: _Slot, n_batch: int) -> int:
+def _prefill(ctx: SequenceContext, slot: _Slot, n_batch: int) -> int:
     """Evaluate the rest of a session's prompt; return the batch position of its last token's logits.
 
     Alone, n_batch tokens a call, as the engine does; not in the decode batch: llama.cpp splits a
@@ -201,24 +196,9 @@ def _prefill(ctx: lib.llama_context_p, batch: lib.llama_batch, slot: _Slot, n_ba
         chunk = slot.prompt[start : start + n_batch]
         last = start + len(chunk) == len(slot.prompt)
         entries = [(slot.seq_id, start + k, t, last and k == len(chunk) - 1) for k, t in enumerate(chunk)]
-        _decode(ctx, batch, entries)
+        ctx.decode(entries)
     slot.n_past = len(slot.prompt)
     return len(entries) - 1
-
-
-def _decode(ctx: lib.llama_context_p, batch: lib.llama_batch, entries: list[tuple[int, int, int, bool]]) -> None:
-    """One llama_decode of `entries`: (sequence id, position, token, whether its logits are wanted)."""
-    for n, (seq, pos, token, logits) in enumerate(entries):
-        batch.token[n] = token
-        batch.pos[n] = pos
-        batch.n_seq_id[n] = 1
-        batch.seq_id[n][0] = seq
-        batch.logits[n] = logits
-    batch.n_tokens = len(entries)
-    rc = lib.llama_decode(ctx, batch)
-    if rc != 0:
-        # Not "no KV slot" in normal use: every prompt plus its longest answer fits one sequence's stream.
-        raise BkdError(f"llama_decode failed with code {rc} on a batch of {len(entries)} tokens")
 
 
 def _common_prefix(prompts: list[list[int]]) -> list[int]:
@@ -232,45 +212,14 @@ def _common_prefix(prompts: list[list[int]]) -> list[int]:
     return first[:n]
 
 
-def _prefix_state(ctx: lib.llama_context_p, batch: lib.llama_batch, prefix: list[int], n_batch: int) -> ctypes.Array:
+def _prefix_state(ctx: SequenceContext, prefix: list[int], n_batch: int) -> object:
     """Evaluate the shared prefix (in sequence 0, n_batch tokens a call, no logits) and return
     that sequence's state, to be restored into each session's sequence; sequence 0 is left empty."""
     for start in range(0, len(prefix), n_batch):
-        _decode(ctx, batch, [(0, start + k, t, False) for k, t in enumerate(prefix[start : start + n_batch])])
-    state = (ctypes.c_uint8 * lib.llama_state_seq_get_size(ctx, 0))()
-    lib.llama_state_seq_get_data(ctx, state, len(state), 0)
-    lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), 0, -1, -1)
+        ctx.decode([(0, start + k, t, False) for k, t in enumerate(prefix[start : start + n_batch])])
+    state = ctx.state(0)
+    ctx.remove(0)
     return state
-
-
-def _new_context(engine: Engine, n_seq: int, n_batch: int) -> lib.llama_context_p:
-    """A second context on the engine's loaded weights (shared, not copied) with n_seq sequences.
-
-    The engine's own context params are copied so that everything affecting numerics (flash
-    attention, KV cache types, ubatch size, threads) matches `Engine.generate`. The KV cache is
-    not unified: each sequence gets its own stream of n_ctx cells, as the engine's single context
-    has (`Engine.prompt_tokens` checks that every prompt and its longest answer fit n_ctx).
-    """
-    params = lib.llama_context_params.from_buffer_copy(engine.llm.context_params)
-    params.n_ctx = n_seq * engine.config.n_ctx
-    params.n_seq_max = n_seq
-    params.n_batch = n_batch
-    params.n_ubatch = min(params.n_ubatch, n_batch)
-    params.kv_unified = False
-    ctx = lib.llama_init_from_model(engine.llm._model.model, params)
-    if not ctx:
-        raise BkdError(f"llama.cpp could not create a context for {n_seq} sequences of {engine.config.n_ctx} tokens")
-    return ctx
-
-
-def _piece(vocab: lib.llama_vocab_p, token: int) -> bytes:
-    """A token's bytes (a piece may be part of a UTF-8 character: join bytes, decode at the end)."""
-    buf = ctypes.create_string_buffer(64)
-    n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
-    if n < 0:  # too small: -n is the size needed
-        buf = ctypes.create_string_buffer(-n)
-        n = lib.llama_token_to_piece(vocab, token, buf, len(buf), 0, False)
-    return buf.raw[:n]
 
 
 def _generation(session: Session, slot: _Slot, finish: str, now: float, config: PromptConfig) -> Generation:

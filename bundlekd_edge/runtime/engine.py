@@ -7,20 +7,17 @@ the exact token count before generating (a session that does not fit is an error
 silently cut prompt). The static part of the prompt comes first and the engine never resets
 the model between sessions: it reuses the KV cache of the longest token prefix a prompt shares
 with the one before, so a shared prefix is evaluated once. Answers are decoded greedily under
-the output grammar, the cheap way round (grammar_greedy.py).
+the output grammar, the cheap way round (`llamacpp.GrammarGreedy`).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
-from llama_cpp import Llama
 
 from .. import BkdError
 from ..data import Item, Session
@@ -34,10 +31,11 @@ from ..prompts import (
     output_grammar,
     parse_answer,
 )
+from . import llamacpp
 from .adapters import AdapterSpec, check_adapter
 from .chat import ChatTokenizer
 from .choice import choose_partition
-from .grammar_greedy import GrammarGreedy
+from .llamacpp import GrammarGreedy
 from .memory import memory_snapshot
 from .model_file import check_gguf_magic, inspect_gguf, resolve_model
 
@@ -128,15 +126,7 @@ class Engine:
         threads = config.n_threads or default_threads()
         t0 = time.perf_counter()
         try:
-            self.llm = Llama(
-                model_path=str(self.model_path),
-                n_ctx=config.n_ctx,
-                n_batch=config.n_batch,
-                n_threads=threads,
-                n_threads_batch=threads,
-                seed=config.seed,
-                verbose=False,
-            )
+            self.llm = llamacpp.load_model(self.model_path, config.n_ctx, config.n_batch, threads, config.seed)
         except (ValueError, RuntimeError) as e:
             inspect_gguf(self.model_path)  # raises a precise error for a damaged or truncated file
             raise BkdError(f"{self.model_path}: llama.cpp could not load this model ({e})") from None
@@ -156,15 +146,13 @@ class Engine:
         arch = self.llm.metadata.get("general.architecture")
         for spec in specs:
             info = check_adapter(spec.path, self.model_path, self.model_sha256(), arch, shapes=False)
-            handle = llama_cpp.llama_adapter_lora_init(self.llm._model.model, str(spec.path).encode("utf-8"))
+            handle = llamacpp.load_adapter(self.llm, spec.path)
             if not handle:  # llama.cpp refused a tensor name or shape: say which one
                 check_adapter(spec.path, self.model_path, self.model_sha256())
                 raise BkdError(f"{spec.path}: llama.cpp could not load this adapter")
             handles.append(handle)
             loaded.append({**info, "scale": spec.scale})
-        array = (llama_cpp.llama_adapter_lora_p_ctypes * len(handles))(*handles)
-        scales = (ctypes.c_float * len(specs))(*(s.scale for s in specs))
-        if llama_cpp.llama_set_adapters_lora(self.llm._ctx.ctx, array, len(handles), scales):
+        if not llamacpp.set_adapters(self.llm, handles, [s.scale for s in specs]):
             raise BkdError("llama.cpp could not set the LoRA adapters on the context")
         return loaded
 
@@ -227,8 +215,7 @@ class Engine:
 
     def forget(self) -> None:
         """Empty the KV cache: the next prompt is evaluated whole (what a cold start pays)."""
-        self.llm._ctx.kv_cache_clear()
-        self.llm.reset()
+        llamacpp.forget(self.llm)
 
     def model_sha256(self) -> str:
         if self._sha256 is None:
@@ -253,7 +240,6 @@ class Engine:
         tokens = self.prompt_tokens(session, knowledge, examples)
         n_items, prompt = len(session.items), self.config.prompt
         max_tokens = max_answer_tokens(n_items, prompt)
-        ctx, vocab = self.llm._ctx.ctx, self.llm._model.vocab
         t0 = time.perf_counter()
         n_prefill = self._eval_prompt(tokens)
         prefilled = time.perf_counter()
@@ -267,18 +253,18 @@ class Engine:
                 self.llm.eval(chosen)
                 gbnf = intents_grammar(line.count("|") + 1, prompt)
         chose = time.perf_counter()
-        sampler = GrammarGreedy(vocab, self.llm.n_vocab(), gbnf)  # < 1 ms
+        sampler = GrammarGreedy(self.llm, gbnf)  # < 1 ms
         answer, finish = [], "length"
         try:
-            token = sampler.sample(ctx)
+            token = sampler.sample(llamacpp.last_logits(self.llm))
             first = last = time.perf_counter()
-            while not llama_cpp.llama_vocab_is_eog(vocab, token):  # the end token is neither text nor counted
+            while not llamacpp.is_end(self.llm, token):  # the end token is neither text nor counted
                 answer.append(token)
                 last = time.perf_counter()
                 if len(chosen) + len(answer) >= max_tokens:
                     break
                 self.llm.eval([token])
-                token = sampler.sample(ctx)
+                token = sampler.sample(llamacpp.last_logits(self.llm))
             else:
                 finish = "stop"
         finally:
@@ -309,10 +295,8 @@ class Engine:
         Each line is evaluated in one batch after the prompt (all its positions' logits), then its
         KV cells are dropped again, so the prompt's cache is what the next line and the answer see.
         """
-        llm, ctx = self.llm, self.llm._ctx
-        n_vocab, start = llm.n_vocab(), llm.n_tokens
-        last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, -1), shape=(n_vocab,))
-        after_prompt = _log_softmax(last.astype(np.float64))  # copied: the next decode overwrites it
+        llm, start = self.llm, self.llm.n_tokens
+        after_prompt = _log_softmax(llamacpp.last_logits(llm).astype(np.float64))  # a copy: decodes overwrite it
         out = []
         for line in lines:
             ids = llm.tokenize((line + "\n").encode("utf-8"), add_bos=False, special=False)
@@ -320,13 +304,10 @@ class Engine:
             if len(ids) > 1:
                 if start + len(ids) > self.config.n_ctx or len(ids) > self.config.n_batch:
                     raise BkdError(f"a candidate answer of {len(ids)} tokens does not fit the context")
-                ctx.kv_cache_seq_rm(-1, start, -1)
-                llm._batch.set_batch(ids[:-1], n_past=start, logits_all=True)
-                ctx.decode(llm._batch)
-                rows = np.ctypeslib.as_array(ctx.get_logits(), shape=(len(ids) - 1, n_vocab)).astype(np.float64)
+                rows = llamacpp.logits_of(llm, ids[:-1], start)
                 logprob += sum(_log_softmax(row)[t] for row, t in zip(rows, ids[1:]))
             out.append(float(logprob))
-        ctx.kv_cache_seq_rm(-1, start, -1)
+        llamacpp.drop_cells_from(llm, start)
         return out
 
     def _eval_prompt(self, tokens: list[int]) -> int:
@@ -357,6 +338,5 @@ class Engine:
             "threads": self.threads,
             "seed": self.config.seed,
             "load_s": round(self.load_s, 3),
-            "llama_cpp_python": llama_cpp.__version__,
-            "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+            **llamacpp.build_info(),
         }

@@ -3,24 +3,23 @@
 Within one process llama-cpp-python already reuses the longest common token prefix between
 calls. This module carries that state across processes: the prefix (system text + pack
 knowledge) is evaluated once, its sequence state is written with llama.cpp's own
-`llama_state_seq_save_file` (tokens + KV of sequence 0, no logits), and a JSON key beside it says
-what the state is valid for. A state is loaded only when the key matches exactly: the same GGUF
+`llama_state_seq_save_file` (tokens + KV of sequence 0, no logits; `llamacpp.save_sequence`), and a
+JSON key beside it says what the state is valid for. A state is loaded only when the key matches exactly: the same GGUF
 (sha256), llama.cpp build, context settings and prefix tokens. Anything else is refused.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 
 from .. import BkdError
 from ..files import atomic_write
+from . import llamacpp
 
 STATE_SUFFIX = ".kv"
 KEY_SUFFIX = ".json"
@@ -32,8 +31,7 @@ def prefix_key(engine, tokens: list[int]) -> dict:
     return {
         "model_sha256": engine.model_sha256(),
         "adapters": [[a["sha256"], a["scale"]] for a in engine.adapters],
-        "llama_cpp_python": llama_cpp.__version__,
-        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+        **llamacpp.build_info(),
         "n_ctx": c.n_ctx,
         "n_batch": c.n_batch,
         "n_tokens": len(tokens),
@@ -51,17 +49,12 @@ def state_paths(folder: str | Path, key: dict) -> tuple[Path, Path]:
 
 def save_prefix_state(engine, tokens: list[int], folder: str | Path) -> Path:
     """Write the state of the tokens now in the context (they must be exactly `tokens`)."""
-    llm = engine.llm
-    if llm.n_tokens != len(tokens) or list(llm._input_ids) != list(tokens):
-        raise BkdError("internal: the context does not hold the prefix to save")
     key = prefix_key(engine, tokens)
     state, key_path = state_paths(folder, key)
     state.parent.mkdir(parents=True, exist_ok=True)
     tmp = state.with_name(f".{state.name}.{os.getpid()}.tmp")
-    arr = (llama_cpp.llama_token * len(tokens))(*tokens)
     try:
-        written = llama_cpp.llama_state_seq_save_file(llm._ctx.ctx, str(tmp).encode(), 0, arr, len(tokens))
-        if not written:
+        if not llamacpp.save_sequence(engine.llm, tokens, tmp):
             raise BkdError(f"{state}: llama.cpp could not write the prefix state")
         os.replace(tmp, state)
     finally:
@@ -84,19 +77,6 @@ def load_prefix_state(engine, tokens: list[int], folder: str | Path) -> str:
     differs = [k for k in key if stored.get(k) != key[k]]
     if differs:
         return "refused: made with a different " + ", ".join(differs)
-
-    llm = engine.llm
-    llm._ctx.kv_cache_clear()
-    out = (llama_cpp.llama_token * len(tokens))()
-    n_out = ctypes.c_size_t(0)
-    n_read = llama_cpp.llama_state_seq_load_file(
-        llm._ctx.ctx, str(state).encode(), 0, out, len(tokens), ctypes.byref(n_out)
-    )
-    if not n_read or list(out[: n_out.value]) != list(tokens):
-        llm._ctx.kv_cache_clear()
-        llm.n_tokens = 0
+    if not llamacpp.load_sequence(engine.llm, tokens, state):
         return f"refused: {state.name} did not load or holds other tokens"
-    llm.input_ids[: len(tokens)] = tokens
-    llm.n_tokens = len(tokens)
-    llm._requires_eval = True  # logits are not part of the state: the next call re-evaluates one token
     return "loaded"

@@ -28,11 +28,10 @@ IGNORE = -100  # label of tokens without loss (prompt, padding)
 
 def gguf_chat_tokenizer(gguf_path: str | Path):
     """The runtime's tokenization: the GGUF's chat template and llama.cpp's tokenizer (vocab only)."""
-    from llama_cpp import Llama
-
     from ..runtime.chat import ChatTokenizer
+    from ..runtime.llamacpp import load_vocab
 
-    return ChatTokenizer(Llama(str(gguf_path), vocab_only=True, verbose=False), gguf_path)
+    return ChatTokenizer(load_vocab(gguf_path), gguf_path)
 
 
 class HFChatTokenizer:

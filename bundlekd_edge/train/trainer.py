@@ -1,16 +1,5 @@
-"""LoRA SFT of a small student: one plain loop (nanoGPT style) over packed rows.
-
-Run folder (every file written atomically; `adapter/` appears last, so its presence means done):
-
-    RUN/
-      recipe.json         the resolved recipe
-      data.json           example counts, token counts, dropped examples, sha256 of the data
-      examples.jsonl      a few decoded training examples (what the model really sees)
-      metrics.jsonl       one line per logged step and per evaluation
-      checkpoints/last/   adapter + optimizer + scheduler + RNG + step: `--resume` continues here
-      best/               the adapter with the best val strict F1 so far
-      adapter/            the final (best) LoRA adapter, peft format
-      run.json            format bkd-run/1, status, base model (path, sha256), best step and scores, timings
+"""LoRA SFT of a small student: one plain loop (nanoGPT style) over packed rows, into a run folder
+(train/run_folder.py: every file written atomically, the manifest last, so its presence means done).
 
 Multi-GPU: `accelerate launch -m bundlekd_edge.cli train RECIPE --out RUN` (each process takes
 every world_size-th row; process 0 evaluates and writes). Only the single-process path is tested.
@@ -27,11 +16,12 @@ import time
 from pathlib import Path
 
 from .. import BkdError, __version__
-from ..artifacts import building
+from ..artifacts import building, write_manifest
 from ..data import load_sessions, spread
 from ..files import atomic_write, sha256_file, write_json
 from .model import load_base_model, pick_device, resolve_base, score_model, set_threads
 from .recipe import Recipe
+from .run_folder import RUN_FORMAT, RUN_SCRATCH, is_finished
 from .sft import (
     PromptMaker,
     build_examples,
@@ -42,8 +32,6 @@ from .sft import (
     with_closest_candidate,
     with_shuffled_copies,
 )
-
-RUN_FORMAT = "bkd-run/1"
 
 
 class Interrupted(Exception):
@@ -142,8 +130,8 @@ def _trim_metrics(path: Path, step: int) -> None:
 def check_run_dir(out: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from, or None; refuses to overwrite a finished or started run."""
     last = out / "checkpoints" / "last"
-    if (out / "adapter").exists():
-        raise BkdError(f"{out}: this run is already complete (adapter/ exists); choose another --out")
+    if is_finished(out):
+        raise BkdError(f"{out}: this run is already complete (manifest.json exists); choose another --out")
     if resume:
         return last if (last / "progress.json").exists() else None
     if out.exists() and any(out.iterdir()):
@@ -377,9 +365,10 @@ class Training:
             best = self.out / "best"
             if not best.exists():
                 save_adapter(self.accelerator.unwrap_model(self.model), best)
-            with building(self.out / "adapter") as tmp:  # appears last: its presence means done
+            with building(self.out / "adapter", replace=True) as tmp:  # replace: a finish cut short before
                 shutil.copytree(best, tmp, dirs_exist_ok=True)
-                write_json(self.out / "run.json", result)
+            write_json(self.out / "run.json", result)
+            write_manifest(self.out, RUN_FORMAT, {"name": self.recipe.name}, skip=RUN_SCRATCH)  # last: done
         self.accelerator.wait_for_everyone()
         return result
 
@@ -388,7 +377,6 @@ class Training:
         state, base, step = self.state, self.base, self.state["step"]
         train_s = state.get("train_s", 0.0)
         return {
-            "format": RUN_FORMAT,
             "status": "complete",
             "bkd_edge_version": __version__,
             "name": self.recipe.name,
