@@ -136,6 +136,12 @@ def test_report_files(bench):
     for png in ("quality_latency.png", "memory.png"):
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    from bundlekd_edge.artifacts import verify_folder
+
+    assert verify_folder(out, "bkd-bench/1", "bench report") == []  # every file listed, as written
+    assert {"report.json", "report.md", "memory.png", "rows/student.json"} <= set(
+        json.loads((out / "manifest.json").read_text())["files"]
+    )
 
 
 def test_rerun_reuses_finished_rows(bench):

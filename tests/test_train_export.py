@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bundlekd_edge import BkdError
@@ -282,12 +283,12 @@ def test_export_folder_layout_manifest_and_parity(exported):
     assert q4["bits_per_weight"] < q8["bits_per_weight"] and q4["fallbacks"] > 0  # width 576: k-quants fall back
     assert q4["bytes"] < q8["bytes"] < 200 * 2**20
     stages = {r["stage"]: r for r in manifest["parity"]["stages"]}
-    assert list(stages) == ["merge", "F16", "Q8_0", "Q4_K_M", "adapter"] and all(r["passed"] for r in stages.values())
-    # the adapter over the Q4_1 base it was trained on agrees with the merged model as a quant does
-    assert stages["adapter"]["top1_agreement"] >= 0.9
+    # each merged file against the adapter over the Q4_1 base it was trained on (the reference)
+    assert list(stages) == ["F16", "Q8_0", "Q4_K_M"] and all(r["passed"] for r in stages.values())
+    assert set(manifest["timings"]) >= {"reference_s", "merge_f16_s", "parity_s", "total_s"}
     assert manifest["adapter"]["gguf"]["rank"] == 8 and manifest["adapter"]["gguf"]["bytes"] < 6 * 2**20
     assert manifest["prompt"]["title_chars"] == 160 and manifest["prompt"]["instructions"] is True
-    assert stages["merge"]["top1_agreement"] >= 0.99 and stages["F16"]["top1_agreement"] >= 0.97
+    assert stages["F16"]["top1_agreement"] >= 0.97
     assert stages["F16"]["identical_bundles"] == 1.0
     assert manifest["default_quant"] == "Q4_K_M" and manifest["recipe"]["max_steps"] == 2
     assert manifest["adapter"]["files"]["adapter_model.safetensors"]
@@ -376,6 +377,38 @@ def test_an_export_with_a_pack_generates_with_it(exported, sample_path, cli, tmp
     row = json.loads((tmp_path / "with-pack.jsonl").read_text())
     assert row["valid"] and row["timing"]["prompt_tokens"] > 1.5 * json.loads(
         (tmp_path / "plain.jsonl").read_text())["timing"]["prompt_tokens"]  # fmt: skip
+
+
+def test_the_gguf_merge_equals_peft_merging_the_trained_model(trained_run, exported):
+    """Export merges on GGUF tensors (no transformers); the trainer's own model, merged by peft and
+    mapped to llama.cpp's names and q/k layout, must hold the same weights (to f16 rounding)."""
+    import gguf
+    from peft import PeftModel
+
+    from bundlekd_edge.export.gguf_write import merged_tensors, permute
+    from bundlekd_edge.train.model import load_base_model, resolve_base
+
+    out, _ = exported
+    base = resolve_base("default")
+    merged = merged_tensors(base.path, out / "adapter.gguf")
+    model = PeftModel.from_pretrained(load_base_model(base, torch.float32, "cpu"), str(trained_run / "adapter"))
+    state = model.merge_and_unload().state_dict()
+    cfg = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    for layer in (0, cfg.num_hidden_layers - 1):
+        modules = [("self_attn.q_proj", cfg.num_attention_heads), ("self_attn.k_proj", cfg.num_key_value_heads),
+                   ("mlp.down_proj", 0)]  # fmt: skip
+        for module, heads in modules:
+            hf_name = f"model.layers.{layer}.{module}.weight"
+            want = state[hf_name].float().numpy()
+            want = permute(want, heads) if heads else want
+            got = merged[names.get_name(hf_name, try_suffixes=(".weight",))].astype(np.float32)
+            assert np.abs(got - want).max() < 2e-3 * max(1.0, np.abs(want).max())
+    from gguf.quants import dequantize
+
+    q0 = next(t for t in gguf.GGUFReader(base.path).tensors if t.name == "blk.0.attn_q.weight")
+    before = dequantize(q0.data, q0.tensor_type).reshape(576, 576)
+    assert np.abs(merged["blk.0.attn_q.weight"] - before).max() > 1e-3  # the adapter moved the weights
 
 
 def test_export_folder_with_a_changed_file_is_refused(tmp_path):
@@ -470,7 +503,7 @@ def test_disk_full_during_export_leaves_nothing(trained_run, monkeypatch):
 
     import gguf
 
-    from bundlekd_edge.export import build, parity
+    from bundlekd_edge.export import build
     from bundlekd_edge.export.recipe import ExportRecipe
 
     def full(self, *a, **k):
@@ -478,7 +511,6 @@ def test_disk_full_during_export_leaves_nothing(trained_run, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
-    monkeypatch.setattr(parity, "hf_generate", lambda model, tok, golden: [""] * len(golden))
     out = trained_run.parent / "full"
     with pytest.raises(BkdError, match="No space left on device.*nothing was left behind"):
         build.export_run(trained_run, out, ExportRecipe(golden=1, gen_max_tokens=8), log=lambda *a: None)
@@ -489,7 +521,7 @@ def test_cli_train_and_export_errors(cli, tmp_path):
     r = cli("train", tmp_path / "missing.toml")
     assert r.exit_code == 1 and "no such recipe file" in r.output
     r = cli("export", tmp_path, "--out", tmp_path / "x")
-    assert r.exit_code == 1 and "no adapter" in r.output
+    assert r.exit_code == 1 and "did not finish" in r.output
     shutil.rmtree(tmp_path / "x", ignore_errors=True)
 
 

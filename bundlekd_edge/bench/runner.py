@@ -7,6 +7,8 @@ OUT/
   rows/NAME.pred.jsonl  its predictions
   rows/NAME.log         the worker's stderr
   report.json, report.md, quality_latency.png, memory.png
+  manifest.json         format bkd-bench/1 and the sha256 of every file above; written last (and
+                        removed when a rerun starts), so its presence means the report is whole
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import BkdError, __version__
+from ..artifacts import MANIFEST, write_manifest
 from ..files import sha256_file, write_json
 from .engines import BenchOptions, EngineSpec
+
+BENCH_FORMAT = "bkd-bench/1"
 
 # (section, key, larger is better): the ratios a report gives against its reference rows.
 RATIO_KEYS = [
@@ -146,6 +151,7 @@ def run_bench(
     out = Path(out)
     rows_dir = out / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # the folder is being worked on
     rows = []
     for spec in specs:
         row = run_engine(spec, opt, rows_dir, resume)
@@ -158,7 +164,7 @@ def run_bench(
             if r["status"] == "ok" and r["name"] != teacher:
                 r["vs_teacher"] = ratios(r, by_name[teacher])
     report = {
-        "format": "bkd-bench/1",
+        "format": BENCH_FORMAT,
         "created_unix": int(time.time()),
         "options": asdict(opt),
         "teacher": teacher,
@@ -173,4 +179,5 @@ def run_bench(
     from .report import write_report
 
     write_report(report, out)
+    write_manifest(out, BENCH_FORMAT, {"engines": names})
     return report

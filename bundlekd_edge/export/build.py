@@ -1,6 +1,7 @@
 """`bkd-edge export RUN_DIR`: one deployable folder from a training run.
 
-Named steps: read the source -> merge -> f16 GGUF -> quantise -> parity -> package. Built in a
+Named steps: read the source -> adapter GGUF -> reference answers (base + adapter in llama.cpp)
+-> merge into an f16 GGUF -> quantise -> parity -> package. Built in a
 temporary sibling folder and renamed into place at the very end (`artifacts.building`), so an
 interrupted or failed export never leaves a folder that looks complete.
 """
@@ -30,20 +31,6 @@ def _run_data(run_dir: Path) -> dict:
         return json.loads((run_dir / "data.json").read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-
-
-def load_merged(base, adapter_dir: Path, golden):
-    """The base with the LoRA merged in, and the adapted model's teacher-forced top-1 (merge parity)."""
-    import torch
-    from peft import PeftModel
-
-    from ..train.model import load_base_model
-    from .parity import hf_top1
-
-    model = load_base_model(base, torch.float32, "cpu")
-    model = PeftModel.from_pretrained(model, str(adapter_dir))
-    adapted_top1 = hf_top1(model, golden)
-    return model.merge_and_unload(), adapted_top1
 
 
 def model_card(manifest: dict) -> str:
@@ -107,9 +94,9 @@ bkd-edge generate --model {manifest["name"]}:Q8_0 --sessions S.jsonl --out pred.
 |---|---|---|---|---|
 {rows}
 
-Parity against the merged HF model on {manifest["parity"]["golden_sessions"]} golden val sessions
-(top-1 token agreement teacher-forced over the golden answers; identical parsed bundles under
-greedy decoding):
+Parity against the adapter over its base (llama.cpp, what `--adapter` runs) on
+{manifest["parity"]["golden_sessions"]} golden val sessions (top-1 token agreement teacher-forced
+over the golden answers; identical parsed bundles under greedy decoding):
 
 | stage | top-1 agreement | identical bundles | gate |
 |---|---|---|---|
@@ -145,13 +132,14 @@ class Source:
     base: object  # train.model.Base
     chat_template: str
     pack: object  # packs.Pack | None
-    tok: object  # the base's HF tokenizer
+    tok: object  # the base's tokenizer (llama.cpp's, with the GGUF's chat template)
     gold: list  # parity.Golden
 
 
 def export_run(run_dir: str | Path, out: str | Path, recipe: ExportRecipe | None = None, threads: int = 0,
                log=print) -> dict:  # fmt: skip
-    """Merge, write GGUF f16, quantise, check parity, package; returns the manifest."""
+    """Adapter GGUF, reference answers, merge into GGUF f16, quantise, check parity, package;
+    returns the manifest. Neither torch nor transformers: everything is GGUF and llama.cpp."""
     run_dir, out, recipe = Path(run_dir), Path(out), recipe or ExportRecipe()
     if out.exists():
         raise BkdError(f"{out}: already exists; choose another --out (an export is never overwritten in place)")
@@ -160,15 +148,16 @@ def export_run(run_dir: str | Path, out: str | Path, recipe: ExportRecipe | None
     t0 = time.perf_counter()
     try:
         with building(out) as tmp:
-            merged, stages, ref = merge(src, gate, log)
-            f16 = tmp / "model-F16.gguf"
-            timings = write_f16(src, merged, f16, log)
-            del merged
-            models = quantise(f16, recipe.quants, recipe.keep_f16, threads, log)
-            t = time.perf_counter()
             adapter = write_lora_gguf(src.base.path, src.run_dir / "adapter", tmp / ADAPTER_FILE)
             log(f"wrote {ADAPTER_FILE} ({adapter['bytes'] / 2**20:.1f} MiB, rank {adapter['rank']})")
-            stages += check_parity(src, tmp, models, ref, gate, threads, log, recipe.drop_failing_quants)
+            t = time.perf_counter()
+            ref = reference(src, tmp / ADAPTER_FILE, threads, log)
+            timings = {"reference_s": round(time.perf_counter() - t, 2)}
+            f16 = tmp / "model-F16.gguf"
+            timings |= write_f16(src, tmp / ADAPTER_FILE, f16, log)
+            models = quantise(f16, recipe.quants, recipe.keep_f16, threads, log)
+            t = time.perf_counter()
+            stages = check_parity(src, tmp, models, ref, gate, threads, log, recipe.drop_failing_quants)
             timings["parity_s"] = round(time.perf_counter() - t, 2)
             if "F16" not in models:
                 f16.unlink()
@@ -217,31 +206,24 @@ def read_source(run_dir: Path, golden: int, gen_max_tokens: int) -> Source:
     return Source(run_dir, run, recipe, base, chat_template, pack, tok, gold)
 
 
-def merge(src: Source, gate: Gate, log) -> tuple[object, list[dict], tuple]:
-    """The merged HF model, the merge's parity stage, and the reference (top-1, texts) every
-    GGUF stage is compared with."""
+def reference(src: Source, adapter: Path, threads: int, log) -> tuple:
+    """What every merged file is compared with: the adapter over the very base GGUF it was trained
+    on, in llama.cpp (what `--adapter` and a shipped student run): teacher-forced top-1 and greedy
+    answers on the golden sessions."""
     from . import parity
 
-    t0 = time.perf_counter()
-    log(f"merging {src.run_dir / 'adapter'} into {src.base.path.name}")
-    merged, adapted_top1 = load_merged(src.base, src.run_dir / "adapter", src.gold)
-    ref_top1 = parity.hf_top1(merged, src.gold)
-    stages = [parity.compare("merge", src.gold, adapted_top1, None, ref_top1, None, gate)]
-    parity.check(stages)
-    log(f"merged ({time.perf_counter() - t0:.0f} s)")
-    t = time.perf_counter()
-    ref_texts = parity.hf_generate(merged, src.tok, src.gold)
-    log(f"reference generation with the merged HF model ({time.perf_counter() - t:.0f} s)")
-    return merged, stages, (ref_top1, ref_texts)
+    ref = parity.gguf_top1_and_generate(src.base.path, src.gold, threads, adapter=adapter)
+    log(f"reference answers: {src.base.path.name} + {adapter.name} on {len(src.gold)} golden sessions")
+    return ref
 
 
-def write_f16(src: Source, merged, f16: Path, log) -> dict:
-    from .gguf_write import write_gguf_f16
+def write_f16(src: Source, adapter: Path, f16: Path, log) -> dict:
+    from .gguf_write import merged_tensors, write_gguf_f16
 
     t = time.perf_counter()
-    write_gguf_f16(src.base.path, merged.state_dict(), f16)
-    log(f"wrote {f16.name} ({f16.stat().st_size / 2**20:.0f} MiB)")
-    return {"write_f16_s": round(time.perf_counter() - t, 2)}
+    write_gguf_f16(src.base.path, merged_tensors(src.base.path, adapter), f16)
+    log(f"merged into {f16.name} ({f16.stat().st_size / 2**20:.0f} MiB)")
+    return {"merge_f16_s": round(time.perf_counter() - t, 2)}
 
 
 def quantise(f16: Path, quants: list[str], keep_f16: bool, threads: int, log) -> dict:
@@ -262,7 +244,7 @@ def quantise(f16: Path, quants: list[str], keep_f16: bool, threads: int, log) ->
 
 def check_parity(src: Source, folder: Path, models: dict, ref: tuple, gate: Gate, threads: int, log,
                  drop_failing: bool = False) -> list[dict]:  # fmt: skip
-    """Each GGUF stage (F16, every quant, the adapter over its base) against the merged HF model;
+    """Each merged file (F16, every quant) against the reference (the adapter over its base);
     raises when one falls below the gate. `drop_failing`: a quant below the gate is removed from
     the export instead (`--quant auto` tries candidates), its stage kept in the record."""
     from . import parity
@@ -276,10 +258,6 @@ def check_parity(src: Source, folder: Path, models: dict, ref: tuple, gate: Gate
         stages.append(r := parity.compare(stage, src.gold, ref_top1, ref_texts, top1, texts, gate))
         log(f"parity {stage}: top-1 {r['top1_agreement']:.3f}, identical bundles {r['identical_bundles']:.3f} "
             f"({time.perf_counter() - t:.0f} s)")  # fmt: skip
-    # The adapter alone, over the very base file it was trained on: what a shipped student runs.
-    top1, texts = parity.gguf_top1_and_generate(src.base.path, src.gold, threads, adapter=folder / ADAPTER_FILE)
-    stages.append(r := parity.compare("adapter", src.gold, ref_top1, ref_texts, top1, texts, gate))
-    log(f"parity base+adapter: top-1 {r['top1_agreement']:.3f}, identical bundles {r['identical_bundles']:.3f}")
     for r in stages:
         if drop_failing and not r["passed"] and r["stage"] in models and r["stage"] != "F16":
             (folder / models.pop(r["stage"])["file"]).unlink()

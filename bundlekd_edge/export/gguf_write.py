@@ -1,9 +1,8 @@
-"""Write a merged llama-arch HF model as a GGUF f16 file that is a twin of its base GGUF.
+"""Merge a LoRA adapter into its base GGUF and write the result as a GGUF f16 twin of the base.
 
 Every metadata field (tokenizer, chat template, rope settings ...) is copied from the base GGUF,
-so llama.cpp sees the same model with new weights. transformers un-permutes q/k when it reads a
-GGUF (llama.cpp stores rotary pairs interleaved, HF as rotate-half), so we permute them back;
-k uses the number of kv heads.
+so llama.cpp sees the same model with new weights. `permute` is the q/k layout change between HF
+(rotate-half) and llama.cpp (interleaved rotary pairs), used by `lora_gguf` for the adapter's B.
 """
 
 from __future__ import annotations
@@ -42,46 +41,40 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(reader, state_dict: dict) -> dict[str, np.ndarray]:
-    """HF state dict -> {gguf name: array}: f16 matrices, f32 1-D norms, q/k re-permuted."""
-    import gguf
+def merged_tensors(base_path: str | Path, adapter_path: str | Path) -> dict[str, np.ndarray]:
+    """The base GGUF's tensors, dequantised as the trainer saw them, with the LoRA adapter GGUF
+    (`lora_gguf.write_lora_gguf`) merged in: W + alpha/r * B @ A, in the base's (llama.cpp) layout.
 
-    arch = _field(reader, "general.architecture")
-    n_blocks = int(_field(reader, f"{arch}.block_count"))
-    n_head = int(_field(reader, f"{arch}.attention.head_count"))
-    n_kv = int(_field(reader, f"{arch}.attention.head_count_kv") or n_head)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
-    base_names = {t.name for t in reader.tensors}
+    No transformers and no torch: the dequantisation is gguf-py's, the one transformers uses when
+    it loads a GGUF for training, and the adapter's tensors are already in llama.cpp's q/k layout.
+    Matrices come out f16, 1-D tensors (norms) f32, as convert_hf_to_gguf.py writes them.
+    """
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    base, lora = check_base(base_path), GGUFReader(adapter_path)
+    alpha, rank = float(_field(lora, "adapter.lora.alpha")), int(_field(lora, "bkd.lora.rank"))
+    pairs = {t.name: np.asarray(t.data, dtype=np.float32) for t in lora.tensors}
     out = {}
-    for hf_name, tensor in state_dict.items():
-        if "rotary_emb" in hf_name:
-            continue
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise BkdError(f"merged model tensor {hf_name!r} has no GGUF name for arch {arch!r}")
-        if name not in base_names and name == "output.weight":
-            continue  # tied embeddings: the base has no output.weight, llama.cpp reuses token_embd
-        data = tensor.detach().float().cpu().numpy()
-        if name.endswith("attn_q.weight"):
-            data = permute(data, n_head)
-        elif name.endswith("attn_k.weight"):
-            data = permute(data, n_kv)
-        out[name] = data.astype(np.float32 if data.ndim == 1 else np.float16)
-    missing, extra = base_names - set(out), set(out) - base_names
-    if missing or extra:
-        raise BkdError(
-            f"merged model and base GGUF disagree on tensors: missing {sorted(missing)[:5]}, extra {sorted(extra)[:5]}"
-        )
+    for t in base.tensors:
+        data = dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)]).astype(np.float32)
+        a, b = pairs.pop(t.name + ".lora_a", None), pairs.pop(t.name + ".lora_b", None)
+        if a is not None and b is not None:
+            data += (alpha / rank) * (b @ a)
+        out[t.name] = data.astype(np.float32 if data.ndim == 1 else np.float16)
+    if pairs:
+        raise BkdError(f"{adapter_path}: LoRA tensors with no base tensor: {sorted(pairs)[:5]}")
     return out
 
 
-def write_gguf_f16(base_path: str | Path, state_dict: dict, out_path: str | Path) -> dict:
-    """Write the merged weights with the base's metadata; returns a small summary."""
+def write_gguf_f16(base_path: str | Path, tensors: dict[str, np.ndarray], out_path: str | Path) -> dict:
+    """Write `tensors` (GGUF names, the base's tensors) with the base's metadata; returns a small summary."""
     import gguf
 
     reader = check_base(base_path)
     arch = _field(reader, "general.architecture")
-    tensors = gguf_tensors(reader, state_dict)
+    if set(tensors) != {t.name for t in reader.tensors}:
+        raise BkdError(f"{out_path}: the merged tensors differ from the base's {base_path}")
     writer = gguf.GGUFWriter(str(out_path), arch)
     try:
         for field in reader.fields.values():

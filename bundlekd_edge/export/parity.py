@@ -1,8 +1,8 @@
-"""Parity gate: does each stage of the export still behave like the merged HF model?
+"""Parity gate: does each merged file of the export still behave like the trained student?
 
-On a golden set of val sessions, each stage (the merged model, the GGUF f16, each quant) is
-compared with the reference (the adapted model for the merge, the merged HF model for the GGUF
-files) two ways:
+The reference is the LoRA adapter over the very base GGUF it was trained on, run by llama.cpp
+(what `--adapter` and a shipped student run). On a golden set of val sessions each merged file
+(the GGUF f16, each quant) is compared with it two ways:
   top-1 agreement   teacher-forced over the golden answer tokens: the share of positions whose
                     most likely next token is the same
   identical bundles greedy generation (unconstrained on both sides, same token cap), parsed
@@ -26,7 +26,6 @@ from ..train.sft import answer_part
 class Gate:
     """Thresholds per stage kind (top-1 agreement, identical-bundle rate)."""
 
-    merge_top1: float = 0.99
     f16_top1: float = 0.97
     f16_bundles: float = 0.75
     q8_top1: float = 0.93
@@ -35,8 +34,6 @@ class Gate:
     quant_bundles: float = 0.5
 
     def thresholds(self, stage: str) -> tuple[float, float]:
-        if stage == "merge":
-            return self.merge_top1, 0.0
         if stage == "F16":
             return self.f16_top1, self.f16_bundles
         if stage == "Q8_0":
@@ -61,27 +58,6 @@ def golden_set(sessions: list[Session], tok, maker, n: int, max_tokens: int = 0)
         answer = tok.text_ids(render_answer(s, maker.config)) + [tok.eos_id]
         out.append(Golden(s, tok.prompt_ids(maker.messages(s)), answer, cap, maker.config))
     return out
-
-
-def hf_top1(model, golden: list[Golden]) -> list[np.ndarray]:
-    """Argmax next token at each answer position (teacher-forced), per session."""
-    import torch
-
-    out = []
-    model.eval()
-    for g in golden:
-        ids = torch.tensor([g.prompt_ids + g.answer_ids])
-        with torch.no_grad():
-            logits = model(input_ids=ids).logits[0]
-        start = len(g.prompt_ids) - 1  # the position whose next token is the first answer token
-        out.append(logits[start : start + len(g.answer_ids)].argmax(-1).numpy())
-    return out
-
-
-def hf_generate(model, tok, golden: list[Golden]) -> list[str]:
-    from ..train.model import generate_answer
-
-    return [generate_answer(model, tok, g.prompt_ids, g.max_tokens) for g in golden]
 
 
 def gguf_top1_and_generate(
