@@ -250,6 +250,48 @@ def test_run_folder_is_complete_and_was_resumed(trained_run):
         check_run_dir(trained_run, resume=True)
 
 
+def test_two_processes_take_the_step_one_process_takes(tmp_path, sample_path):
+    """`accelerate launch` with the CPU backend (gloo): 2 processes with one row each make the same
+    optimizer step as 1 process with both rows in one batch, and end with the same adapter."""
+    from safetensors.numpy import load_file
+
+    runs = {}
+    # --multi_gpu is accelerate's torchrun path; on a machine without CUDA each process runs on the CPU (gloo)
+    accelerate = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    for name, batch, launch in (("one", 2, []), ("two", 1, accelerate)):
+        recipe = {
+            **TINY,
+            "sessions": str(sample_path),
+            "limit_train": 2,
+            "packing": False,
+            "batch_size": batch,
+            "max_steps": 1,
+            "eval_every": 1,
+            "save_every": 1,
+            "lr": 1e-3,
+            "lora_dropout": 0.0,
+        }  # fmt: skip  (dropout masks would differ between the layouts)
+        path = tmp_path / f"{name}.json"
+        write_json(path, recipe)
+        cmd = [sys.executable, *launch, "-m", "bundlekd_edge.cli", "train", path, "--out", tmp_path / name, "--quiet"]
+        r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        run = json.loads((tmp_path / name / "run.json").read_text())
+        logged = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        loss = [row["loss"] for row in logged if "loss" in row]
+        weights = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+        runs[name] = run, loss, weights
+    assert runs["one"][0]["processes"] == 1 and runs["two"][0]["processes"] == 2
+    # the logged loss is the global batch's (every answer token weighted alike), not rank 0's alone
+    assert runs["two"][1][0] == pytest.approx(runs["one"][1][0], rel=1e-4)
+    # one step from the same seeded initialisation: LoRA B moves from zero the same way
+    one, two = runs["one"][2], runs["two"][2]
+    b = sorted(k for k in one if "lora_B" in k)
+    x, y = np.concatenate([one[k].ravel() for k in b]), np.concatenate([two[k].ravel() for k in b])
+    assert np.abs(x).max() > 0 and float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) > 0.999
+
+
 def test_a_finished_run_is_verified_before_export(trained_run, tmp_path):
     from bundlekd_edge.train.run_folder import read_run
 

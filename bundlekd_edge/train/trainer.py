@@ -23,6 +23,7 @@ from .model import load_base_model, pick_device, resolve_base, score_model, set_
 from .recipe import Recipe
 from .run_folder import RUN_FORMAT, RUN_SCRATCH, is_finished
 from .sft import (
+    IGNORE,
     PromptMaker,
     build_examples,
     collate,
@@ -289,6 +290,7 @@ class Training:
             yield [collate([rows[j] for j in idx], self.tok.eos_id) for idx in micro[i : i + recipe.grad_accum]]
 
     def loop(self, stop_after: int = 0) -> None:
+        import torch
         from tqdm import tqdm
 
         recipe, acc, model, state = self.recipe, self.accelerator, self.model, self.state
@@ -302,17 +304,27 @@ class Training:
             for g, group in enumerate(self.groups(epoch)):
                 if g < skip:
                     continue  # resumed mid-epoch: these steps were done before the checkpoint
-                loss_sum, answer_tokens = 0.0, 0
+                loss_sum, answer_tokens, step_tokens = 0.0, 0, 0
+                # Every predicted answer token of the step weighs the same, however the rows fall on
+                # micro-batches and processes: the loss is summed and divided by the step's token count
+                # (times the processes, whose gradients data parallelism averages).
+                n_items = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group)
+                n_items = self.summed(n_items)[0] if self.world > 1 else n_items
+                n_items = torch.tensor(n_items, device=acc.device)
                 for m, batch in enumerate(group):
                     batch = {k: v.to(acc.device) for k, v in batch.items()}
                     # gradients are all-reduced once per step, on the last micro-batch
                     sync = m == len(group) - 1
                     with contextlib.nullcontext() if sync else acc.no_sync(model):
-                        loss = model(**batch, use_cache=False).loss / len(group)
+                        loss = model(**batch, use_cache=False, num_items_in_batch=n_items).loss * self.world
                         acc.backward(loss)
                     loss_sum += loss.item()
                     answer_tokens += int((batch["labels"] != -100).sum())
-                    tokens_run += int(batch["input_ids"].numel())
+                    step_tokens += int(batch["input_ids"].numel())
+                if self.world > 1:  # each process saw its share of the global batch: log the whole of it
+                    loss_sum, answer_tokens, step_tokens = self.summed(loss_sum / self.world, answer_tokens,
+                                                                       step_tokens)  # fmt: skip
+                tokens_run += step_tokens
                 if recipe.max_grad_norm:
                     acc.clip_grad_norm_(self.trainable, recipe.max_grad_norm)
                 self.optimizer.step()
@@ -357,8 +369,28 @@ class Training:
             save_checkpoint(self.out / "checkpoints" / "last", model, self.optimizer, self.scheduler, state)
         self.accelerator.wait_for_everyone()
 
+    def summed(self, *values: float) -> list:
+        """Each value summed over every process (one all-reduce)."""
+        import torch
+
+        mine = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        total = self.accelerator.reduce(mine, "sum")
+        return [type(v)(x) for v, x in zip(values, total.tolist())]
+
+    def ranks_agree(self) -> bool:
+        """Whether every process holds the same adapter weights (data parallelism must keep them equal)."""
+        import torch
+
+        flat = torch.cat([p.detach().double().flatten() for p in self.trainable])
+        weights = torch.arange(1, len(flat) + 1, dtype=torch.float64, device=flat.device)
+        mine = torch.stack([flat.sum(), (flat * weights).sum()])[None]  # order-sensitive checksum
+        every = self.accelerator.gather(mine)
+        return bool((every == every[0]).all())
+
     # -- finish: the best adapter becomes adapter/, last of all -------------------------------
     def finish(self) -> dict:
+        if self.world > 1 and not self.ranks_agree():
+            raise BkdError("the processes ended with different adapter weights; the run is not kept")
         result = {}
         if self.main:
             result = self.summary()
