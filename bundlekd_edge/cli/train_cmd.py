@@ -28,8 +28,8 @@ def train(recipe, out, resume, sessions, base, max_steps, quiet):
     \b
     The recipe is a TOML or JSON file (see train/*.toml); every key has a working default.
     The run folder holds the adapter, checkpoints, metrics.jsonl and run.json; an interrupted
-    run continues with --resume. Multi-GPU:
-      accelerate launch -m bundlekd_edge.cli train RECIPE --out RUN
+    run continues with --resume. Several processes (GPUs, or CPU processes over gloo):
+      accelerate launch --multi_gpu --num_processes N -m bundlekd_edge.cli train RECIPE --out RUN
     """
     from ..train.recipe import load_recipe
     from ..train.trainer import train as run_training  # torch loads only for this command

@@ -1,8 +1,11 @@
 """LoRA SFT of a small student: one plain loop (nanoGPT style) over packed rows, into a run folder
 (train/run_folder.py: every file written atomically, the manifest last, so its presence means done).
 
-Multi-GPU: `accelerate launch -m bundlekd_edge.cli train RECIPE --out RUN` (each process takes
-every world_size-th row; process 0 evaluates and writes). Only the single-process path is tested.
+Several processes: `accelerate launch --multi_gpu --num_processes N -m bundlekd_edge.cli train RECIPE
+--out RUN` (GPUs, or CPU processes over gloo). Each process takes every N-th row; the loss is summed
+over the step's answer tokens and divided by their count over all processes, so N processes take the
+step one process takes with the same global batch (tests/test_train_export.py); process 0 evaluates
+and writes.
 """
 
 from __future__ import annotations
