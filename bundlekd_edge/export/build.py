@@ -143,16 +143,17 @@ def export_run(run_dir: str | Path, out: str | Path, recipe: ExportRecipe | None
     run_dir, out, recipe = Path(run_dir), Path(out), recipe or ExportRecipe()
     if out.exists():
         raise BkdError(f"{out}: already exists; choose another --out (an export is never overwritten in place)")
-    src = read_source(run_dir, recipe.golden, recipe.gen_max_tokens)
-    gate = recipe.gate
     t0 = time.perf_counter()
+    src = read_source(run_dir, recipe.golden, recipe.gen_max_tokens)
+    timings = {"read_source_s": round(time.perf_counter() - t0, 2)}
+    gate = recipe.gate
     try:
         with building(out) as tmp:
             adapter = write_lora_gguf(src.base.path, src.run_dir / "adapter", tmp / ADAPTER_FILE)
             log(f"wrote {ADAPTER_FILE} ({adapter['bytes'] / 2**20:.1f} MiB, rank {adapter['rank']})")
             t = time.perf_counter()
             ref = reference(src, tmp / ADAPTER_FILE, threads, log)
-            timings = {"reference_s": round(time.perf_counter() - t, 2)}
+            timings["reference_s"] = round(time.perf_counter() - t, 2)
             f16 = tmp / "model-F16.gguf"
             timings |= write_f16(src, tmp / ADAPTER_FILE, f16, log)
             models = quantise(f16, recipe.quants, recipe.keep_f16, threads, log)
