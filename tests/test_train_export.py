@@ -481,6 +481,26 @@ def test_export_folder_lookup_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_export_runs_without_torch_transformers_or_peft(trained_run, tmp_path):
+    """A whole export (adapter GGUF, reference, merge, quantise, parity, package) with torch,
+    transformers and peft made unimportable: exporting needs only GGUF tools and llama.cpp."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers', 'peft'):\n"
+        "            raise ImportError(f'{name} is blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from bundlekd_edge.export.build import export_run\n"
+        "from bundlekd_edge.export.recipe import ExportRecipe\n"
+        f"m = export_run({str(trained_run)!r}, {str(tmp_path / 'out')!r}, "
+        "ExportRecipe(quants=['Q8_0'], golden=1, gen_max_tokens=8), log=lambda *a: None)\n"
+        "assert [s['stage'] for s in m['parity']['stages']] == ['F16', 'Q8_0'], m['parity']\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp_path / "out" / "model-Q8_0.gguf").is_file()
+
+
 # ------------------------------------------------------------------ bad input
 
 
