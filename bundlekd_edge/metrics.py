@@ -7,7 +7,8 @@ ground-truth bundles one-to-one by maximal summed Jaccard. Report both, always s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ class Prediction:
     bundles: list[list[str]]  # item ids, as predicted (may name items outside the session)
     valid: bool = True  # False when the model's raw output was not valid JSON
     skipped: str = ""  # why no answer was asked for (a session of fewer than 2 items: no bundle possible)
+    intents: list[str] = field(default_factory=list)  # one per bundle ("" when none was given)
 
 
 def load_predictions(path: str | Path) -> dict[str, Prediction]:
@@ -47,19 +49,23 @@ def load_predictions(path: str | Path) -> dict[str, Prediction]:
         raw = obj.get("bundles")
         if not isinstance(raw, list):
             raise BkdError(f"{where}: field 'bundles' must be a list")
-        bundles = []
+        bundles, intents = [], []
         for j, b in enumerate(raw):
             if not isinstance(b, dict) or not isinstance(b.get("items"), list):
                 raise BkdError(f"{where}: bundles[{j}]: expected an object with an 'items' list")
             if not all(isinstance(x, (str, int)) and not isinstance(x, bool) for x in b["items"]):
                 raise BkdError(f"{where}: bundles[{j}].items: item ids must be strings or integers")
             bundles.append([str(x) for x in b["items"]])
+            intent = b.get("intent", "")
+            if not isinstance(intent, str):
+                raise BkdError(f"{where}: bundles[{j}].intent must be a string, got {intent!r}")
+            intents.append(intent)
         valid, skipped = obj.get("valid", True), obj.get("skipped", "")
         if not isinstance(valid, bool):
             raise BkdError(f"{where}: field 'valid' must be true or false, got {valid!r}")
         if not isinstance(skipped, str):
             raise BkdError(f"{where}: field 'skipped' must be a string (the reason), got {skipped!r}")
-        preds[sid] = Prediction(sid, bundles, valid, skipped)
+        preds[sid] = Prediction(sid, bundles, valid, skipped, intents)
     return preds
 
 
@@ -160,3 +166,45 @@ def evaluate(gold: list[Session], preds: dict[str, Prediction]) -> dict:
     out["skipped"] = skipped
     out["predicted_bundles"] = sum(len(p.bundles) for p in preds.values() if p.session_id in gold_ids)
     return {k: out[k] for k in (*METRIC_KEYS, "sessions", "missing_predictions", "skipped", "predicted_bundles")}
+
+
+def intent_pairs(gold: list[Session], preds: dict[str, Prediction]) -> list[tuple[str, str]]:
+    """(predicted intent, true intent) of every predicted bundle that the strict scores match
+    one-to-one to a true bundle sharing items with it (maximal summed Jaccard, as `score_session`)."""
+    pairs = []
+    for s in gold:
+        pred = preds.get(s.session_id)
+        if pred is None or not s.bundles:
+            continue
+        named: dict[frozenset, str] = {}
+        for items, intent in zip(pred.bundles, pred.intents or [""] * len(pred.bundles)):
+            if len(set(items)) >= 2:
+                named.setdefault(frozenset(items), intent)  # a repeated bundle counts once, as in evaluate
+        predicted = list(named)
+        if not predicted:
+            continue
+        sim = np.array([[_jaccard(p, frozenset(g.items)) for g in s.bundles] for p in predicted])
+        for r, c in zip(*linear_sum_assignment(sim, maximize=True)):
+            if sim[r, c] > 0 and s.bundles[c].intent:  # a true bundle without a name says nothing
+                pairs.append((named[predicted[r]], s.bundles[c].intent))
+    return pairs
+
+
+def intent_scores(pairs: list[tuple[str, str]], encode: Callable[[list[str]], np.ndarray]) -> dict:
+    """How well matched bundles are named: mean cosine of the sentence embeddings (`encode`: texts
+    -> L2-normalised rows) of predicted and true intents, and the share named exactly (case and
+    spacing aside). A missing intent scores 0."""
+    if not pairs:
+        return {"intent_pairs": 0, "intent_cosine": 0.0, "intent_exact": 0.0}
+    norm = [(" ".join(p.lower().split()), " ".join(t.lower().split())) for p, t in pairs]
+    given = [i for i, (p, _) in enumerate(norm) if p]
+    cosine = np.zeros(len(pairs))
+    if given:
+        a = encode([norm[i][0] for i in given])
+        b = encode([norm[i][1] for i in given])
+        cosine[given] = (a * b).sum(1)
+    return {
+        "intent_pairs": len(pairs),
+        "intent_cosine": float(cosine.mean()),
+        "intent_exact": sum(p == t for p, t in norm) / len(pairs),
+    }

@@ -57,4 +57,8 @@ def quality_table(scores: dict) -> str:
     rows.append({"metric": "sessions", "value": scores["sessions"]})
     rows.append({"metric": "of which without a prediction", "value": scores.get("missing_predictions", 0)})
     rows.append({"metric": "of which skipped (< 2 items)", "value": scores.get("skipped", 0)})
+    if "intent_pairs" in scores:
+        rows.append({"metric": "intent cosine (matched bundles)", "value": scores["intent_cosine"]})
+        rows.append({"metric": "intent named exactly", "value": scores["intent_exact"]})
+        rows.append({"metric": "matched bundles with a true intent", "value": scores["intent_pairs"]})
     return table(rows, [("metric", "metric", ""), ("value", "value", "")])

@@ -57,6 +57,30 @@ def test_shards_split_a_run_and_eval_scores_their_union(tmp_path, cli, sample_pa
     assert r.exit_code == 1 and "shard '2/2': expected K/N with 0 <= K < N" in r.output
 
 
+def test_eval_scores_the_intents_of_matched_bundles(tmp_path, cli, sample_path):
+    from bundlekd_edge.data import load_sessions
+
+    gold = [s for s in load_sessions(sample_path) if len(s.bundles) >= 2]
+    variants = {
+        "named": lambda s, k: s.bundles[k].intent,  # the true names
+        "swapped": lambda s, k: s.bundles[(k + 1) % len(s.bundles)].intent,  # another bundle's name
+        "unnamed": lambda s, k: "",
+    }
+    gold_file, scores = write_lines(tmp_path / "gold.jsonl", [s.to_dict() for s in gold]), {}
+    for name, intent in variants.items():
+        rows = [{"session_id": s.session_id, "bundles": [{"items": list(b.items), "intent": intent(s, k)}
+                                                          for k, b in enumerate(s.bundles)]} for s in gold]  # fmt: skip
+        pred, out = write_lines(tmp_path / f"{name}.jsonl", rows), tmp_path / f"{name}.json"
+        r = cli("eval", "--gold", gold_file, "--pred", pred, "--intents", "--out", out)
+        assert r.exit_code == 0, r.output
+        scores[name] = json.loads(out.read_text())
+        assert scores[name]["strict_f1"] == 1.0 and scores[name]["sessions"] == len(gold)
+    assert "intent cosine" in r.output
+    assert scores["named"]["intent_cosine"] == pytest.approx(1.0, abs=1e-4) and scores["named"]["intent_exact"] == 1.0
+    assert 0 < scores["swapped"]["intent_cosine"] < 0.9 and scores["swapped"]["intent_exact"] < 0.5
+    assert scores["unnamed"]["intent_cosine"] == 0.0 and scores["unnamed"]["intent_pairs"] > 0
+
+
 def test_bad_sessions_file_fails_without_output(tmp_path, cli):
     bad = write_lines(tmp_path / "bad.jsonl", [session("a"), session("a")])
     out = tmp_path / "pred.jsonl"

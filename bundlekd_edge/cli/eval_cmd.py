@@ -11,7 +11,7 @@ import click
 from .. import BkdError
 from ..data import SPLITS, check_split, load_sessions
 from ..files import refuse_overwrite, write_json
-from ..metrics import evaluate, load_prediction_files
+from ..metrics import evaluate, intent_pairs, intent_scores, load_prediction_files
 from ..tables import quality_table
 
 
@@ -30,8 +30,14 @@ from ..tables import quality_table
 @click.option("--split", type=str, help=f"Score only this split of the gold file ({', '.join(SPLITS)}).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the scores as one JSON object.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
+@click.option(
+    "--intents",
+    is_flag=True,
+    help="Also score the intents of matched bundles: cosine of MiniLM sentence embeddings (the encoder "
+    "packs use, no torch) and the exact-name rate.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def eval_(gold, preds, split, out, force, as_json):
+def eval_(gold, preds, split, out, force, intents, as_json):
     """Paper metrics (precision, recall, coverage) next to strict one-to-one matched scores.
 
     \b
@@ -43,7 +49,12 @@ def eval_(gold, preds, split, out, force, as_json):
     check_split(split)
     files = prediction_paths(preds)
     refuse_overwrite(out, [gold, *files], force)
-    scores = evaluate(load_sessions(gold, split=split), load_prediction_files(files))
+    sessions, predictions = load_sessions(gold, split=split), load_prediction_files(files)
+    scores = evaluate(sessions, predictions)
+    if intents:
+        from ..embeddings import TextEncoder, default_encoder_dir
+
+        scores |= intent_scores(intent_pairs(sessions, predictions), TextEncoder(default_encoder_dir()).encode)
     if scores["missing_predictions"]:
         n, total = scores["missing_predictions"], scores["sessions"]
         click.echo(
