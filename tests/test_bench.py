@@ -164,3 +164,17 @@ def test_bench_cli_exits_nonzero_when_an_engine_fails(cli, sample_path, tmp_path
             "--engine", f"missing={tmp_path / 'nope.gguf'}", "--throughput-sessions", 0)  # fmt: skip
     assert r.exit_code == 1
     assert "missing: FAILED" in r.output and "| whole" in r.output
+
+
+def test_a_sessions_file_without_val_warms_up_on_the_split_itself(sample_path, tmp_path):
+    """The warm-up takes val sessions when the file has them, else the scored split's own first ones."""
+    from bundlekd_edge.data import write_sessions
+
+    no_val = tmp_path / "no-val.jsonl"
+    write_sessions(no_val, [s for s in load_sessions(sample_path) if s.split != "val"])
+    opt = BenchOptions(sessions=str(no_val), split="test", limit=2, warmup=1, cold=1, concurrency=[1],
+                       throughput_sessions=0, threads=1)  # fmt: skip
+    report = run_bench([parse_engine("student=default")], opt, tmp_path / "b")
+    (row,) = report["rows"]
+    assert row["status"] == "ok", row.get("error")
+    assert row["quality"]["sessions"] == 2

@@ -292,6 +292,23 @@ def test_two_processes_take_the_step_one_process_takes(tmp_path, sample_path):
     assert np.abs(x).max() > 0 and float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) > 0.999
 
 
+def test_a_sessions_file_without_val_trains_without_evaluating_and_exports_on_test(tmp_path, sample_path):
+    from bundlekd_edge.data import write_sessions
+    from bundlekd_edge.export.build import export_run
+    from bundlekd_edge.export.recipe import ExportRecipe
+    from bundlekd_edge.train.recipe import recipe_from_dict
+    from bundlekd_edge.train.trainer import train
+
+    no_val = tmp_path / "no-val.jsonl"
+    write_sessions(no_val, [s for s in load_sessions(sample_path) if s.split != "val"])
+    recipe = recipe_from_dict({**TINY, "sessions": str(no_val), "limit_train": 2, "max_steps": 1, "eval_every": 1})
+    run = train(recipe, tmp_path / "run", progress=False)
+    assert run["val_sessions"] == 0 and run["best_val_strict_f1"] is None and run["steps"] == 1
+    manifest = export_run(tmp_path / "run", tmp_path / "export", ExportRecipe(quants=["Q8_0"], golden=1,
+                          gen_max_tokens=8), log=lambda *a: None)  # fmt: skip
+    assert manifest["parity"]["golden_sessions"] == 1  # golden sessions from test, the run never saw them
+
+
 def test_a_finished_run_is_verified_before_export(trained_run, tmp_path):
     from bundlekd_edge.train.run_folder import read_run
 
