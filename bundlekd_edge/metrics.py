@@ -86,6 +86,13 @@ def _jaccard(a: frozenset, b: frozenset) -> float:
     return len(a & b) / len(a | b)
 
 
+def _match(predicted: list[frozenset], gold: list[frozenset]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The strict one-to-one matching: (Jaccard matrix, predicted rows, gold columns) of maximal sum."""
+    sim = np.array([[_jaccard(p, g) for g in gold] for p in predicted])
+    rows, cols = linear_sum_assignment(sim, maximize=True)
+    return sim, rows, cols
+
+
 def score_session(predicted: list[frozenset], gold: list[frozenset]) -> dict:
     """Scores of one session. `predicted` holds only bundles of >= 2 items."""
     hits, coverage = 0, []
@@ -97,8 +104,7 @@ def score_session(predicted: list[frozenset], gold: list[frozenset]) -> dict:
                 break
     matched, exact = 0.0, 0
     if predicted:
-        sim = np.array([[_jaccard(p, g) for g in gold] for p in predicted])
-        rows, cols = linear_sum_assignment(sim, maximize=True)
+        sim, rows, cols = _match(predicted, gold)
         matched = float(sim[rows, cols].sum())
         exact = int(sum(predicted[r] == gold[c] for r, c in zip(rows, cols)))
     n_p, n_g = len(predicted), len(gold)
@@ -183,8 +189,8 @@ def intent_pairs(gold: list[Session], preds: dict[str, Prediction]) -> list[tupl
         predicted = list(named)
         if not predicted:
             continue
-        sim = np.array([[_jaccard(p, frozenset(g.items)) for g in s.bundles] for p in predicted])
-        for r, c in zip(*linear_sum_assignment(sim, maximize=True)):
+        sim, rows, cols = _match(predicted, [frozenset(b.items) for b in s.bundles])
+        for r, c in zip(rows, cols):
             if sim[r, c] > 0 and s.bundles[c].intent:  # a true bundle without a name says nothing
                 pairs.append((named[predicted[r]], s.bundles[c].intent))
     return pairs

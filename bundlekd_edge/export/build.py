@@ -185,10 +185,8 @@ def read_source(run_dir: Path, golden: int, gen_max_tokens: int) -> Source:
                        "this run was trained from an HF folder")  # fmt: skip
     if run["base"].get("sha256") and sha256_file(base.path) != run["base"]["sha256"]:
         raise BkdError(f"{base.path}: the base model changed since training (sha256 differs from run.json)")
-    reader = check_base(base.path)
-    field = reader.fields.get("tokenizer.chat_template")
+    field = check_base(base.path).fields.get("tokenizer.chat_template")
     chat_template = str(field.contents()) if field is not None else ""
-    del reader
 
     # golden sessions: the val split (the run never trained on it), else test
     sessions = load_sessions(recipe.sessions, split="val", empty_split_ok=True) or load_sessions(
