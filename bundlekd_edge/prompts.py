@@ -180,6 +180,14 @@ def intents_grammar(n_bundles: int, config: PromptConfig = PromptConfig()) -> st
     return "root ::= " + ' " | " '.join(["intent"] * n_bundles) + "\n" + _compact_intent_rule(config) + "\n"
 
 
+def chosen_line_grammar(line: str, config: PromptConfig = PromptConfig()) -> str:
+    """A compact answer whose first line is `line` (a chosen candidate partition), then its intents:
+    what a server decodes after the candidates were scored (in-process, the line is evaluated and
+    `intents_grammar` decodes the rest)."""
+    intents = ' " | " '.join(["intent"] * (line.count("|") + 1))
+    return f"root ::= {json.dumps(line + chr(10))} {intents}\n{_compact_intent_rule(config)}\n"
+
+
 def max_answer_tokens(n_items: int, config: PromptConfig = PromptConfig()) -> int:
     """An upper bound on the answer's tokens under the schema (numbers <= 2 tokens, 1 per intent char)."""
     if config.answer_format == "compact":

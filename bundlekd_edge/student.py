@@ -63,6 +63,16 @@ class Student:
         config = EngineConfig(n_ctx=n_ctx, n_threads=threads, seed=seed, prompt=self.prompt, adapters=self.adapters)
         return Engine(self.model, config)
 
+    def load_remote(self, servers, constraint: str = "gbnf", api_key_env: str = "", seed: int = 0, retries: int = 4):
+        """This student on inference servers (`runtime.remote`): the servers run its model and
+        adapters, this process builds its prompts (pack included) and the output constraint."""
+        from .openai_client import RetryPolicy
+        from .runtime.remote import RemoteConfig, RemoteEngine, parse_server
+
+        servers = tuple(parse_server(s) for s in servers)
+        retry = RetryPolicy(timeout_s=300.0, retries=retries)
+        return RemoteEngine(RemoteConfig(servers, self.prompt, constraint, api_key_env, seed, retry))
+
     def describe(self) -> dict:
         return {
             "name": self.name,

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,27 @@ def engine():
     from bundlekd_edge.runtime import Engine
 
     return Engine("default")
+
+
+def bkd_edge() -> str:
+    """The console script, as a user runs it."""
+    return shutil.which("bkd-edge") or str(Path(sys.executable).parent / "bkd-edge")
+
+
+def answers(path: Path) -> list[tuple]:
+    """What a predictions file says, without the timings (which differ from run to run), by session."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return sorted((r["session_id"], r["bundles"], r["valid"], r["raw"]) for r in rows)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, sample_path):
+    """The untuned model's predictions for the whole sample, in this process, in one run."""
+    out = tmp_path_factory.mktemp("whole") / "pred.jsonl"
+    done = subprocess.run([bkd_edge(), "generate", "--model", "base", "--sessions", sample_path, "--out", out,
+                           "--quiet"], capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return out
 
 
 def write_lines(path: Path, rows) -> Path:
@@ -63,7 +85,8 @@ def free_port() -> int:
 class LlamaServer:
     """`python -m llama_cpp.server` on a free loopback port, serving the default model."""
 
-    def __init__(self):
+    def __init__(self, *args: str):
+        self.args = args  # further server options, e.g. ("--lora_path", ADAPTER)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
@@ -72,7 +95,9 @@ class LlamaServer:
         from bundlekd_edge.runtime import default_model_path
 
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(default_model_path()), "--host", "127.0.0.1",
-               "--port", str(self.port), "--n_ctx", "2048", "--n_threads", "1"]  # fmt: skip
+               "--port", str(self.port), "--n_threads", "1", *self.args]  # fmt: skip
+        if "--n_ctx" not in self.args:
+            cmd += ["--n_ctx", "2048"]
         # The server logs a lot to stderr: a file, not a pipe nobody reads (a full pipe blocks it).
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bundlekd_edge.metrics import METRIC_KEYS
-from tests.conftest import session, write_lines
+from tests.conftest import answers, bkd_edge, session, write_lines
 
 
 def test_generate_then_eval_writes_machine_readable_scores(tmp_path, cli, sample_path):
@@ -136,29 +136,10 @@ def test_demo_prints_bundles_and_both_tables(tmp_path, cli):
     assert summary["student"]["name"] == "smollm2-bundles" and len(summary["run"]["adapters"]) == 1
 
 
-def _bkd_edge() -> str:
-    return shutil.which("bkd-edge") or str(Path(sys.executable).parent / "bkd-edge")
-
-
-def _answers(path: Path) -> list[tuple]:
-    """What a predictions file says, without the timings (which differ from run to run)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return [(r["session_id"], r["bundles"], r["valid"], r["raw"]) for r in rows]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, sample_path):
-    out = tmp_path_factory.mktemp("whole") / "pred.jsonl"
-    done = subprocess.run([_bkd_edge(), "generate", "--model", "base", "--sessions", sample_path, "--out", out,
-                           "--quiet"], capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return out
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_generate_killed_mid_run_resumes_to_the_same_file(tmp_path, sample_path, uninterrupted, sig):
     out = tmp_path / "pred.jsonl"
-    cmd = [_bkd_edge(), "generate", "--model", "base", "--sessions", str(sample_path), "--out", str(out), "--quiet"]
+    cmd = [bkd_edge(), "generate", "--model", "base", "--sessions", str(sample_path), "--out", str(out), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while (not out.exists() or len(out.read_text().splitlines()) < 4) and time.monotonic() < deadline:
@@ -179,7 +160,7 @@ def test_generate_killed_mid_run_resumes_to_the_same_file(tmp_path, sample_path,
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"{20 - kept} sessions generated now ({kept} from before)" in resumed.stdout
-    assert _answers(out) == _answers(uninterrupted)
+    assert answers(out) == answers(uninterrupted)
     assert json.loads((tmp_path / "pred.jsonl.run.json").read_text())["complete"] is True
 
 
@@ -189,12 +170,12 @@ def test_resume_refuses_other_settings_and_a_cut_line_is_redone(tmp_path, sample
     shutil.copy(uninterrupted.with_name("pred.jsonl.run.json"), tmp_path / "pred.jsonl.run.json")
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:5]) + lines[5][:40])  # a kill in the middle of writing line 6
-    cmd = [_bkd_edge(), "generate", "--model", "base", "--sessions", str(sample_path), "--out", str(out), "--quiet"]
+    cmd = [bkd_edge(), "generate", "--model", "base", "--sessions", str(sample_path), "--out", str(out), "--quiet"]
     other = subprocess.run(cmd + ["--resume", "--seed", "7"], capture_output=True, text=True)
     assert other.returncode == 1 and "other settings (seed)" in other.stderr
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0 and "15 sessions generated now (5 from before)" in resumed.stdout
-    assert _answers(out) == _answers(uninterrupted)
+    assert answers(out) == answers(uninterrupted)
 
 
 def test_outputs_never_clobber_inputs_or_other_files(tmp_path, cli, sample_path):
@@ -229,5 +210,5 @@ def test_one_item_sessions_are_skipped_and_eval_warns_about_missing_predictions(
 
 
 def test_generate_json_refuses_bytes_that_are_not_utf8():
-    done = subprocess.run([_bkd_edge(), "generate", "--json"], input=b'{"items": [\xff]}', capture_output=True)
+    done = subprocess.run([bkd_edge(), "generate", "--json"], input=b'{"items": [\xff]}', capture_output=True)
     assert done.returncode == 1 and b"<stdin>: not UTF-8 text" in done.stderr and b"Traceback" not in done.stderr

@@ -10,7 +10,7 @@ import pytest
 
 from bundlekd_edge import BkdError
 from bundlekd_edge.knowledge import CallCache, TeacherConfig, TeacherError, make_teacher
-from bundlekd_edge.knowledge.teachers import normalise_base_url
+from bundlekd_edge.openai_client import normalise_base_url
 from bundlekd_edge.prompts import PromptConfig, output_schema
 from tests.conftest import LlamaServer, free_port
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import signal
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,8 +22,32 @@ MODEL_HELP = (
 )
 
 
-def engine_options(f):
-    """Options shared by every command that loads a model."""
+def engine_options(f=None, *, servers: bool = False):
+    """Options shared by every command that loads a model; `servers=True` (generate) also takes
+    inference servers: --model URL (repeatable), --student, --constraint, --api-key-env."""
+    if f is None:
+        return lambda g: engine_options(g, servers=servers)
+    if servers:
+        f = click.option("--retries", default=4, show_default=True, type=click.IntRange(0, 20),
+                         help="With --model URL: further attempts of a failed request (backoff 1, 2, 4 ... s); "
+                         "a server still failing is dropped and the others take its sessions.")(f)  # fmt: skip
+        f = click.option("--api-key-env", default="", metavar="NAME",
+                         help="With --model URL: send the key held in this environment variable.")(f)  # fmt: skip
+        f = click.option(
+            "--constraint",
+            default="gbnf",
+            show_default=True,
+            help="With --model URL: how the output grammar is sent: gbnf (llama.cpp's servers), vllm "
+            "(structured_outputs), json-schema (Ollama, hosted APIs; JSON-answer students only).",
+        )(f)
+        f = click.option(
+            "--student",
+            "student_name",
+            default="default",
+            show_default=True,
+            help="With --model URL: the student the servers run (its prompt format and pack; "
+            "start the server with its base and adapter).",
+        )(f)
     f = click.option("--seed", default=0, show_default=True, help="Sampling seed (decoding is greedy).")(f)
     f = click.option("--threads", default=0, show_default=True, help="CPU threads; 0 = all available.")(f)
     f = click.option("--n-ctx", default=0, show_default=True,
@@ -40,7 +65,11 @@ def engine_options(f):
         help="Prompt pack: knowledge, nearest examples and hints. A student trained with a pack uses it "
         "by default; 'none' runs without.",
     )(f)
-    f = click.option("--model", default="default", show_default=True, help=MODEL_HELP)(f)
+    if servers:
+        help = MODEL_HELP + " Or an OpenAI-compatible server, http(s)://HOST:PORT/v1[,concurrency=N], repeatable."
+        f = click.option("--model", multiple=True, default=["default"], show_default=True, help=help)(f)
+    else:
+        f = click.option("--model", default="default", show_default=True, help=MODEL_HELP)(f)
     return f
 
 
@@ -50,8 +79,24 @@ def load_student(model, adapters=(), pack=None):
     return resolve_student(model, adapters, pack)
 
 
+def load_engine(models, student_name, adapters, pack, n_ctx, threads, seed, constraint, api_key_env, retries):
+    """(student, engine): in this process, or on the servers --model names."""
+    urls = [m for m in models if m.startswith(("http://", "https://"))]
+    if not urls:
+        if len(models) > 1:
+            raise click.UsageError("--model is repeatable for server URLs only")
+        student = load_student(models[0], adapters, pack)
+        return student, student.load_engine(n_ctx, threads, seed)
+    if len(urls) != len(models):
+        raise click.UsageError("--model: give one model, or one or more server URLs")
+    if adapters:
+        raise click.UsageError("--adapter: a server applies its own adapters (e.g. llama_cpp.server --lora_path FILE)")
+    student = load_student(student_name, (), pack)
+    return student, student.load_remote(urls, constraint, api_key_env, seed, retries)
+
+
 @click.command()
-@engine_options
+@engine_options(servers=True)
 @click.option("--sessions", type=click.Path(dir_okay=False, path_type=Path), help="Sessions JSONL.")
 @click.option("--split", type=str, help=f"Only this split ({', '.join(SPLITS)}).")
 @click.option("--limit", type=click.IntRange(min=0), help="Only the first N sessions.")
@@ -68,8 +113,8 @@ def load_student(model, adapters=(), pack=None):
 @click.option("--json", "json_mode", is_flag=True, help="Read one session as JSON on stdin, write its bundles as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(
-    model, pack, adapters, n_ctx, threads, seed, sessions, split, limit, shard, out, resume, force, summary, json_mode,
-    quiet,
+    model, pack, adapters, n_ctx, threads, seed, student_name, constraint, api_key_env, retries, sessions, split, limit,
+    shard, out, resume, force, summary, json_mode, quiet,
 ):  # fmt: skip
     """Generate bundles for each session with a llama.cpp model (greedy, grammar constrained).
 
@@ -82,9 +127,15 @@ def generate(
     \b
     For scripts: echo '{"session_id": "s1", "items": [{"id": "A", "title": "..."}, ...]}' \\
       | bkd-edge generate --json
+
+    \b
+    On inference servers (llama.cpp's, vLLM, Ollama, hosted), same prompts and output grammar:
+      python -m llama_cpp.server --model BASE.gguf --lora_path models/smollm2-bundles/adapter.gguf --port 8001
+      bkd-edge generate --model http://127.0.0.1:8001/v1 --model http://host2:8001/v1,concurrency=2 ...
     """
+    engine_args = (model, student_name, adapters, pack, n_ctx, threads, seed, constraint, api_key_env, retries)
     if json_mode:
-        return _generate_stdin(load_student(model, adapters, pack), n_ctx, threads, seed)
+        return _generate_stdin(*load_engine(*engine_args))
     if sessions is None or out is None:
         raise click.UsageError("give --sessions FILE and --out FILE (or --json to read one session on stdin)")
     from ..runtime.batch import latency_summary, run_sessions
@@ -96,28 +147,33 @@ def generate(
     rows = load_sessions(sessions, split=split, require_bundles=False)[:limit]
     if shard:
         rows = [s for s in rows if in_shard(s.session_id, *shard)]
-    student = load_student(model, adapters, pack)
-    engine = student.load_engine(n_ctx, threads, seed)
+    student, engine = load_engine(*engine_args)
     log = RecordLog(out, run_settings(engine, student, sessions, split, limit, shard), resume=resume, force=force)
     if log.done:
         click.echo(f"resuming {out}: {len(log.done)} of {len(rows)} sessions already done", err=True)
+    t0 = time.perf_counter()
     try:
         with stop_on_signals():
             gens = run_sessions(engine, rows, log, pack=student.pack, progress=not quiet)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BkdError) as e:  # a signal, or every server failing for good
         log.close(complete=False)
-        click.echo(
-            f"\nstopped: {out} keeps the sessions finished so far; run the same command with --resume to go on",
-            err=True,
-        )
+        keeps = f"{out} keeps the sessions finished so far; run the same command with --resume to go on"
+        if isinstance(e, BkdError):
+            raise BkdError(f"{e}\n{keeps}") from None
+        click.echo(f"\nstopped: {keeps}", err=True)
         sys.exit(130)
     log.close(complete=True)
-    result = latency_summary(gens, engine)
+    result = latency_summary(gens, engine, wall_s=time.perf_counter() - t0)
     click.echo(
         f"{result['sessions']} sessions generated now ({len(log.done)} from before) -> {out}: "
         f"{result['valid_rate']:.1%} valid, "
         f"latency p50 {result['latency_p50_s']:.2f} s / p95 {result['latency_p95_s']:.2f} s, "
-        f"decode {result['decode_tps']:.0f} tok/s, peak RSS {result['peak_rss'] / 2**20:.0f} MiB"
+        f"{result['sessions_per_min']:.1f} sessions/min"
+        + (
+            f", decode {result['decode_tps']:.0f} tok/s, peak RSS {result['peak_rss'] / 2**20:.0f} MiB"
+            if result["decode_tps"]
+            else ""
+        )  # fmt: skip
     )
     if summary:
         from ..files import write_json
@@ -136,11 +192,9 @@ def run_settings(engine, student, sessions: Path, split, limit, shard=None) -> d
     from ..files import sha256_file
 
     return {
-        "model_sha256": engine.model_sha256(),
-        "adapters": [[a["sha256"], a["scale"]] for a in engine.adapters],
+        **engine.identity(),
         "pack_manifest_sha256": sha256_file(student.pack.folder / "manifest.json") if student.pack else None,
         "prompt": asdict(engine.config.prompt),
-        "n_ctx": engine.config.n_ctx,
         "seed": engine.config.seed,
         "sessions_sha256": sha256_file(sessions),
         "split": split,
@@ -165,7 +219,7 @@ def stop_on_signals():
             signal.signal(sig, handler)
 
 
-def _generate_stdin(student, n_ctx, threads, seed):
+def _generate_stdin(student, engine):
     try:
         text = sys.stdin.buffer.read().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -179,7 +233,6 @@ def _generate_stdin(student, n_ctx, threads, seed):
     session = session_from_dict(obj, "<stdin>", require_bundles=False)
     from ..runtime.batch import run_sessions
 
-    engine = student.load_engine(n_ctx, threads, seed)
     (g,) = run_sessions(engine, [session], pack=student.pack, progress=False)
     record = g.to_record()
     record.pop("raw")

@@ -5,35 +5,26 @@
 
 Both answer `complete(messages, schema=..., max_tokens=..., temperature=...)` with a `Reply`, go
 through the same disk cache (keyed by model, messages and parameters) and count calls made,
-served from cache and failed, and tokens used. HTTP calls are retried with exponential backoff on
-429, 5xx, timeouts and connection errors; anything else is reported at once. Every error names
-the endpoint. The API key is read from an environment variable whose *name* is configured; the
-key itself is only ever put in a request header, never in a file, a cache key or a message.
+served from cache and failed, and tokens used. HTTP calls go through `openai_client` (retries with backoff,
+errors naming the endpoint, the API key read from a named environment variable).
 """
 
 from __future__ import annotations
 
-import http.client
 import json
-import os
-import socket
 import threading
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import BkdError
+from ..openai_client import EndpointError, FormatRejected, OpenAIClient, RetryPolicy
 from .cache import CallCache, CallStats, call_key
 
 SCHEMA_MODES = ("auto", "json_schema", "json_object", "off")
 
 
-class TeacherError(BkdError):
-    """A teacher call failed for good (after any retries); the message names the endpoint."""
+TeacherError = EndpointError  # a teacher call failed for good (after any retries); names the endpoint
 
 
 @dataclass
@@ -61,16 +52,6 @@ class Reply:
     cached: bool
     key: str  # the call's cache key (sha256), recorded as provenance
     finish_reason: str = ""
-
-
-class _Retryable(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None):
-        super().__init__(reason)
-        self.reason, self.retry_after = reason, retry_after
-
-
-class _SchemaRejected(Exception):
-    pass
 
 
 class _Skipped(Exception):
@@ -163,117 +144,15 @@ class Teacher:
 # ---------------------------------------------------------------- HTTP (OpenAI-compatible)
 
 
-def normalise_base_url(url: str) -> str:
-    """`http://host:8080` -> `http://host:8080/v1`; a trailing /chat/completions is dropped."""
-    parts = urllib.parse.urlsplit(url.strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise BkdError(f"teacher {url!r}: expected http(s)://HOST[:PORT][/PATH]")
-    path = parts.path.rstrip("/")
-    if path.endswith("/chat/completions"):
-        path = path[: -len("/chat/completions")]
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path or "/v1", "", ""))
-
-
-def _excerpt(body: bytes, limit: int = 300) -> str:
-    text = " ".join(body.decode("utf-8", errors="replace").split())
-    return text[:limit] + (" ..." if len(text) > limit else "")
-
-
-def _retry_after(headers) -> float | None:
-    try:
-        return float(headers.get("Retry-After")) if headers and headers.get("Retry-After") else None
-    except ValueError:
-        return None  # an HTTP date: fall back to our own backoff
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A redirect is an error: urllib would resend the API key to whatever host it names and turn
-    a POST into a GET whose answer would be cached as the teacher's."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None  # urllib then raises the 3xx as an HTTPError
-
-
 class HttpTeacher(Teacher):
     def __init__(self, url: str, config: TeacherConfig = TeacherConfig()):
         super().__init__(config)
-        self.base = normalise_base_url(url)
-        self.name = self.base
-        # A local server is never reached through a proxy from the environment (http_proxy would
-        # otherwise send 127.0.0.1 to the proxy too).
-        local = urllib.parse.urlsplit(self.base).hostname in ("127.0.0.1", "localhost", "::1")
-        handlers = [_NoRedirects()] + ([urllib.request.ProxyHandler({})] if local else [])
-        self._opener = urllib.request.build_opener(*handlers)
+        policy = RetryPolicy(config.timeout_s, config.retries, config.backoff_s, config.max_backoff_s)
+        self.client = OpenAIClient(url, policy, config.api_key_env, "teacher", lambda: self.stats.add(retries=1))
+        self.base = self.name = self.client.base
         self.max_workers = config.concurrency
         self._mode = "json_schema" if config.schema_mode == "auto" else config.schema_mode
-        self.model = config.model or self._discover_model()
-
-    def _headers(self) -> dict:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = os.environ.get(self.config.api_key_env, "") if self.config.api_key_env else ""
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
-
-    def _once(self, url: str, body: dict | None) -> dict:
-        data = None if body is None else json.dumps(body).encode("utf-8")
-        req = urllib.request.Request(url, data=data, headers=self._headers(), method="GET" if data is None else "POST")
-        try:
-            with self._opener.open(req, timeout=self.config.timeout_s) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            text = e.read() or b""
-            if body and body.get("response_format") and e.code in (400, 422, 500) and b"response_format" in text:
-                raise _SchemaRejected(_excerpt(text)) from None
-            if e.code == 429 or e.code >= 500:
-                raise _Retryable(f"HTTP {e.code}: {_excerpt(text)}", _retry_after(e.headers)) from None
-            if 300 <= e.code < 400:
-                where = e.headers.get("Location", "?") if e.headers else "?"
-                raise TeacherError(
-                    f"teacher {url}: HTTP {e.code} redirect to {where} refused (the API key is never sent "
-                    "on to another URL): give the final URL as the teacher"
-                ) from None
-            hint = " (check the API key variable)" if e.code in (401, 403) else ""
-            raise TeacherError(f"teacher {url}: HTTP {e.code}{hint}: {_excerpt(text)}") from None
-        except urllib.error.URLError as e:
-            reason = e.reason
-            if isinstance(reason, (TimeoutError, socket.timeout)):
-                raise _Retryable(f"timed out after {self.config.timeout_s:g} s") from None
-            if isinstance(reason, ConnectionRefusedError):
-                raise _Retryable("connection refused (is the server running?)") from None
-            raise _Retryable(f"cannot connect ({reason})") from None
-        except TimeoutError:
-            raise _Retryable(f"timed out after {self.config.timeout_s:g} s") from None
-        except (ConnectionError, http.client.HTTPException) as e:
-            raise _Retryable(f"connection lost ({type(e).__name__}: {e})") from None
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise _Retryable(f"answer is not JSON: {_excerpt(raw)}") from None
-
-    def _request(self, path: str, body: dict | None = None) -> dict:
-        """One request with retries; raises TeacherError naming the URL when it fails for good."""
-        url = self.base + path
-        for attempt in range(self.config.retries + 1):
-            try:
-                return self._once(url, body)
-            except _Retryable as e:
-                if attempt == self.config.retries:
-                    tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
-                    raise TeacherError(f"teacher {url}: {e.reason} ({tries})") from None
-                wait = min(self.config.max_backoff_s, self.config.backoff_s * 2**attempt)
-                if e.retry_after is not None:
-                    wait = min(self.config.max_backoff_s, max(wait, e.retry_after))
-                self.stats.add(retries=1)
-                time.sleep(wait)
-        raise AssertionError("unreachable")
-
-    def _discover_model(self) -> str:
-        listing = self._request("/models")
-        models = [m.get("id") for m in listing.get("data") or [] if isinstance(m, dict) and m.get("id")]
-        if not models:
-            raise TeacherError(f"teacher {self.base}/models: lists no model; give the model name (--teacher-model)")
-        return str(models[0])
+        self.model = config.model or self.client.first_model()
 
     def _body(self, messages: list[dict], params: dict, mode: str) -> dict:
         body = {
@@ -296,19 +175,13 @@ class HttpTeacher(Teacher):
     def _call(self, messages: list[dict], params: dict) -> tuple[str, dict, str]:
         sent = self._mode  # several threads may hit the rejection; each retries once in the other form
         try:
-            answer = self._request("/chat/completions", self._body(messages, params, sent))
-        except _SchemaRejected as e:
+            reply = self.client.chat(self._body(messages, params, sent))
+            return reply.text, reply.usage, reply.finish_reason
+        except FormatRejected as e:
             if self.config.schema_mode != "auto" or sent != "json_schema":
                 raise TeacherError(f"teacher {self.base}/chat/completions: rejected the response format: {e}") from None
             self._mode = "json_object"  # llama-cpp-python's server: {"type": "json_object", "schema": ...}
             return self._call(messages, params)
-        try:
-            choice = answer["choices"][0]
-            text = choice["message"].get("content") or ""
-        except (KeyError, IndexError, TypeError, AttributeError):
-            shape = _excerpt(json.dumps(answer).encode())
-            raise TeacherError(f"teacher {self.base}/chat/completions: unexpected answer shape: {shape}") from None
-        return text, answer.get("usage") or {}, choice.get("finish_reason") or ""
 
     def describe(self) -> dict:
         return {

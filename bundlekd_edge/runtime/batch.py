@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -13,6 +13,9 @@ from tqdm import tqdm
 from ..data import Session
 from ..files import RecordLog
 from .engine import Engine, Generation
+
+if TYPE_CHECKING:
+    from .remote import RemoteEngine
 
 
 class Pack(Protocol):
@@ -27,7 +30,7 @@ class Pack(Protocol):
 
 
 def run_sessions(
-    engine: Engine,
+    engine: Engine | RemoteEngine,
     sessions: list[Session],
     log: RecordLog | None = None,
     pack: Pack | None = None,
@@ -46,17 +49,24 @@ def run_sessions(
     for s in todo:
         parts[s.session_id] = session_inputs(engine, s, pack)
         if len(s.items) >= 2:  # raises with the reason if it does not fit
-            engine.prompt_tokens(s, parts[s.session_id]["knowledge"], parts[s.session_id]["examples"])
+            engine.check_prompt(s, parts[s.session_id]["knowledge"], parts[s.session_id]["examples"])
     if pack and todo:
         engine.warm_prefix(knowledge, pack.state_dir)
     gens: list[Generation] = []
-    bar = tqdm(todo, desc="generate", unit="session", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for s in bar:
-        g = engine.generate(s, **parts[s.session_id])
+    bar = tqdm(total=len(todo), desc="generate", unit="session", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)  # fmt: skip
+
+    def finished(g: Generation) -> None:
         gens.append(g)
         if log:
             log.append(g.to_record())
+        bar.update()
         bar.set_postfix(p50=f"{np.median([x.timing.total_s for x in gens]):.2f}s", refresh=False)
+
+    try:
+        engine.map([(s, parts[s.session_id]) for s in todo], finished)
+    finally:
+        bar.close()
     return gens
 
 
@@ -75,9 +85,10 @@ def _pct(values, q) -> float:
     return float(np.percentile(values, q)) if values else 0.0
 
 
-def latency_summary(gens: list[Generation], engine: Engine) -> dict:
+def latency_summary(gens: list[Generation], engine: Engine | RemoteEngine, wall_s: float = 0.0) -> dict:
     """Per-session latency percentiles, token rates over the whole run, memory now and at peak
-    (sessions skipped without a model call, too small for a bundle, are not timed)."""
+    (sessions skipped without a model call, too small for a bundle, are not timed). Sessions per
+    minute are over `wall_s` when given (sessions run concurrently), else over the summed latency."""
     t = [g.timing for g in gens if not g.skipped]
     total = [x.total_s for x in t]
     ttft = [x.ttft_s for x in t]
@@ -95,7 +106,7 @@ def latency_summary(gens: list[Generation], engine: Engine) -> dict:
         "completion_tokens_mean": float(np.mean([x.completion_tokens for x in t])) if t else 0.0,
         "prefill_tps": sum(x.prefill_tokens for x in t) / prefill_s if prefill_s else 0.0,
         "decode_tps": sum(max(x.decoded_tokens - 1, 0) for x in t) / decode_s if decode_s else 0.0,
-        "sessions_per_min": 60 * len(t) / sum(total) if total else 0.0,
+        "sessions_per_min": 60 * len(t) / (wall_s or sum(total)) if total else 0.0,
         **engine.memory(),
     }
 

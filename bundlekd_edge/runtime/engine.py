@@ -171,6 +171,10 @@ class Engine:
             )
         return tokens
 
+    def check_prompt(self, session: Session, knowledge: str = "", examples: str = "") -> None:
+        """Raises, saying why, if this session's prompt does not fit the context."""
+        self.prompt_tokens(session, knowledge, examples)
+
     def fits(self, session: Session, knowledge: str = "", examples: str = "") -> bool:
         try:
             self.prompt_tokens(session, knowledge, examples)
@@ -289,6 +293,11 @@ class Engine:
             error = f"answer cut at max_tokens ({error})"
         return Generation(session.session_id, parsed.bundles, parsed.valid, error, raw, timing)
 
+    def map(self, jobs: list[tuple[Session, dict]], on_done) -> None:
+        """`generate(session, **inputs)` for every job, one after another, `on_done` after each."""
+        for session, inputs in jobs:
+            on_done(self.generate(session, **inputs))
+
     def partition_logprobs(self, lines: list[str]) -> list[float]:
         """log P(line + newline | the prompt now in the KV cache) for each compact first line.
 
@@ -324,6 +333,14 @@ class Engine:
         n = len(tokens) - llm.n_tokens
         llm.eval(tokens[llm.n_tokens :])
         return n
+
+    def identity(self) -> dict:
+        """What must not change between an interrupted run and its --resume."""
+        return {
+            "model_sha256": self.model_sha256(),
+            "adapters": [[a["sha256"], a["scale"]] for a in self.adapters],
+            "n_ctx": self.config.n_ctx,
+        }
 
     def memory(self) -> dict:
         return {**memory_snapshot(), "model_file_bytes": self.model_size}
