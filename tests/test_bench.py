@@ -20,6 +20,8 @@ def test_parse_engine(tmp_path):
     s = parse_engine(f"tuned=gguf:/x/m.gguf,pack={tmp_path},label=fine-tuned")
     assert (s.kind, s.model, s.pack, s.label) == ("llama", "/x/m.gguf", str(tmp_path), "fine-tuned")
     assert parse_engine("t=http://127.0.0.1:8080/v1").kind == "http"
+    s = parse_engine("t=https://api.example.com/v1,constraint=json-schema,key=MY_KEY")
+    assert (s.kind, s.constraint, s.api_key_env) == ("http", "json-schema", "MY_KEY")
     assert parse_engine("w=baseline:whole").kind == "baseline"
     assert parse_engine("x=default,pack=none").pack == "none"  # not even an export's own pack
     s = parse_engine("b=base,adapter=/x/a.gguf:0.5,adapter=/x/b.gguf")
@@ -27,7 +29,8 @@ def test_parse_engine(tmp_path):
     with pytest.raises(BkdError, match="out of range"):
         parse_engine("b=base,adapter=/x/a.gguf:9")
     for bad in ("noequals", "=default", "a b=default", "x=default,colour=red", f"w=baseline:whole,pack={tmp_path}",
-                "x=default,pack=/no/such/pack", "w=baseline:whole,adapter=/x/a.gguf"):  # fmt: skip
+                "x=default,pack=/no/such/pack", "w=baseline:whole,adapter=/x/a.gguf", "t=http://h/v1,constraint=xml",
+                "x=default,key=MY_KEY", "t=http://h/v1,adapter=/x/a.gguf"):  # fmt: skip
         with pytest.raises(BkdError):
             parse_engine(bad)
 

@@ -142,43 +142,30 @@ def llama_row(spec: EngineSpec, opt: BenchOptions, sessions: list[Session], pred
 
 
 def http_row(spec: EngineSpec, opt: BenchOptions, sessions: list[Session], pred_path: Path) -> dict:
-    """Quality and end-to-end latency; the server's memory is not ours to measure."""
-    from ..knowledge.teachers import HttpTeacher, TeacherConfig
+    """Quality and end-to-end latency through `generate`'s remote engine; the server's memory is not ours."""
+    from ..openai_client import RetryPolicy
     from ..packs import Pack
-    from ..prompts import PromptConfig, build_messages, max_answer_tokens, output_schema, parse_answer
+    from ..prompts import PromptConfig
+    from ..runtime.batch import latency_summary, run_sessions
+    from ..runtime.remote import RemoteConfig, RemoteEngine, parse_server
 
-    teacher = HttpTeacher(spec.model, TeacherConfig(retries=2))
-    pack = Pack(spec.pack) if spec.pack else None
-    config = PromptConfig()
-
-    def ask(s: Session):
-        knowledge, examples = pack.prompt_parts(s, lambda k, e: True) if pack else ("", "")
-        n = len(s.items)
-        t0 = time.perf_counter()
-        reply = teacher.complete(
-            build_messages(s, config, knowledge, examples), output_schema(n, config), max_answer_tokens(n, config)
-        )
-        return reply, time.perf_counter() - t0
-
-    for s in sessions[: opt.warmup]:
-        ask(s)
-    records, totals, completion = [], [], 0
-    for s in sessions:
-        reply, seconds = ask(s)
-        parsed = parse_answer(reply.text, s)
-        totals.append(seconds)
-        completion += reply.usage.get("completion_tokens", 0)
-        records.append({"session_id": s.session_id, "bundles": parsed.bundles, "valid": parsed.valid})
+    config = RemoteConfig(
+        (parse_server(spec.model),), PromptConfig(), spec.constraint, spec.api_key_env, opt.seed, RetryPolicy(retries=2)
+    )
+    engine = RemoteEngine(config)
+    pack = Pack(spec.pack) if spec.pack not in ("", "none") else None
+    run_sessions(engine, sessions[: opt.warmup], pack=pack, progress=False)
+    t_run = time.perf_counter()
+    gens = run_sessions(engine, sessions, pack=pack, progress=sys.stderr.isatty())
+    latency = latency_summary(gens, engine, wall_s=time.perf_counter() - t_run)
+    for key in ("ttft_p50_s", "ttft_p95_s", "prefill_tps", "decode_tps", "peak_rss", "rss", "rss_anon", "rss_file"):
+        latency.pop(key, None)
     return {
-        "quality": _score(sessions, records, pred_path),
-        "latency": _timed(
-            totals,
-            completion_tokens_mean=completion / len(sessions),
-            note="over HTTP: wall clock per request, no streaming, so no TTFT or prefill/decode split",
-        ),
+        "quality": _score(sessions, [g.to_record() for g in gens], pred_path),
+        "latency": {**latency, "note": "over HTTP: wall clock per request, no streaming, so no TTFT or prefill/decode"},
         "memory": {"note": "the server's process is not measured"},
         "throughput": [],
-        "engine": teacher.describe(),
+        "engine": engine.describe(),
     }
 
 
