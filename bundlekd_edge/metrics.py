@@ -93,6 +93,15 @@ def _match(predicted: list[frozenset], gold: list[frozenset]) -> tuple[np.ndarra
     return sim, rows, cols
 
 
+def bundle_sets(bundles: list[list[str]]) -> list[frozenset]:
+    """The predicted bundles that are scored: singletons dropped, a repeat counted once."""
+    out: list[frozenset] = []
+    for b in bundles:
+        if len(set(b)) >= 2 and frozenset(b) not in out:
+            out.append(frozenset(b))
+    return out
+
+
 def score_session(predicted: list[frozenset], gold: list[frozenset]) -> dict:
     """Scores of one session. `predicted` holds only bundles of >= 2 items."""
     hits, coverage = 0, []
@@ -146,12 +155,10 @@ def evaluate(gold: list[Session], preds: dict[str, Prediction]) -> dict:
             pred = Prediction(s.session_id, [], valid=False)
         skipped += bool(pred.skipped)
         members = set(s.item_ids())
-        predicted = []
         for b in pred.bundles:
             mentions += len(b)
             hallucinated += sum(1 for x in b if x not in members)
-            if len(set(b)) >= 2 and frozenset(b) not in predicted:  # singletons dropped, a repeat counts once
-                predicted.append(frozenset(b))
+        predicted = bundle_sets(pred.bundles)
         valid += pred.valid
         empty += not predicted
         scores = score_session(predicted, [frozenset(b.items) for b in s.bundles])
@@ -172,6 +179,34 @@ def evaluate(gold: list[Session], preds: dict[str, Prediction]) -> dict:
     out["skipped"] = skipped
     out["predicted_bundles"] = sum(len(p.bundles) for p in preds.values() if p.session_id in gold_ids)
     return {k: out[k] for k in (*METRIC_KEYS, "sessions", "missing_predictions", "skipped", "predicted_bundles")}
+
+
+def strict_by_session(gold: list[Session], preds: dict[str, Prediction]) -> np.ndarray:
+    """(n, 2): each gold session's strict precision and recall, as `evaluate` counts them."""
+    rows = []
+    for s in gold:
+        pred = preds.get(s.session_id)
+        scores = score_session(bundle_sets(pred.bundles if pred else []), [frozenset(b.items) for b in s.bundles])
+        rows.append((scores["strict_precision"], scores["strict_recall"]))
+    return np.array(rows, dtype=np.float64).reshape(-1, 2)
+
+
+def bootstrap_strict_f1(
+    rows: np.ndarray, other: np.ndarray | None = None, n: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """A percentile bootstrap interval of the corpus strict F1 (F1 of the mean strict precision and
+    recall) over sessions drawn with replacement; with `other` (the same sessions, another system),
+    of the difference, paired by session: an interval holding 0 is a difference inside the noise."""
+    idx = np.random.default_rng(seed).integers(0, len(rows), size=(n, len(rows)))
+
+    def f1(r: np.ndarray) -> np.ndarray:
+        m = r[idx].mean(axis=1)
+        total = m[:, 0] + m[:, 1]
+        return np.where(total > 0, 2 * m[:, 0] * m[:, 1] / np.where(total > 0, total, 1), 0.0)
+
+    stat = f1(rows) - (f1(other) if other is not None else 0.0)
+    lo, hi = np.quantile(stat, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
 
 
 def intent_pairs(gold: list[Session], preds: dict[str, Prediction]) -> list[tuple[str, str]]:

@@ -20,7 +20,7 @@ class Recipe:
     sessions: str = ""  # sessions JSONL (train and val splits); relative paths are from the working directory
     mode: str = "sft"  # sft: session -> bundles; knowledge: pack content in the prompt; thoughts: rationale first
     pack: str = ""  # prompt pack folder (mode 'knowledge')
-    thoughts: str = ""  # JSONL of {"session_id", "thought"} (mode 'thoughts'; else a session's "thought" field)
+    thoughts: str = ""  # mode 'thoughts': a `distill` output folder or its thoughts.jsonl (else sessions' "thought")
     limit_train: int = 0  # use only the first N training sessions (0: all)
     shuffled_copies: int = 0  # extra copies of each training session, items in a new seeded order (augmentation)
     max_len: int = 512  # tokens per example/packed row; longer examples are dropped whole, never cut

@@ -75,11 +75,26 @@ class Example:
 
 
 def load_thoughts(path: str | Path) -> dict[str, str]:
+    """Thoughts by session id, from what `distill --formats thoughts` writes: its knowledge folder
+    (the manifest verified) or a thoughts.jsonl of store records (each names its source sessions);
+    a hand-written JSONL of {"session_id": ..., "thought": ...} is read too."""
+    from ..knowledge.store import read_knowledge, record_from_dict
+
+    path = Path(path)
+    if path.is_dir():
+        return read_knowledge(path, ["thoughts"])[1]
     thoughts = {}
-    for where, obj in iter_jsonl(path):
-        if not isinstance(obj, dict) or not isinstance(obj.get("thought"), str) or "session_id" not in obj:
-            raise BkdError(f'{where}: expected {{"session_id": ..., "thought": "..."}}')
-        thoughts[str(obj["session_id"])] = obj["thought"].strip()
+    for n, obj in iter_jsonl(path):
+        where = f"{path}:{n}"
+        if isinstance(obj, dict) and "kind" in obj:
+            record = record_from_dict(obj, where)
+            for sid in record.source_session_ids if record.kind == "thought" else ():
+                thoughts[sid] = record.text.strip()
+        elif isinstance(obj, dict) and isinstance(obj.get("thought"), str) and "session_id" in obj:
+            thoughts[str(obj["session_id"])] = obj["thought"].strip()
+        else:
+            expected = '{"session_id": ..., "thought": ...}'
+            raise BkdError(f"{where}: expected a knowledge record (distill output) or {expected}")
     return thoughts
 
 
