@@ -685,8 +685,8 @@ def test_training_time_candidate_scores_match_the_runtime(gguf_tok, engine, samp
 
 
 def test_a_real_distill_output_trains_a_student_in_every_mode(tmp_path, cli, sample_path):
-    """distill (patterns, rules, thoughts from an in-process teacher) -> pack -> train in sft,
-    knowledge (the pack's patterns and rules in the prompt) and thoughts (rationale targets) modes."""
+    """distill (patterns, rules, thoughts from an in-process teacher) -> pack -> train in knowledge
+    (the pack's patterns and rules in the prompt) and thoughts (rationale targets) modes."""
     from bundlekd_edge.train.recipe import recipe_from_dict
     from bundlekd_edge.train.sft import load_thoughts
     from bundlekd_edge.train.trainer import train
@@ -701,7 +701,7 @@ def test_a_real_distill_output_trains_a_student_in_every_mode(tmp_path, cli, sam
     assert thoughts and thoughts == load_thoughts(knowledge / "thoughts.jsonl")
     r = cli("pack", "build", knowledge, "--sessions", sample_path, "--k", 1, "--out", pack)
     assert r.exit_code == 0, r.output
-    modes = {"sft": {}, "knowledge": {"pack": str(pack)}, "thoughts": {"thoughts": str(knowledge)}}
+    modes = {"knowledge": {"pack": str(pack)}, "thoughts": {"thoughts": str(knowledge)}}  # sft: `trained_run`
     for mode, extra in modes.items():
         recipe = recipe_from_dict({**TINY, "sessions": str(sample_path), "mode": mode, "max_steps": 1, **extra})
         run = tmp_path / f"run-{mode}"
