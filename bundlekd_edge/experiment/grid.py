@@ -95,6 +95,7 @@ class Grid:
     spread: int = 0  # sessions of the split scored per cell, spread evenly over it (0: all)
     teacher: str = "gguf:default"
     teacher_label: str = ""  # how tables name the teacher row; default: "teacher", "teacher stand-in" for gguf:
+    teacher_api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable holding a URL teacher's key
     student: str = "base"  # the untuned student of the ICL cells (`default` is the shipped, tuned one)
     sft_recipe: str = ""  # the training recipe of every SFT cell's student (mode, pack, sessions set per cell)
     sft_max_steps: int = 0  # override the recipe's steps (0: the recipe's)
@@ -213,7 +214,8 @@ class Experiment:
             return folder
         self.say(f"distil {','.join(want)} from {cell.quantity} of the train split")
         g = self.grid
-        _bkd(["distill", "--teacher", g.teacher, "--sessions", g.sessions, "--formats", ",".join(want),
+        _bkd(["distill", "--teacher", g.teacher, "--api-key-env", g.teacher_api_key_env, "--sessions", g.sessions,
+              "--formats", ",".join(want),
               "--sampling", cell.sampling, "--ratio", cell.ratio, "--seed", g.seed, "--cache",
               self.out / "teacher-cache", "--out", folder, "--quiet"], self.log)  # fmt: skip
         return folder
@@ -339,7 +341,8 @@ class Experiment:
         rows = [{**untuned, "row": f"untuned {g.student}, no pack"}]
         teacher = g.teacher.removeprefix("gguf:")
         if teacher.startswith(("http://", "https://")):
-            model = ["--model", teacher, "--student", "base", "--constraint", "json-schema"]
+            model = ["--model", teacher, "--student", "base", "--constraint", "json-schema",
+                     "--api-key-env", g.teacher_api_key_env]  # fmt: skip
         else:
             model = ["--model", "base" if teacher == "default" else teacher]
         pack = self.pack(g.base) if g.base.formats != "none" else None
