@@ -61,4 +61,7 @@ def quality_table(scores: dict) -> str:
         rows.append({"metric": "intent cosine (matched bundles)", "value": scores["intent_cosine"]})
         rows.append({"metric": "intent named exactly", "value": scores["intent_exact"]})
         rows.append({"metric": "matched bundles with a true intent", "value": scores["intent_pairs"]})
+    if "intent_judge" in scores:
+        rows.append({"metric": f"intent judge score 0-1 ({scores.get('intent_judge_model', '')})",
+                     "value": scores["intent_judge"]})  # fmt: skip
     return table(rows, [("metric", "metric", ""), ("value", "value", "")])

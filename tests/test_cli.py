@@ -57,6 +57,28 @@ def test_shards_split_a_run_and_eval_scores_their_union(tmp_path, cli, sample_pa
     assert r.exit_code == 1 and "shard '2/2': expected K/N with 0 <= K < N" in r.output
 
 
+def test_an_llm_judge_scores_intents_once_per_pair_and_caches(tmp_path, cli, sample_path):
+    from bundlekd_edge.data import load_sessions
+
+    gold = [s for s in load_sessions(sample_path) if len(s.bundles) >= 2][:2]
+    gold_file = write_lines(tmp_path / "gold.jsonl", [s.to_dict() for s in gold])
+    rows = [{"session_id": s.session_id, "bundles": [{"items": list(b.items), "intent": b.intent.upper()}
+                                                      for b in s.bundles]} for s in gold]  # fmt: skip
+    pred, out = write_lines(tmp_path / "pred.jsonl", rows), tmp_path / "scores.json"
+    args = ["eval", "--gold", gold_file, "--pred", pred, "--judge", "gguf:default", "--judge-cache", tmp_path / "c"]
+    r = cli(*args, "--out", out)
+    assert r.exit_code == 0, r.output
+    first = json.loads(out.read_text())
+    pairs = sum(len(s.bundles) for s in gold)
+    assert first["intent_judge_pairs"] == pairs and 0.0 <= first["intent_judge"] <= 1.0
+    assert first["intent_judge_unparsed"] == 0  # the answer is schema-constrained: always a score
+    assert first["intent_judge_calls"]["made"] == len({(b.intent.upper(), b.intent) for s in gold for b in s.bundles})
+    assert "intent judge score" in r.output
+    r = cli(*args, "--out", out, "--force")
+    again = json.loads(out.read_text())
+    assert again["intent_judge"] == first["intent_judge"] and again["intent_judge_calls"]["made"] == 0
+
+
 def test_eval_scores_the_intents_of_matched_bundles(tmp_path, cli, sample_path):
     from bundlekd_edge.data import load_sessions
 

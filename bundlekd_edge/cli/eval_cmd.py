@@ -36,8 +36,20 @@ from ..tables import quality_table
     help="Also score the intents of matched bundles: cosine of MiniLM sentence embeddings (the encoder "
     "packs use, no torch) and the exact-name rate.",
 )
+@click.option(
+    "--judge",
+    metavar="TEACHER",
+    help="Also have an LLM judge the intents of matched bundles against the true ones (0-2 by the rubric in "
+    "bundlekd_edge/judge.py): http(s)://HOST/v1 (OpenAI-compatible) or gguf:PATH.",
+)
+@click.option("--judge-model", default="", help="Model name at the judge endpoint [default: the first it lists].")
+@click.option(
+    "--judge-key-env", default="OPENAI_API_KEY", show_default=True, help="NAME of the judge's API key variable."
+)
+@click.option("--judge-cache", type=click.Path(file_okay=False, path_type=Path),
+              help="Judge call cache [~/.cache/bundlekd-edge/judge-cache].")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def eval_(gold, preds, split, out, force, intents, as_json):
+def eval_(gold, preds, split, out, force, intents, judge, judge_model, judge_key_env, judge_cache, as_json):
     """Paper metrics (precision, recall, coverage) next to strict one-to-one matched scores.
 
     \b
@@ -51,10 +63,19 @@ def eval_(gold, preds, split, out, force, intents, as_json):
     refuse_overwrite(out, [gold, *files], force)
     sessions, predictions = load_sessions(gold, split=split), load_prediction_files(files)
     scores = evaluate(sessions, predictions)
-    if intents:
+    if intents or judge:
         from ..embeddings import TextEncoder, default_encoder_dir
 
-        scores |= intent_scores(intent_pairs(sessions, predictions), TextEncoder(default_encoder_dir()).encode)
+        pairs = intent_pairs(sessions, predictions)
+        scores |= intent_scores(pairs, TextEncoder(default_encoder_dir()).encode)
+    if judge:
+        from ..files import cache_dir
+        from ..judge import judge_intents
+        from ..knowledge.teachers import TeacherConfig, make_teacher
+
+        config = TeacherConfig(model=judge_model, api_key_env=judge_key_env,
+                               cache_dir=judge_cache or cache_dir() / "judge-cache")  # fmt: skip
+        scores |= judge_intents(pairs, make_teacher(judge, config))
     if scores["missing_predictions"]:
         n, total = scores["missing_predictions"], scores["sessions"]
         click.echo(
