@@ -48,6 +48,7 @@ def test_tiny_grid_runs_and_resumes(tmp_path, sample_path, cli):
     assert list(refs) == ["icl__no-pack", "teacher", "whole", "cluster"]
     assert refs["icl__no-pack"]["quality"] == t["format"][0]["quality"]
     assert all(r["quality"]["sessions"] == 2 for r in refs.values())
+    assert "vs_examples" in t["format"][2] and "vs_examples" not in t["format"][1]  # patterns vs retrieval alone
     best = max(t["format"], key=lambda r: r["quality"]["strict_f1"])
     assert all(("vs_best" in r) == (r is not best) for r in t["format"])
     # `spread` sessions spread evenly over the split, not its first ones (files are often sorted)
@@ -59,7 +60,8 @@ def test_tiny_grid_runs_and_resumes(tmp_path, sample_path, cli):
            for q in ("random-0.5", "random-1")}  # fmt: skip
     assert ids == {"random-0.5": 7, "random-1": 14}
     for section in ("## Reference rows (teacher stand-in)", "## Knowledge format (RQ1)", "## Knowledge quantity (RQ2)",
-                    "## Knowledge utilisation (RQ3)", "95% CI", "paper P", "coverage"):  # fmt: skip
+                    "## Knowledge utilisation (RQ3)", "95% CI", "paper P", "coverage",
+                    "minus examples-only"):  # fmt: skip
         assert section in r.output
     assert (out / "experiment.png").read_bytes()[:4] == b"\x89PNG"
     # The base cell appears in all three tables but runs once: 4 distinct cells, and the teacher.

@@ -386,29 +386,40 @@ def intervals(tables: dict[str, list[dict]], references: list[dict], n: int, see
 
     from ..metrics import bootstrap_strict_f1
 
+    def versus(r: dict, other: dict) -> dict:
+        a, b = np.array(r["strict_by_session"]), np.array(other["strict_by_session"])
+        lo, hi = bootstrap_strict_f1(a, b, n=n, seed=seed)
+        return {"other": other["name"], "diff_ci": [lo, hi], "within_noise": lo <= 0 <= hi}
+
     for rows in [*tables.values(), references]:
         best = max(rows, key=lambda r: r["quality"]["strict_f1"])
         for r in rows:
-            mine = np.array(r["strict_by_session"])
-            r["strict_f1_ci"] = bootstrap_strict_f1(mine, n=n, seed=seed)
+            r["strict_f1_ci"] = bootstrap_strict_f1(np.array(r["strict_by_session"]), n=n, seed=seed)
             if r is not best:
-                lo, hi = bootstrap_strict_f1(mine, np.array(best["strict_by_session"]), n=n, seed=seed)
-                r["vs_best"] = {"best": best["name"], "diff_ci": [lo, hi], "within_noise": lo <= 0 <= hi}
+                r["vs_best"] = versus(r, best)
+    # RQ1's distilled formats against retrieval alone (the `examples` cell of the same use): what the
+    # knowledge adds beyond the retrieved example every pack also carries.
+    examples = {r["cell"]["use"]: r for r in tables.get("format", []) if r["cell"]["formats"] == "examples"}
+    for r in tables.get("format", []):
+        if r["cell"]["formats"] not in ("none", "examples") and r["cell"]["use"] in examples:
+            r["vs_examples"] = versus(r, examples[r["cell"]["use"]])
 
 
 # ---------------------------------------------------------------- tables and plot
 
 
+def _diff(versus: dict | None, missing: str) -> str:
+    if versus is None:
+        return missing
+    lo, hi = versus["diff_ci"]
+    return f"[{lo:+.3f}, {hi:+.3f}]" + (" noise" if versus["within_noise"] else "")
+
+
 def _row(r: dict, **extra) -> dict:
     q, lat = r["quality"], r.get("latency") or {}
     lo, hi = r["strict_f1_ci"]
-    vs = r.get("vs_best")
-    if vs is None:
-        versus = "best"
-    else:
-        d_lo, d_hi = vs["diff_ci"]
-        versus = f"[{d_lo:+.3f}, {d_hi:+.3f}]" + (" noise" if vs["within_noise"] else "")
-    return {**extra, "strict_f1": q["strict_f1"], "ci": f"[{lo:.3f}, {hi:.3f}]", "vs_best": versus,
+    return {**extra, "strict_f1": q["strict_f1"], "ci": f"[{lo:.3f}, {hi:.3f}]",
+            "vs_best": _diff(r.get("vs_best"), "best"), "vs_examples": _diff(r.get("vs_examples"), ""),
             "exact_match": q["exact_match"], "precision": q["precision"], "recall": q["recall"],
             "coverage": q["coverage"], "prompt_tokens": lat.get("prompt_tokens_mean"),
             "latency_p50_s": lat.get("latency_p50_s")}  # fmt: skip
@@ -427,9 +438,9 @@ SCORE_COLUMNS = [
 ]
 
 
-def _cell_table(rows: list[dict], *factors: str) -> str:
+def _cell_table(rows: list[dict], *factors: str, extra_columns=()) -> str:
     return table([_row(r, **{f: r["cell"][f] for f in factors}) for r in rows], [(f, f, "") for f in factors]
-                 + SCORE_COLUMNS)  # fmt: skip
+                 + SCORE_COLUMNS[:3] + list(extra_columns) + SCORE_COLUMNS[3:])  # fmt: skip
 
 
 def markdown(report: dict) -> str:
@@ -459,7 +470,8 @@ def markdown(report: dict) -> str:
         "cell's sampling picked, with the cell's pack in its training prompts (format `none`: bare sessions), "
         "asked without the pack; `sft+icl` the same student with the pack. 95% CI: percentile bootstrap over "
         f"the scored sessions ({g['bootstrap']} resamples); 'minus best' is the paired interval of the "
-        "difference from the table's best row, marked `noise` when it holds 0.",
+        "difference from the table's best row, marked `noise` when it holds 0; in RQ1, 'minus examples-only' "
+        "is the same against the retrieval-only pack of the same use: what the distilled knowledge adds.",
         "",
         "## Reference rows" + (" (teacher stand-in)" if stand_in else ""),
         "",
@@ -467,7 +479,7 @@ def markdown(report: dict) -> str:
         "",
         "## Knowledge format (RQ1)",
         "",
-        _cell_table(t["format"], "formats", "use"),
+        _cell_table(t["format"], "formats", "use", extra_columns=[("vs_examples", "minus examples-only: 95% CI", "")]),
         "",
         "## Knowledge quantity (RQ2)",
         "",
