@@ -447,14 +447,13 @@ def markdown(report: dict) -> str:
     g, t = report["grid"], report["tables"]
     base = g["base"]
     stand_in = g["teacher"].startswith("gguf:") and not g["teacher_label"]
-    sft = (
-        (
-            f"trained per cell from `{g['sft_recipe']}`"
-            + (f" ({g['sft_max_steps']} steps)" if g["sft_max_steps"] else "")
-        )
-        if not g["sft_model"]
-        else f"`{g['sft_model']}` reused by every SFT cell (not knowledge-trained)"
-    )
+    if g["sft_model"]:
+        sft = f"`{g['sft_model']}` reused by every SFT cell (not knowledge-trained)"
+    elif g["sft_recipe"]:
+        steps = f" ({g['sft_max_steps']} steps)" if g["sft_max_steps"] else ""
+        sft = f"trained per cell from `{g['sft_recipe']}`{steps}"
+    else:
+        sft = "none (no SFT cell)"
     out = [
         "# bkd-edge experiment" + (" (teacher stand-in)" if stand_in else ""),
         "",
