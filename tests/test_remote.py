@@ -12,7 +12,7 @@ from bundlekd_edge.prompts import PromptConfig
 from bundlekd_edge.runtime.remote import RemoteConfig, Server, parse_server
 from tests.conftest import LlamaServer, answers, bkd_edge
 
-N = 8  # sessions per remote run: the first N of the sample
+N = 6  # sessions per remote run: the first N of the sample
 
 
 def first(path, n=N) -> list[tuple]:
