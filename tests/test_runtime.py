@@ -124,7 +124,8 @@ def test_runtime_is_a_leaf():
     import ast
 
     runtime = Path(bundlekd_edge.runtime.__file__).parent
-    allowed = {"", "data", "files", "prompts", "metrics"}  # `from .. import BkdError` is ""
+    # `from .. import BkdError` is ""; openai_client is plumbing (HTTP to a server), a leaf itself
+    allowed = {"", "data", "files", "prompts", "metrics", "openai_client"}
     used = {}
     for path in runtime.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
