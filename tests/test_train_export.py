@@ -684,14 +684,14 @@ def test_training_time_candidate_scores_match_the_runtime(gguf_tok, engine, samp
     assert engine.partition_logprobs(lines) == pytest.approx(batched, rel=0.05)
 
 
-def test_a_real_distill_output_trains_a_student_in_every_mode(tmp_path, cli, sample_path):
-    """distill (patterns, rules, thoughts from an in-process teacher) -> pack -> train in knowledge
-    (the pack's patterns and rules in the prompt) and thoughts (rationale targets) modes."""
+def test_a_real_distill_output_trains_a_student_on_its_thoughts(tmp_path, cli, sample_path):
+    """distill (patterns, rules, thoughts from an in-process teacher) -> train in thoughts mode
+    (rationale targets) from the store; the pack it builds trains in knowledge mode in test_experiment."""
     from bundlekd_edge.train.recipe import recipe_from_dict
     from bundlekd_edge.train.sft import load_thoughts
     from bundlekd_edge.train.trainer import train
 
-    knowledge, pack = tmp_path / "knowledge", tmp_path / "pack"
+    knowledge = tmp_path / "knowledge"
     r = cli("distill", "--teacher", "gguf:default", "--sessions", sample_path, "--out", knowledge, "--formats",
             "patterns,rules,thoughts", "--sampling", "random", "--ratio", "0.3", "--attempts", "2",
             "--rules-per-batch", "2", "--rule-chars", "40", "--why-chars", "40", "--min-support", "0.1",
@@ -699,20 +699,12 @@ def test_a_real_distill_output_trains_a_student_in_every_mode(tmp_path, cli, sam
     assert r.exit_code == 0, r.output
     thoughts = load_thoughts(knowledge)  # the store, verified; its thoughts.jsonl reads the same
     assert thoughts and thoughts == load_thoughts(knowledge / "thoughts.jsonl")
-    r = cli("pack", "build", knowledge, "--sessions", sample_path, "--k", 1, "--out", pack)
-    assert r.exit_code == 0, r.output
-    modes = {"knowledge": {"pack": str(pack)}, "thoughts": {"thoughts": str(knowledge)}}  # sft: `trained_run`
-    for mode, extra in modes.items():
-        recipe = recipe_from_dict({**TINY, "sessions": str(sample_path), "mode": mode, "max_steps": 1, **extra})
-        run = tmp_path / f"run-{mode}"
-        train(recipe, run, progress=False)
-        data = json.loads((run / "data.json").read_text())
-        assert (run / "manifest.json").is_file() and data["examples"] > 0, mode
-        shown = [json.loads(line) for line in (run / "examples.jsonl").read_text().splitlines()]
-        if mode == "knowledge":  # the distilled patterns and rules are in the prompt
-            assert all("bundled together" in e["prompt"] or "Rules for" in e["prompt"] for e in shown)
-        if mode == "thoughts":
-            assert data["without_thought"] < data["examples"]  # the distilled thoughts reached training
+    recipe = recipe_from_dict({**TINY, "sessions": str(sample_path), "mode": "thoughts", "max_steps": 1,
+                               "limit_train": 0, "thoughts": str(knowledge)})  # fmt: skip
+    train(recipe, tmp_path / "run", progress=False)
+    data = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert (tmp_path / "run" / "manifest.json").is_file()
+    assert 0 < data["examples"] - data["without_thought"] <= len(thoughts)  # the distilled thoughts are targets
     (knowledge / "thoughts.jsonl").write_text('{"kind": "thought", "text": 5}\n')
     with pytest.raises(BkdError, match=r"thoughts.jsonl:1: .*'text' a string"):
         load_thoughts(knowledge / "thoughts.jsonl")
