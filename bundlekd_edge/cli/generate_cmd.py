@@ -171,7 +171,7 @@ def generate(
         f"{result['sessions_per_min']:.1f} sessions/min"
         + (
             f", decode {result['decode_tps']:.0f} tok/s, peak RSS {result['peak_rss'] / 2**20:.0f} MiB"
-            if result["decode_tps"]
+            if "model_file_bytes" in result  # a model in this process (a server's decode and memory are its own)
             else ""
         )  # fmt: skip
     )

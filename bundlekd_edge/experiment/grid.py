@@ -327,6 +327,8 @@ class Experiment:
     def run_cell(self, cell: Cell) -> dict:
         from ..files import sha256_file
 
+        if cell.use == "sft+icl" and not cell.has_pack:  # format none: the same student and prompt as sft
+            return {**self.run_cell(replace(cell, use="sft")), "cell": asdict(cell), "name": cell.name}
         pack = self.pack(cell) if cell.has_pack else None
         model = self.grid.student if cell.use == "icl" else self.sft_student(cell)
         manifest = Path(model) / "manifest.json"  # a retrained student is another student: its cells run again
