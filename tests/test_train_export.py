@@ -292,6 +292,32 @@ def test_two_processes_take_the_step_one_process_takes(tmp_path, sample_path):
     assert np.abs(x).max() > 0 and float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) > 0.999
 
 
+@pytest.mark.parametrize("name", ["fsdp.yaml", "deepspeed-zero3.yaml"])
+def test_the_sharded_training_configs_read_as_accelerate_reads_them_and_fit_the_default_student(name):
+    """The files `accelerate launch --config_file` takes for a student that does not fit one GPU (they
+    run on CUDA only: on CPU accelerate falls back to data parallelism, which the test above runs)."""
+    import gguf
+    from accelerate.commands.config.config_args import load_config_from_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bundlekd_edge.train.model import resolve_base
+    from bundlekd_edge.train.recipe import Recipe
+
+    config = load_config_from_file(str(Path(__file__).parents[1] / "train" / "accelerate" / name))
+    if name == "fsdp.yaml":
+        assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_version"] == 2
+        # the layer FSDP wraps is the one the default student's architecture keeps whole
+        field = gguf.GGUFReader(str(resolve_base("default").path)).fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+        model_class = AutoModelForCausalLM._model_mapping[type(AutoConfig.for_model(arch))]
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] in model_class._no_split_modules
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # the adapter is saved whole
+    else:  # the trainer's loss is already divided by the step's tokens: DeepSpeed must not divide it again
+        ds = config.deepspeed_config
+        assert config.distributed_type == "DEEPSPEED" and ds["zero_stage"] == 3 and ds["zero3_save_16bit_model"]
+        assert ds["gradient_accumulation_steps"] == 1 and ds["gradient_clipping"] == Recipe().max_grad_norm
+
+
 def test_a_sessions_file_without_val_trains_without_evaluating_and_exports_on_test(tmp_path, sample_path):
     from bundlekd_edge.data import write_sessions
     from bundlekd_edge.export.build import export_run

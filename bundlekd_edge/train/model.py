@@ -100,8 +100,9 @@ def set_threads(n: int) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", str(n))
 
 
-def generate_answer(model, tok, prompt_ids: list[int], max_new_tokens: int) -> str:
-    """Greedy continuation of the prompt, decoded (stops at the end-of-turn token)."""
+def generate_answer(model, tok, prompt_ids: list[int], max_new_tokens: int, synced: bool = False) -> str:
+    """Greedy continuation of the prompt, decoded (stops at the end-of-turn token). `synced`: every
+    process generates together, each step until all have stopped (sharded weights need them all)."""
     import torch
 
     device = next(model.parameters()).device
@@ -114,6 +115,7 @@ def generate_answer(model, tok, prompt_ids: list[int], max_new_tokens: int) -> s
             do_sample=False,
             eos_token_id=tok.eos_id,
             pad_token_id=tok.eos_id,
+            synced_gpus=synced,
         )
     new = out[0, len(prompt_ids) :].tolist()
     if new and new[-1] == tok.eos_id:
@@ -139,7 +141,8 @@ def line_logprobs(model, prompt_ids: list[int], lines_ids: list[list[int]]) -> l
     return [float(sum(logprobs[i, n - 1 + j, t] for j, t in enumerate(ids))) for i, ids in enumerate(lines_ids)]
 
 
-def score_model(model, tok, maker: PromptMaker, sessions: list[Session], max_tokens: int = 0) -> dict:
+def score_model(model, tok, maker: PromptMaker, sessions: list[Session], max_tokens: int = 0,
+                synced: bool = False) -> dict:
     """Answer each session as the runtime does and score it (strict F1 ...): greedy under no
     grammar, or, for a compact student with a pack that offers candidate partitions, the candidate
     with the highest expected strict F1 under the model (the bundles only: no intents)."""
@@ -159,7 +162,7 @@ def score_model(model, tok, maker: PromptMaker, sessions: list[Session], max_tok
             raw = choose_partition(lines, scores, counts)
         else:
             cap = max_answer_tokens(len(s.items), config)
-            raw = generate_answer(model, tok, prompt_ids, min(cap, max_tokens or cap))
+            raw = generate_answer(model, tok, prompt_ids, min(cap, max_tokens or cap), synced)
         parsed = parse_answer(answer_part(raw, config), s, config)
         preds[s.session_id] = Prediction(s.session_id, [b["items"] for b in parsed.bundles], parsed.valid)
         raws[s.session_id] = raw

@@ -4,8 +4,10 @@
 Several processes: `accelerate launch --multi_gpu --num_processes N -m bundlekd_edge.cli train RECIPE
 --out RUN` (GPUs, or CPU processes over gloo). Each process takes every N-th row; the loss is summed
 over the step's answer tokens and divided by their count over all processes, so N processes take the
-step one process takes with the same global batch (tests/test_train_export.py); process 0 evaluates
-and writes.
+step one process takes with the same global batch (tests/test_train_export.py). Every process runs
+each forward pass (evaluation too) and takes part in gathering the adapter before process 0 writes
+it, so the same loop runs with the weights sharded over the processes (`--config_file
+train/accelerate/fsdp.yaml` or `deepspeed-zero3.yaml`, for a student that does not fit one GPU).
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ from .sft import (
     with_closest_candidate,
     with_shuffled_copies,
 )
+
+
+class _NoState:
+    def state_dict(self) -> None:
+        return None
 
 
 class Interrupted(Exception):
@@ -76,23 +83,17 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_adapter(model, folder: Path) -> None:
+def save_checkpoint(folder: Path, adapter: dict, optimizer, scheduler, state: dict) -> None:
     with building(folder, replace=True) as tmp:
-        model.save_pretrained(str(tmp))
+        _save_state(tmp, adapter, optimizer, scheduler, state)
 
 
-def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict) -> None:
-    with building(folder, replace=True) as tmp:
-        _save_state(tmp, model, optimizer, scheduler, state)
-
-
-def _save_state(tmp: Path, model, optimizer, scheduler, state: dict) -> None:
+def _save_state(tmp: Path, adapter: dict, optimizer, scheduler, state: dict) -> None:
     import torch
-    from peft import get_peft_model_state_dict
 
     torch.save(
         {
-            "adapter": get_peft_model_state_dict(model),
+            "adapter": adapter,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
@@ -202,7 +203,7 @@ class Training:
     # -- model ----------------------------------------------------------------------------
     def build_model(self) -> None:
         import torch
-        from accelerate import Accelerator
+        from accelerate import Accelerator, DistributedType
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import get_cosine_schedule_with_warmup
 
@@ -211,6 +212,11 @@ class Training:
         self.bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and self.device == "cuda")
         self.accelerator = acc = Accelerator(cpu=self.device == "cpu", mixed_precision="bf16" if self.bf16 else "no")
         self.main = acc.is_main_process
+        # FSDP and DeepSpeed spread the weights over the processes (accelerate falls back to DDP on CPU)
+        self.sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        if acc.distributed_type == DistributedType.DEEPSPEED and recipe.grad_accum != 1:
+            raise BkdError(f"recipe grad_accum {recipe.grad_accum}: DeepSpeed accumulates gradients itself (its "
+                           "config's gradient_accumulation_steps); set grad_accum = 1 and raise batch_size")  # fmt: skip
         model = load_base_model(self.base, torch.float32, acc.device.type, recipe.qlora)
         if recipe.qlora:
             model = prepare_model_for_kbit_training(model)
@@ -250,32 +256,55 @@ class Training:
             write_json(out / "data.json", data)
             dump_examples(out / "examples.jsonl", self.examples, self.tok)
         if checkpoint is not None:
+            if self.sharded:  # its optimizer moments live in shards, which a checkpoint does not keep
+                raise BkdError(f"{out}: a run whose weights are sharded (FSDP, DeepSpeed) does not resume; "
+                               f"its last adapter is in {checkpoint}")  # fmt: skip
             model = self.accelerator.unwrap_model(self.model)
             self.state = load_checkpoint(checkpoint, model, self.optimizer, self.scheduler)
             if self.main:
                 _trim_metrics(self.metrics_path, self.state["step"])
                 print(f"resuming {out} at step {self.state['step']}/{self.total_steps}")
 
+    # -- the adapter's weights, gathered from every process -----------------------------------
+    def adapter_state(self) -> dict:
+        """The LoRA tensors; every process calls it (sharded weights are gathered)."""
+        from peft import get_peft_model_state_dict
+
+        whole = self.accelerator.get_state_dict(self.model) if self.world > 1 else None
+        return get_peft_model_state_dict(self.accelerator.unwrap_model(self.model), state_dict=whole)
+
+    def save_adapter(self, folder: Path) -> None:
+        """peft's adapter folder (process 0 writes; every process calls it)."""
+        adapter = self.adapter_state()
+        if self.main:
+            with building(folder, replace=True) as tmp:
+                self.accelerator.unwrap_model(self.model).save_pretrained(str(tmp), state_dict=adapter)
+
     # -- evaluate ---------------------------------------------------------------------------
     def evaluate(self, step: int) -> None:
-        """Score val as the runtime answers (`score_model`); keep the adapter when it is the best."""
+        """Score val as the runtime answers (`score_model`); keep the adapter when it is the best.
+        Every process answers (sharded weights need all of them for each forward pass); process 0's
+        score decides."""
         from tqdm import tqdm
 
-        if not self.main:
-            return
         state, model = self.state, self.accelerator.unwrap_model(self.model)
         if not self.val_sessions:
-            save_adapter(model, self.out / "best")
+            self.save_adapter(self.out / "best")
             state["best_step"] = step
             return
         t0 = time.perf_counter()
-        scores = score_model(model, self.tok, self.maker, self.val_sessions, self.recipe.eval_max_tokens)["scores"]
+        scores = score_model(model, self.tok, self.maker, self.val_sessions, self.recipe.eval_max_tokens,
+                             synced=self.world > 1)["scores"]  # fmt: skip
+        scores["strict_f1"] = self.from_main(scores["strict_f1"])  # one decision: the save below is collective
         row = {"step": step, "eval": {k: round(v, 4) for k, v in scores.items()}, "eval_s": time.perf_counter() - t0}
-        _append_metrics(self.metrics_path, row)
         state["evals"].append({"step": step, "strict_f1": scores["strict_f1"], "exact_match": scores["exact_match"]})
-        if scores["strict_f1"] > state["best_f1"]:
+        better = scores["strict_f1"] > state["best_f1"]
+        if better:
             state["best_f1"], state["best_step"] = scores["strict_f1"], step
-            save_adapter(model, self.out / "best")
+            self.save_adapter(self.out / "best")
+        if not self.main:
+            return
+        _append_metrics(self.metrics_path, row)
         tqdm.write(
             f"step {step}: val strict F1 {scores['strict_f1']:.3f}, exact {scores['exact_match']:.3f} "
             f"({len(self.val_sessions)} sessions, {row['eval_s']:.0f} s); "
@@ -355,7 +384,7 @@ class Training:
                         raise Interrupted(f"stopped after step {step} (simulated interruption)")
                 if step >= self.total_steps:
                     break
-                if recipe.max_minutes and time.perf_counter() - self.t_start > 60 * recipe.max_minutes:
+                if recipe.max_minutes and self.out_of_time():
                     self.total_steps = step + 1  # out of time: one more step, then evaluate and finish as usual
                     bar.total = self.total_steps
             epoch, skip = epoch + 1, 0
@@ -367,10 +396,20 @@ class Training:
         state["step"] = step
         state["tokens"] += tokens
         state["train_s"] += seconds
+        adapter = self.adapter_state()
         if self.main:
-            model = self.accelerator.unwrap_model(self.model)
-            save_checkpoint(self.out / "checkpoints" / "last", model, self.optimizer, self.scheduler, state)
+            # a sharded optimizer's state is each process's own: kept by none (such runs do not resume)
+            optimizer = _NoState() if self.sharded else self.optimizer
+            save_checkpoint(self.out / "checkpoints" / "last", adapter, optimizer, self.scheduler, state)
         self.accelerator.wait_for_everyone()
+
+    def out_of_time(self) -> bool:
+        """Past the recipe's max_minutes (process 0's clock decides, so all processes stop together)."""
+        return self.from_main(float(time.perf_counter() - self.t_start > 60 * self.recipe.max_minutes)) > 0
+
+    def from_main(self, value: float) -> float:
+        """Process 0's value on every process, so that all of them take a collective step or none."""
+        return self.summed(value if self.main else 0.0)[0] if self.world > 1 else value
 
     def summed(self, *values: float) -> list:
         """Each value summed over every process (one all-reduce)."""
@@ -392,14 +431,14 @@ class Training:
 
     # -- finish: the best adapter becomes adapter/, last of all -------------------------------
     def finish(self) -> dict:
-        if self.world > 1 and not self.ranks_agree():
+        if self.world > 1 and not self.sharded and not self.ranks_agree():
             raise BkdError("the processes ended with different adapter weights; the run is not kept")
+        best = self.out / "best"
+        if self.from_main(float(not best.exists())):
+            self.save_adapter(best)
         result = {}
         if self.main:
             result = self.summary()
-            best = self.out / "best"
-            if not best.exists():
-                save_adapter(self.accelerator.unwrap_model(self.model), best)
             with building(self.out / "adapter", replace=True) as tmp:  # replace: a finish cut short before
                 shutil.copytree(best, tmp, dirs_exist_ok=True)
             write_json(self.out / "run.json", result)
@@ -424,6 +463,7 @@ class Training:
             "device": self.device,
             "precision": "bf16" if self.bf16 else "fp32",
             "processes": self.world,
+            "distributed": self.accelerator.distributed_type.value,
             "steps": step,
             "examples": len(self.examples),
             "rows": len(self.rows),
