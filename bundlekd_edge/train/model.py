@@ -141,8 +141,9 @@ def line_logprobs(model, prompt_ids: list[int], lines_ids: list[list[int]]) -> l
     return [float(sum(logprobs[i, n - 1 + j, t] for j, t in enumerate(ids))) for i, ids in enumerate(lines_ids)]
 
 
-def score_model(model, tok, maker: PromptMaker, sessions: list[Session], max_tokens: int = 0,
-                synced: bool = False) -> dict:
+def score_model(
+    model, tok, maker: PromptMaker, sessions: list[Session], max_tokens: int = 0, synced: bool = False
+) -> dict:
     """Answer each session as the runtime does and score it (strict F1 ...): greedy under no
     grammar, or, for a compact student with a pack that offers candidate partitions, the candidate
     with the highest expected strict F1 under the model (the bundles only: no intents)."""

@@ -215,8 +215,8 @@ class Training:
         # FSDP and DeepSpeed spread the weights over the processes (accelerate falls back to DDP on CPU)
         self.sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         if acc.distributed_type == DistributedType.DEEPSPEED and recipe.grad_accum != 1:
-            raise BkdError(f"recipe grad_accum {recipe.grad_accum}: DeepSpeed accumulates gradients itself (its "
-                           "config's gradient_accumulation_steps); set grad_accum = 1 and raise batch_size")  # fmt: skip
+            raise BkdError(f"recipe grad_accum {recipe.grad_accum}: DeepSpeed accumulates gradients itself "
+                           "(gradient_accumulation_steps); set grad_accum = 1 and raise batch_size")  # fmt: skip
         model = load_base_model(self.base, torch.float32, acc.device.type, recipe.qlora)
         if recipe.qlora:
             model = prepare_model_for_kbit_training(model)
