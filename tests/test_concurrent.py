@@ -79,3 +79,13 @@ def test_concurrency_below_one_is_an_error(engine, short_sessions, concurrency):
 def test_no_sessions_is_an_empty_run(engine):
     run = generate_concurrent(engine, [], 3)
     assert run.generations == [] and run.sessions_per_min == 0.0
+
+
+def test_the_shipped_student_keeps_its_adapter_in_flight(short_sessions):
+    """llama.cpp sets LoRA adapters per context: the batched context must get the student's adapter
+    too (without it the bench's throughput column measured the untuned base's answers)."""
+    from bundlekd_edge.student import resolve_student
+
+    engine = resolve_student("default", pack="none").load_engine(threads=1)
+    alone = [engine.generate(s).raw for s in short_sessions[:3]]
+    assert [g.raw for g in generate_concurrent(engine, short_sessions[:3], 2).generations] == alone

@@ -113,7 +113,7 @@ class _Scheduler:
         self.free_seqs = list(range(n_seq - 1, -1, -1))  # a stack: pop() hands out 0, 1, ...
         # Not a unified KV cache: each sequence's cells lie exactly as in the engine's own context
         # (`Engine.prompt_tokens` checks that every prompt and its longest answer fit n_ctx).
-        self.ctx = SequenceContext(engine.llm, engine.config.n_ctx, n_seq, self.n_batch)
+        self.ctx = SequenceContext(engine.llm, engine.config.n_ctx, n_seq, self.n_batch, engine.adapter_handles)
 
     def until_done(self) -> float:
         """Run every session to its end; the wall time from the first admission."""

@@ -140,6 +140,7 @@ class Engine:
     def _apply_adapters(self, specs: tuple[AdapterSpec, ...]) -> list[dict]:
         """Check each adapter against this model, load it with llama.cpp's adapter API and set them
         all on the context. llama.cpp frees the adapters with the model."""
+        self.adapter_handles: tuple = ((), ())  # (handles, scales), for other contexts (runtime/concurrent.py)
         if not specs:
             return []
         loaded, handles = [], []
@@ -152,7 +153,8 @@ class Engine:
                 raise BkdError(f"{spec.path}: llama.cpp could not load this adapter")
             handles.append(handle)
             loaded.append({**info, "scale": spec.scale})
-        if not llamacpp.set_adapters(self.llm, handles, [s.scale for s in specs]):
+        self.adapter_handles = (handles, [s.scale for s in specs])
+        if not llamacpp.set_adapters(self.llm._ctx.ctx, *self.adapter_handles):
             raise BkdError("llama.cpp could not set the LoRA adapters on the context")
         return loaded
 
