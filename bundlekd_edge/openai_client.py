@@ -29,6 +29,15 @@ class EndpointError(BkdError):
     """A call failed for good (after any retries); the message names the URL."""
 
 
+class PromptTooLong(EndpointError):
+    """The server refused this request as longer than its context window (the request's fault, not the
+    server's: another request may pass)."""
+
+
+# how OpenAI, vLLM, llama.cpp's servers say a prompt does not fit (HTTP 400/413/422)
+_TOO_LONG = (b"context_length_exceeded", b"context length", b"context size", b"context window", b"exceed_context")
+
+
 class FormatRejected(Exception):
     """The server refused the request's `response_format` (the caller may send another form)."""
 
@@ -131,6 +140,8 @@ class OpenAIClient:
                     f"{self.role} {url}: HTTP {e.code} redirect to {where} refused (the API key is never sent "
                     f"on to another URL): give the final URL"
                 ) from None
+            if e.code in (400, 413, 422) and any(m in text.lower() for m in _TOO_LONG):
+                raise PromptTooLong(f"{self.role} {url}: HTTP {e.code}: {excerpt(text)}") from None
             hint = " (check the API key variable)" if e.code in (401, 403) else ""
             raise EndpointError(f"{self.role} {url}: HTTP {e.code}{hint}: {excerpt(text)}") from None
         except urllib.error.URLError as e:

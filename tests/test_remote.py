@@ -89,6 +89,32 @@ def test_a_run_whose_only_server_dies_resumes_on_another(tmp_path, sample_path, 
     assert answers(out) == first(uninterrupted)
 
 
+def test_a_prompt_longer_than_the_servers_context_is_that_sessions_error(tmp_path, sample_path, uninterrupted):
+    """The server's context window is its own (not known here): a prompt it refuses as too long is
+    recorded as that session's error and the run goes on (its only server was not dropped)."""
+    fit, too_long = ["sample-07"], "long"  # sample-07: prompt + answer cap ~360 tokens
+    rows = [json.loads(line) for line in sample_path.read_text().splitlines()]
+    # a session whose prompt alone is longer than 512 tokens: the items of three sessions in one
+    items = [{**item, "id": f"{r['session_id']}-{item['id']}"} for r in rows[:3] for item in r["items"]]
+    long = {**rows[0], "session_id": too_long, "items": items,
+            "bundles": [{"intent": "all of it", "items": [i["id"] for i in items]}]}  # fmt: skip
+    sessions = tmp_path / "sessions.jsonl"
+    sessions.write_text("".join(json.dumps(r) + "\n" for r in [*(r for r in rows if r["session_id"] in fit), long]))
+    server = LlamaServer("--n_ctx", "512").start()
+    try:
+        out = tmp_path / "pred.jsonl"
+        done = subprocess.run([bkd_edge(), "generate", "--model", server.url, "--student", "base", "--sessions",
+                               str(sessions), "--out", str(out), "--quiet"], capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr
+    records = {r["session_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert not records[too_long]["valid"] and "prompt refused" in records[too_long]["error"]
+    assert "context" in records[too_long]["error"] and "512" in records[too_long]["error"]
+    assert [a for a in answers(out) if a[0] in fit] == [a for a in answers(uninterrupted) if a[0] in fit]
+
+
 def test_the_shipped_student_on_a_server_with_its_adapter(tmp_path, cli, sample_path):
     """The compact student: candidates scored by the server's log-probabilities, chosen as in-process."""
     from bundlekd_edge.student import resolve_student

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from .. import BkdError
 from ..data import Session
-from ..openai_client import EndpointError, OpenAIClient, RetryPolicy
+from ..openai_client import EndpointError, OpenAIClient, PromptTooLong, RetryPolicy
 from ..prompts import (
     PromptConfig,
     build_messages,
@@ -104,7 +104,8 @@ class RemoteEngine:
         return {"served_models": sorted(set(self.models)), "constraint": self.config.constraint}
 
     def check_prompt(self, session: Session, knowledge: str = "", examples: str = "") -> None:
-        """Nothing to check here: the server knows its context window and refuses what does not fit."""
+        """Nothing to check here: the server knows its context window. A prompt it refuses as too long
+        becomes that session's error record (`map`), and the run goes on."""
 
     def fits(self, session: Session, knowledge: str = "", examples: str = "") -> bool:
         return True
@@ -186,8 +187,13 @@ class RemoteEngine:
                     session, inputs = todo.get_nowait()
                 except queue.Empty:
                     return
+                t0 = time.perf_counter()
                 try:
                     done.put(self.generate(session, **inputs, server=server))
+                except PromptTooLong as e:  # this session's error; the server stays (the same prompt fails anywhere)
+                    seconds = time.perf_counter() - t0
+                    timing = Timing(0, 0, 0, seconds, 0.0, 0.0, seconds)
+                    done.put(Generation(session.session_id, [], False, f"prompt refused: {e}", "", timing))
                 except EndpointError as e:  # retries spent: this server is gone, another takes the session
                     down.setdefault(server, e)
                     todo.put((session, inputs))
