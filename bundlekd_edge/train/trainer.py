@@ -40,11 +40,6 @@ from .sft import (
 )
 
 
-class _NoState:
-    def state_dict(self) -> None:
-        return None
-
-
 class Interrupted(Exception):
     """Raised by `stop_after` (tests): the run stops as if killed right after a checkpoint."""
 
@@ -83,18 +78,18 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(folder: Path, adapter: dict, optimizer, scheduler, state: dict) -> None:
+def save_checkpoint(folder: Path, adapter: dict, optimizer: dict | None, scheduler, state: dict) -> None:
     with building(folder, replace=True) as tmp:
         _save_state(tmp, adapter, optimizer, scheduler, state)
 
 
-def _save_state(tmp: Path, adapter: dict, optimizer, scheduler, state: dict) -> None:
+def _save_state(tmp: Path, adapter: dict, optimizer: dict | None, scheduler, state: dict) -> None:
     import torch
 
     torch.save(
         {
             "adapter": adapter,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
         },
@@ -298,8 +293,7 @@ class Training:
         scores["strict_f1"] = self.from_main(scores["strict_f1"])  # one decision: the save below is collective
         row = {"step": step, "eval": {k: round(v, 4) for k, v in scores.items()}, "eval_s": time.perf_counter() - t0}
         state["evals"].append({"step": step, "strict_f1": scores["strict_f1"], "exact_match": scores["exact_match"]})
-        better = scores["strict_f1"] > state["best_f1"]
-        if better:
+        if scores["strict_f1"] > state["best_f1"]:
             state["best_f1"], state["best_step"] = scores["strict_f1"], step
             self.save_adapter(self.out / "best")
         if not self.main:
@@ -399,7 +393,7 @@ class Training:
         adapter = self.adapter_state()
         if self.main:
             # a sharded optimizer's state is each process's own: kept by none (such runs do not resume)
-            optimizer = _NoState() if self.sharded else self.optimizer
+            optimizer = None if self.sharded else self.optimizer.state_dict()
             save_checkpoint(self.out / "checkpoints" / "last", adapter, optimizer, self.scheduler, state)
         self.accelerator.wait_for_everyone()
 
