@@ -63,24 +63,59 @@ def golden_set(sessions: list[Session], tok, maker, n: int, max_tokens: int = 0)
 def gguf_top1_and_generate(
     path, golden: list[Golden], threads: int = 0, adapter=None
 ) -> tuple[list[np.ndarray], list[str]]:
-    """Teacher-forced top-1 and greedy answers of a GGUF (with a LoRA adapter GGUF over it, if given)."""
+    """Teacher-forced top-1 and greedy answers of a GGUF (with a LoRA adapter GGUF over it, if given).
+
+    Each golden session has its own sequence in one llama.cpp context. Its prompt and golden answer
+    are evaluated alone (as the runtime evaluates a prompt, n_batch tokens a call), keeping the
+    logits of the answer positions only; the cells past the prompt are then dropped and the greedy
+    answers decode together, one token of every unfinished session per llama_decode (decoding is
+    bound by reading the weights: 8 sessions a step cost little more than one).
+    """
     from ..runtime.engine import default_threads
-    from ..runtime.llamacpp import load_for_scoring
+    from ..runtime.llamacpp import SequenceContext, load_adapter, load_model
 
     n_ctx = max(len(g.prompt_ids) + max(len(g.answer_ids), g.max_tokens) for g in golden) + 8
-    llm = load_for_scoring(path, n_ctx, threads or default_threads(), lora_path=adapter)
+    n_batch = 512
+    llm = load_model(path, 256, n_batch, threads or default_threads(), seed=0)  # its own context stays unused
+    ctx = None
     try:
-        top1, texts = [], []
-        for g in golden:
-            llm.reset()
-            llm.eval(g.prompt_ids + g.answer_ids)
-            start = len(g.prompt_ids) - 1
-            top1.append(np.asarray(llm.scores[start : start + len(g.answer_ids)]).argmax(-1))
-            # no reset: the prompt's KV state is reused (llama-cpp-python matches the longest token prefix)
-            done = llm.create_completion(g.prompt_ids, max_tokens=g.max_tokens, temperature=0.0, repeat_penalty=1.0)
-            texts.append(done["choices"][0]["text"])
+        handles = ((load_adapter(llm, adapter),), (1.0,)) if adapter else ((), ())
+        if adapter and not handles[0][0]:
+            raise BkdError(f"{adapter}: llama.cpp could not load this adapter over {path}")
+        ctx = SequenceContext(llm, n_ctx, len(golden), max(n_batch, len(golden)), handles)
+        top1 = []
+        for seq, g in enumerate(golden):
+            tokens, first = g.prompt_ids + g.answer_ids, len(g.prompt_ids) - 1
+            wanted = range(first, first + len(g.answer_ids))
+            rows = []
+            for start in range(0, len(tokens), n_batch):
+                piece = tokens[start : start + n_batch]
+                chunk = [(seq, start + k, t, start + k in wanted) for k, t in enumerate(piece)]
+                ctx.decode(chunk)
+                rows += [int(ctx.logits(k).argmax()) for k, entry in enumerate(chunk) if entry[3]]
+            top1.append(np.asarray(rows))
+            ctx.remove(seq, len(g.prompt_ids))  # generation starts after the prompt
+        answers = {seq: [] for seq in range(len(golden))}
+        # the first answer token is the argmax after the prompt: the first teacher-forced position
+        pending = {seq: int(top1[seq][0]) for seq in answers}
+        while pending:
+            live = []
+            for seq, token in pending.items():
+                if ctx.is_end(token):
+                    continue
+                answers[seq].append(token)
+                if len(answers[seq]) < golden[seq].max_tokens:
+                    live.append(seq)
+            if not live:
+                break
+            ctx.decode([(seq, len(golden[seq].prompt_ids) + len(answers[seq]) - 1, answers[seq][-1], True)
+                        for seq in live])  # fmt: skip
+            pending = {seq: int(ctx.logits(k).argmax()) for k, seq in enumerate(live)}
+        texts = [b"".join(ctx.piece(t) for t in answers[seq]).decode("utf-8", errors="replace") for seq in answers]
         return top1, texts
     finally:
+        if ctx is not None:
+            ctx.free()
         llm.close()
 
 

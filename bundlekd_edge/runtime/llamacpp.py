@@ -278,9 +278,9 @@ class SequenceContext:
     def restore(self, state: ctypes.Array, seq: int) -> bool:
         return bool(lib.llama_state_seq_set_data(self.ctx, state, len(state), seq))
 
-    def remove(self, seq: int) -> None:
-        """Free every KV cell of sequence `seq`."""
-        lib.llama_memory_seq_rm(lib.llama_get_memory(self.ctx), seq, -1, -1)
+    def remove(self, seq: int, start: int = -1) -> None:
+        """Free the KV cells of sequence `seq` at positions start.. (every cell by default)."""
+        lib.llama_memory_seq_rm(lib.llama_get_memory(self.ctx), seq, start, -1)
 
     def is_end(self, token: int) -> bool:
         return bool(lib.llama_vocab_is_eog(self.vocab, token))
