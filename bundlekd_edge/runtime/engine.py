@@ -154,7 +154,7 @@ class Engine:
             handles.append(handle)
             loaded.append({**info, "scale": spec.scale})
         self.adapter_handles = (handles, [s.scale for s in specs])
-        if not llamacpp.set_adapters(self.llm._ctx.ctx, *self.adapter_handles):
+        if not llamacpp.set_adapters(self.llm, *self.adapter_handles):
             raise BkdError("llama.cpp could not set the LoRA adapters on the context")
         return loaded
 

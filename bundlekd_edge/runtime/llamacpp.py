@@ -98,9 +98,13 @@ def load_adapter(llm: Llama, path: str | Path):
     return lib.llama_adapter_lora_init(llm._model.model, str(path).encode("utf-8")) or None
 
 
-def set_adapters(ctx, handles: list, scales: list[float]) -> bool:
-    """Apply these adapters, at these scales, to every evaluation of a context (llama.cpp keeps
-    adapters per context: each context of a model needs them set)."""
+def set_adapters(llm: Llama, handles: list, scales: list[float]) -> bool:
+    """Apply these adapters, at these scales, to every evaluation of the model's context."""
+    return _set_adapters(llm._ctx.ctx, handles, scales)
+
+
+def _set_adapters(ctx, handles: list, scales: list[float]) -> bool:
+    """llama.cpp keeps adapters per context: each context of a model needs them set."""
     array = (lib.llama_adapter_lora_p_ctypes * len(handles))(*handles)
     factors = (ctypes.c_float * len(scales))(*scales)
     return lib.llama_set_adapters_lora(ctx, array, len(handles), factors) == 0
@@ -245,7 +249,7 @@ class SequenceContext:
         self.ctx = lib.llama_init_from_model(llm._model.model, params)
         if not self.ctx:
             raise BkdError(f"llama.cpp could not create a context for {n_seq} sequences of {n_ctx} tokens")
-        if adapters[0] and not set_adapters(self.ctx, *adapters):  # (handles, scales), as on the model's context
+        if adapters[0] and not _set_adapters(self.ctx, *adapters):  # (handles, scales), as on the model's context
             self.free()
             raise BkdError("llama.cpp could not set the LoRA adapters on a multi-sequence context")
         self.batch = lib.llama_batch_init(n_batch, 0, 1)
