@@ -76,12 +76,6 @@ def load_vocab(path: str | Path) -> Llama:
     return Llama(str(path), vocab_only=True, verbose=False)
 
 
-def load_for_scoring(path: str | Path, n_ctx: int, threads: int, lora_path: str | Path | None = None) -> Llama:
-    """A model that keeps the logits of every evaluated position (`llm.scores`), with an adapter if given."""
-    lora = {"lora_path": str(lora_path)} if lora_path else {}
-    return Llama(str(path), n_ctx=n_ctx, n_threads=threads, logits_all=True, verbose=False, **lora)
-
-
 def chat_formatter(llm: Llama, template: str) -> tuple[Callable[[list[dict]], str], bool]:
     """(render(messages) -> prompt text, whether the tokenizer adds BOS) for a Jinja chat template.
     Raises whatever Jinja raises for a template that does not compile."""
