@@ -262,11 +262,19 @@ class Training:
 
     # -- the adapter's weights, gathered from every process -----------------------------------
     def adapter_state(self) -> dict:
-        """The LoRA tensors; every process calls it (sharded weights are gathered)."""
+        """The LoRA tensors, whole; every process calls it. FSDP2 shards are gathered one LoRA tensor
+        at a time, never the whole model; DeepSpeed ZeRO-3 goes through accelerate's 16-bit gather."""
+        from accelerate import DistributedType
         from peft import get_peft_model_state_dict
+        from torch.distributed.tensor import DTensor
 
-        whole = self.accelerator.get_state_dict(self.model) if self.world > 1 else None
-        return get_peft_model_state_dict(self.accelerator.unwrap_model(self.model), state_dict=whole)
+        model = self.accelerator.unwrap_model(self.model)
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            whole = self.accelerator.get_state_dict(self.model)
+        else:
+            whole = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+                     for name, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+        return get_peft_model_state_dict(model, state_dict=whole)
 
     def save_adapter(self, folder: Path) -> None:
         """peft's adapter folder (process 0 writes; every process calls it)."""
