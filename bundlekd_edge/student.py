@@ -55,12 +55,13 @@ class Student:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     card: dict = field(default_factory=dict)
 
-    def load_engine(self, n_ctx: int = 0, threads: int = 0, seed: int = 0):
+    def load_engine(self, n_ctx: int = 0, threads: int = 0, seed: int = 0, jump_forward: bool = False):
         """The loaded engine. `n_ctx` 0 sizes the context: 2048 tokens, or what the pack needs."""
         from .runtime import Engine, EngineConfig  # llama.cpp loads only for commands that need it
 
         n_ctx = n_ctx or (self.pack.n_ctx() if self.pack else EngineConfig.n_ctx)
-        config = EngineConfig(n_ctx=n_ctx, n_threads=threads, seed=seed, prompt=self.prompt, adapters=self.adapters)
+        options = {"n_threads": threads, "seed": seed, "jump_forward": jump_forward}
+        config = EngineConfig(n_ctx=n_ctx, prompt=self.prompt, adapters=self.adapters, **options)
         return Engine(self.model, config)
 
     def load_remote(self, servers, constraint: str = "gbnf", api_key_env: str = "", seed: int = 0, retries: int = 4):

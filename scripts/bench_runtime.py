@@ -82,6 +82,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--model", default="default", help="a student, as `bkd-edge generate --model` takes")
     ap.add_argument("--out", type=Path, default=Path("bench-out/runtime.json"))
+    ap.add_argument("--jump-forward", action="store_true", help="ours evaluates grammar-forced text in batches")
     args = ap.parse_args()
 
     path = args.sessions or sample_sessions_path()
@@ -90,7 +91,7 @@ def main() -> int:
     student = resolve_student(args.model, pack="none")
     if len(student.adapters) > 1:
         sys.exit("bench_runtime: llama-cpp-python's Llama takes one adapter; this student has several")
-    engine = student.load_engine(threads=default_threads())
+    engine = student.load_engine(threads=default_threads(), jump_forward=args.jump_forward)
     config = engine.config
     lora = {"lora_path": str(a.path), "lora_scale": a.scale} if (a := next(iter(student.adapters), None)) else {}
     llm = Llama(

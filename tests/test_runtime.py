@@ -9,7 +9,7 @@ from llama_cpp import LlamaGrammar
 import bundlekd_edge.runtime
 from bundlekd_edge import BkdError
 from bundlekd_edge.data import Item, Session, load_sessions
-from bundlekd_edge.prompts import build_messages, max_answer_tokens, output_grammar
+from bundlekd_edge.prompts import PromptConfig, build_messages, max_answer_tokens, output_grammar
 from bundlekd_edge.runtime import Engine, EngineConfig, default_model_path, inspect_gguf, llamacpp
 from bundlekd_edge.runtime.choice import choose_partition
 from bundlekd_edge.runtime.llamacpp import GrammarGreedy
@@ -84,6 +84,73 @@ def test_rejected_argmax_falls_back_to_the_best_allowed_token(engine, sample_pat
     assert logits.argmax() not in sevens  # the model wants to open its JSON answer, not say 7
     assert sampler.fallbacks == 1 and token in sevens
     assert token == max(sevens, key=lambda t: logits[t])
+
+
+def test_the_draft_is_the_text_the_grammar_forces(engine):
+    llm = engine.llm
+    sampler = GrammarGreedy(llm, output_grammar(5))
+    try:
+        draft = sampler.draft()
+        assert llm.detokenize(draft) == b'{"bundles": [{"items": ['  # up to the first item number, which is free
+        assert sampler.draft() == draft  # probing leaves the grammar where it was
+    finally:
+        sampler.free()
+    compact = GrammarGreedy(llm, output_grammar(5, PromptConfig(answer_format="compact")))
+    try:
+        assert compact.draft() == []  # a compact answer starts with a free item number
+    finally:
+        compact.free()
+
+
+def test_greedy_takes_the_draft_only_where_it_is_the_best_allowed_token(engine):
+    llm = engine.llm
+    n_vocab = llm.n_vocab()
+
+    def favour(token):
+        row = np.zeros(n_vocab, dtype=np.float32)
+        row[token] = 10.0
+        return row
+
+    brace = llm.tokenize(b"{", add_bos=False, special=False)[0]  # allowed too: a prefix of the forced text
+    one = llm.tokenize(b"1", add_bos=False, special=False)[0]
+    sampler = GrammarGreedy(llm, output_grammar(5))
+    draft = sampler.draft()
+    rows = np.stack([favour(t) for t in draft[1:]] + [favour(one)])
+    try:  # the model agrees with every draft token, then picks the first item
+        assert sampler.take_draft(favour(draft[0]), draft, rows) == (len(draft), one)
+    finally:
+        sampler.free()
+    sampler = GrammarGreedy(llm, output_grammar(5))
+    try:  # the model splits the opener its own way: greedy leaves the draft at once, with its token
+        assert sampler.take_draft(favour(brace), draft, rows) == (0, brace)
+        assert llm.detokenize(sampler.draft()) == b'"bundles": [{"items": ['  # the grammar took "{" only
+    finally:
+        sampler.free()
+
+
+def test_jump_forward_decodes_what_plain_greedy_decodes(sample_path, monkeypatch):
+    """The decode loop with drafts (batches, rewinds when greedy leaves a draft) gives plain greedy's
+    answer token for token. Checked with the draft evaluated one token at a time: a batch's CPU
+    kernels round differently, which can flip a near tie (`EngineConfig.jump_forward`)."""
+    plain, jump = Engine("default"), Engine("default", EngineConfig(jump_forward=True))
+    sessions = load_sessions(sample_path, split="test")
+    answers = [plain.generate(s) for s in sessions]
+    batched = [jump.generate(s) for s in sessions]
+    assert all(g.valid for g in batched) and all(g.timing.forced_tokens > 5 for g in batched)
+    assert sum(g.bundles == a.bundles for g, a in zip(batched, answers)) >= len(sessions) - 2
+
+    def one_at_a_time(llm, ids):
+        rows = []
+        for token in ids:
+            llm.eval([token])
+            rows.append(llamacpp.last_logits(llm).copy())
+        return np.stack(rows)
+
+    monkeypatch.setattr(llamacpp, "eval_rows", one_at_a_time)
+    for s, a in zip(sessions, answers):
+        g = jump.generate(s)
+        assert g.raw == a.raw and g.timing.forced_tokens > 5
+        assert g.timing.completion_tokens == a.timing.completion_tokens  # the same tokens, not just the same text
 
 
 def test_session_that_does_not_fit_the_context_is_an_error():

@@ -79,18 +79,22 @@ def load_student(model, adapters=(), pack=None):
     return resolve_student(model, adapters, pack)
 
 
-def load_engine(models, student_name, adapters, pack, n_ctx, threads, seed, constraint, api_key_env, retries):
+def load_engine(
+    models, student_name, adapters, pack, n_ctx, threads, seed, constraint, api_key_env, retries, jump_forward=False
+):
     """(student, engine): in this process, or on the servers --model names."""
     urls = [m for m in models if m.startswith(("http://", "https://"))]
     if not urls:
         if len(models) > 1:
             raise click.UsageError("--model is repeatable for server URLs only")
         student = load_student(models[0], adapters, pack)
-        return student, student.load_engine(n_ctx, threads, seed)
+        return student, student.load_engine(n_ctx, threads, seed, jump_forward)
     if len(urls) != len(models):
         raise click.UsageError("--model: give one model, or one or more server URLs")
     if adapters:
         raise click.UsageError("--adapter: a server applies its own adapters (e.g. llama_cpp.server --lora_path FILE)")
+    if jump_forward:
+        raise click.UsageError("--jump-forward: a server decodes on its own; the option is for a local model")
     student = load_student(student_name, (), pack)
     return student, student.load_remote(urls, constraint, api_key_env, seed, retries)
 
@@ -111,10 +115,17 @@ def load_engine(models, student_name, adapters, pack, n_ctx, threads, seed, cons
 @click.option("--force", is_flag=True, help="Overwrite an existing --out.")
 @click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), help="Also write the run summary as JSON.")
 @click.option("--json", "json_mode", is_flag=True, help="Read one session as JSON on stdin, write its bundles as JSON.")
+@click.option(
+    "--jump-forward",
+    is_flag=True,
+    help="Evaluate the text the grammar forces (JSON keys, brackets) in batches: ~15%% less decode time for "
+    "JSON answers. Greedy's tokens, but batched CPU kernels round differently, so a few answers may differ "
+    "from plain greedy (and from a llama.cpp server).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(
     model, pack, adapters, n_ctx, threads, seed, student_name, constraint, api_key_env, retries, sessions, split, limit,
-    shard, out, resume, force, summary, json_mode, quiet,
+    shard, out, resume, force, summary, json_mode, jump_forward, quiet,
 ):  # fmt: skip
     """Generate bundles for each session with a llama.cpp model (greedy, grammar constrained).
 
@@ -133,7 +144,8 @@ def generate(
       python -m llama_cpp.server --model BASE.gguf --lora_path models/smollm2-bundles/adapter.gguf --port 8001
       bkd-edge generate --model http://127.0.0.1:8001/v1 --model http://host2:8001/v1,concurrency=2 ...
     """
-    engine_args = (model, student_name, adapters, pack, n_ctx, threads, seed, constraint, api_key_env, retries)
+    engine_args = (model, student_name, adapters, pack, n_ctx, threads, seed, constraint, api_key_env, retries,
+                   jump_forward)  # fmt: skip
     if json_mode:
         return _generate_stdin(*load_engine(*engine_args))
     if sessions is None or out is None:

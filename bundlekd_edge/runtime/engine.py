@@ -50,6 +50,11 @@ class EngineConfig:
     seed: int = 0
     prompt: PromptConfig = field(default_factory=PromptConfig)
     adapters: tuple[AdapterSpec, ...] = ()  # LoRA adapters applied over the model, in order
+    # Evaluate the text the grammar forces in batches (`Engine._decode`). Off by default: the tokens
+    # are greedy's, but a batch's CPU kernels round differently from one token at a time, which
+    # changed 4-8 of 30 untuned JSON answers (none with one token at a time), so answers would no
+    # longer match a llama.cpp server or `create_completion` byte for byte.
+    jump_forward: bool = False
 
 
 @dataclass
@@ -62,6 +67,7 @@ class Timing:
     decode_s: float  # first to last generated token, wall clock: decoded_tokens - 1 steps
     total_s: float
     chosen_tokens: int = 0  # of completion_tokens, placed by the candidate choice (scored, not decoded)
+    forced_tokens: int = 0  # of completion_tokens, forced by the grammar: evaluated in batches, not one by one
     choose_s: float = 0.0  # scoring the candidates and evaluating the chosen line, wall clock
 
     @property
@@ -260,19 +266,8 @@ class Engine:
                 gbnf = intents_grammar(line.count("|") + 1, prompt)
         chose = time.perf_counter()
         sampler = GrammarGreedy(self.llm, gbnf)  # < 1 ms
-        answer, finish = [], "length"
         try:
-            token = sampler.sample(llamacpp.last_logits(self.llm))
-            first = last = time.perf_counter()
-            while not llamacpp.is_end(self.llm, token):  # the end token is neither text nor counted
-                answer.append(token)
-                last = time.perf_counter()
-                if len(chosen) + len(answer) >= max_tokens:
-                    break
-                self.llm.eval([token])
-                token = sampler.sample(llamacpp.last_logits(self.llm))
-            else:
-                finish = "stop"
+            answer, finish, n_forced, first, last = self._decode(sampler, max_tokens - len(chosen))
         finally:
             sampler.free()
         total = time.perf_counter() - t0
@@ -286,6 +281,7 @@ class Engine:
             decode_s=last - first,
             total_s=total,
             chosen_tokens=len(chosen),
+            forced_tokens=n_forced,
             choose_s=chose - prefilled,
         )
         raw = self.llm.detokenize(answer).decode("utf-8", errors="replace")
@@ -294,6 +290,35 @@ class Engine:
         if finish == "length" and not parsed.valid:
             error = f"answer cut at max_tokens ({error})"
         return Generation(session.session_id, parsed.bundles, parsed.valid, error, raw, timing)
+
+    def _decode(self, sampler: GrammarGreedy, max_tokens: int) -> tuple[list[int], str, int, float, float]:
+        """Greedy decoding under the sampler's grammar, after the prompt now in the cache:
+        (answer tokens, finish reason, how many the grammar forced, time of the first and last).
+
+        Jump-forward: text the grammar forces (JSON keys, brackets) is drafted and evaluated in
+        one batch with the token before it, then kept as far as greedy would have chosen it
+        (`GrammarGreedy.take_draft`): the same tokens as one decode step per token, in fewer steps.
+        """
+        llm, answer, n_forced, first = self.llm, [], 0, 0.0
+        logits, before = llamacpp.last_logits(llm).copy(), []  # `before`: the last token, not yet evaluated
+        while True:
+            draft = sampler.draft() if self.config.jump_forward else []
+            if before or draft:
+                rows = llamacpp.eval_rows(llm, before + draft)
+                logits, rows = (rows[0], rows[1:]) if before else (logits, rows)
+            kept, token = sampler.take_draft(logits, draft, rows if draft else logits[None])
+            if kept < len(draft):  # greedy left the draft: drop the cells of the draft tokens it did not take
+                llm.n_tokens -= len(draft) - kept
+            answer += draft[:kept]
+            n_forced += kept
+            last = time.perf_counter()
+            first = first or last
+            if llamacpp.is_end(llm, token):  # the end token is neither text nor counted
+                return answer, "stop", n_forced, first, last
+            answer.append(token)
+            if len(answer) >= max_tokens:
+                return answer, "length", n_forced, first, last
+            before = [token]
 
     def map(self, jobs: list[tuple[Session, dict]], on_done) -> None:
         """`generate(session, **inputs)` for every job, one after another, `on_done` after each."""
@@ -342,6 +367,7 @@ class Engine:
             "model_sha256": self.model_sha256(),
             "adapters": [[a["sha256"], a["scale"]] for a in self.adapters],
             "n_ctx": self.config.n_ctx,
+            "jump_forward": self.config.jump_forward,
         }
 
     def memory(self) -> dict:
@@ -356,6 +382,7 @@ class Engine:
             "n_ctx": self.config.n_ctx,
             "threads": self.threads,
             "seed": self.config.seed,
+            "jump_forward": self.config.jump_forward,
             "load_s": round(self.load_s, 3),
             **llamacpp.build_info(),
         }
