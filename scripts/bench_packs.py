@@ -14,7 +14,8 @@ Each cold measurement runs in its own subprocess, alternating the two sides. Ses
 evenly over the split. The context is sized per pack as `generate` sizes it (`Pack.n_ctx`), so
 every session of the data fits beside the whole prefix; any that does not is left out and counted.
 
-    python scripts/bench_packs.py PACK [PACK ...] [--sessions FILE --split test] [--limit 20] [--n-ctx N] [--out FILE]
+    python scripts/bench_packs.py PACK [PACK ...] [--sessions FILE --split test] [--limit 20] [--n-ctx N]
+                                  [--jump-forward] [--out FILE]
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from bundlekd_edge.student import resolve_student
 from bundlekd_edge.tables import table
 
 
-def reuse_run(pack: Pack, sessions, k: int, n_ctx: int) -> dict:
-    engine = resolve_student("base").load_engine(n_ctx=n_ctx)
+def reuse_run(pack: Pack, sessions, k: int, n_ctx: int, jump_forward: bool = False) -> dict:
+    engine = resolve_student("base").load_engine(n_ctx=n_ctx, jump_forward=jump_forward)
     parts = {s.session_id: pack.prompt_parts(s, lambda kn, ex, s=s: engine.fits(s, kn, ex)) for s in sessions}
     examples = {sid: (ex if k else "") for sid, (_, ex) in parts.items()}
     engine.warm_prefix(pack.static)
@@ -109,6 +110,7 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=0, help="retrieved examples per prompt (0: the prefix alone)")
     ap.add_argument("--n-ctx", type=int, default=0, help="context window (0: the pack's own, as generate sizes it)")
     ap.add_argument("--out", type=Path, default=Path("bench-out/packs.json"))
+    ap.add_argument("--jump-forward", action="store_true", help="evaluate grammar-forced text in batches (reuse run)")
     args = ap.parse_args()
     path = args.sessions or sample_sessions_path()
     split = args.split or ("test" if args.sessions else None)
@@ -124,13 +126,14 @@ def main() -> int:
         fit = [s for s in every if fits(s, pack.static, "")]
         sessions = spread(fit, args.limit)
         row = {"pack": str(pack_dir), "n_ctx": n_ctx, "sessions": len(sessions), "too_long": len(every) - len(fit),
-               **reuse_run(pack, sessions, args.k, n_ctx)}  # fmt: skip
+               **reuse_run(pack, sessions, args.k, n_ctx, args.jump_forward)}  # fmt: skip
         row.update(cold_run(pack_dir, path, split, [s.session_id for s in sessions[: args.cold]], n_ctx))
         row["reuse_ratio"] = row["ttft_reused_p50_s"] / row["ttft_full_p50_s"]
         row["cold_ratio"] = row["cold_loaded_p50_s"] / row["cold_evaluated_p50_s"]
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
-    write_json(args.out, {"sessions_file": str(path), "split": split, "k": args.k, "rows": rows})
+    settings = {"sessions_file": str(path), "split": split, "k": args.k, "jump_forward": args.jump_forward}
+    write_json(args.out, {**settings, "rows": rows})
     cols = [
         ("pack", "pack", ""),
         ("prefix_tokens", "prefix tokens", ""),
