@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -209,6 +211,10 @@ class Training:
         self.main = acc.is_main_process
         # FSDP and DeepSpeed spread the weights over the processes (accelerate falls back to DDP on CPU)
         self.sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        asked = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}") == "true"]
+        if asked and not self.sharded and self.main:
+            print(f"note: the accelerate config asks for {asked[0]}, but on {self.device} accelerate runs "
+                  f"{acc.distributed_type.value}: every process holds the whole model", file=sys.stderr)  # fmt: skip
         if acc.distributed_type == DistributedType.DEEPSPEED and recipe.grad_accum != 1:
             raise BkdError(f"recipe grad_accum {recipe.grad_accum}: DeepSpeed accumulates gradients itself "
                            "(gradient_accumulation_steps); set grad_accum = 1 and raise batch_size")  # fmt: skip
