@@ -118,8 +118,8 @@ def load_engine(
 @click.option(
     "--jump-forward",
     is_flag=True,
-    help="Evaluate the text the grammar forces (JSON keys, brackets) in batches: ~15%% less decode time for "
-    "JSON answers. Greedy's tokens, but batched CPU kernels round differently, so a few answers may differ "
+    help="Evaluate the text the grammar forces (JSON keys, brackets) in batches: JSON answers decode ~1.5x "
+    "faster. Greedy's tokens, but batched CPU kernels round differently, so a few answers may differ "
     "from plain greedy (and from a llama.cpp server).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
