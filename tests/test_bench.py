@@ -26,11 +26,13 @@ def test_parse_engine(tmp_path):
     assert parse_engine("x=default,pack=none").pack == "none"  # not even an export's own pack
     s = parse_engine("b=base,adapter=/x/a.gguf:0.5,adapter=/x/b.gguf")
     assert (s.model, s.adapters) == ("base", ["/x/a.gguf:0.5", "/x/b.gguf:1"])
+    assert parse_engine("j=base,jump=on").jump_forward and not parse_engine("j=base,jump=off").jump_forward
     with pytest.raises(BkdError, match="out of range"):
         parse_engine("b=base,adapter=/x/a.gguf:9")
     for bad in ("noequals", "=default", "a b=default", "x=default,colour=red", f"w=baseline:whole,pack={tmp_path}",
                 "x=default,pack=/no/such/pack", "w=baseline:whole,adapter=/x/a.gguf", "t=http://h/v1,constraint=xml",
-                "x=default,key=MY_KEY", "t=http://h/v1,adapter=/x/a.gguf"):  # fmt: skip
+                "x=default,key=MY_KEY", "t=http://h/v1,adapter=/x/a.gguf", "j=base,jump=yes",
+                "w=baseline:whole,jump=on", "t=http://h/v1,jump=on"):  # fmt: skip
         with pytest.raises(BkdError):
             parse_engine(bad)
 

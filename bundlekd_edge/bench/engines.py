@@ -1,13 +1,14 @@
 """What a bench row runs: an engine spec, parsed from one short command-line string.
 
-    NAME=MODEL[,pack=PACK|none][,adapter=FILE[:SCALE]]...[,label=TEXT][,constraint=C][,key=ENV_VAR]
+    NAME=MODEL[,pack=PACK|none][,adapter=FILE[:SCALE]]...[,jump=on][,label=TEXT][,constraint=C][,key=ENV_VAR]
 
 MODEL is whatever `bkd-edge generate --model` takes ('default', 'base', a .gguf file, EXPORT_DIR[:QUANT]),
 an OpenAI-compatible base URL (http://... or https://..., e.g. a teacher endpoint), or
 `baseline:whole|pairs|apriori|cluster` for a non-LLM baseline. An export trained with a pack runs
 with it unless `pack=none`. A URL row asks in the JSON answer format, with the output constraint
 sent as `constraint` says (gbnf: llama.cpp's servers, the default; vllm; json-schema: hosted APIs,
-Ollama) and the API key of environment variable `key` (none unless named).
+Ollama) and the API key of environment variable `key` (none unless named). `jump=on` runs a local
+model with jump-forward decoding (`generate --jump-forward`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class EngineSpec:
     adapters: list[str] = field(default_factory=list)  # LoRA adapters FILE[:SCALE] over the model (LLM only)
     constraint: str = "gbnf"  # URL rows: how the output grammar is sent (runtime.remote.CONSTRAINTS)
     api_key_env: str = ""  # URL rows: the NAME of the variable holding the API key
+    jump_forward: bool = False  # llama rows: grammar-forced text evaluated in batches (EngineConfig.jump_forward)
 
     def key(self, options: dict) -> str:
         """Hash of everything a row's numbers depend on: a saved row is reused only when it matches."""
@@ -73,10 +75,10 @@ def parse_engine(text: str) -> EngineSpec:
     extra, adapters = {}, []
     for opt in opts:
         key, sep, value = opt.partition("=")
-        if not sep or key not in ("pack", "label", "adapter", "constraint", "key"):
+        if not sep or key not in ("pack", "label", "adapter", "jump", "constraint", "key"):
             raise BkdError(
-                f"engine {text!r}: unknown option {opt!r} (known: pack=PACK, adapter=FILE[:SCALE], label=TEXT, "
-                "constraint=gbnf|vllm|json-schema, key=ENV_VAR)"
+                f"engine {text!r}: unknown option {opt!r} (known: pack=PACK, adapter=FILE[:SCALE], jump=on|off, "
+                "label=TEXT, constraint=gbnf|vllm|json-schema, key=ENV_VAR)"
             )
         if key == "adapter":
             from ..runtime.adapters import parse_adapter
@@ -98,11 +100,13 @@ def parse_engine(text: str) -> EngineSpec:
         raise BkdError(f"engine {text!r}: pack {extra['pack']!r} is not a folder")
     if kind != "http" and ({"constraint", "key"} & set(extra)):
         raise BkdError(f"engine {text!r}: constraint and key are for server URLs")
+    if extra.get("jump", "off") not in ("on", "off") or (kind != "llama" and "jump" in extra):
+        raise BkdError(f"engine {text!r}: jump=on|off, for a local model only")
     from ..runtime.remote import CONSTRAINTS
 
     if extra.get("constraint", "gbnf") not in CONSTRAINTS:
         raise BkdError(f"engine {text!r}: constraint {extra['constraint']!r}, choose from {', '.join(CONSTRAINTS)}")
     return EngineSpec(
         name, kind, model, extra.get("pack", ""), extra.get("label", ""), adapters,
-        extra.get("constraint", "gbnf"), extra.get("key", ""),
+        extra.get("constraint", "gbnf"), extra.get("key", ""), extra.get("jump") == "on",
     )  # fmt: skip

@@ -76,7 +76,7 @@ def llama_row(spec: EngineSpec, opt: BenchOptions, sessions: list[Session], pred
 
     t0 = time.perf_counter()
     student = resolve_student(spec.model, spec.adapters, spec.pack or None)
-    engine = student.load_engine(opt.n_ctx, opt.threads, opt.seed)
+    engine = student.load_engine(opt.n_ctx, opt.threads, opt.seed, spec.jump_forward)
     pack = student.pack
     load_s = time.perf_counter() - t0
 

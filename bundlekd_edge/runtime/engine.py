@@ -53,7 +53,8 @@ class EngineConfig:
     # Evaluate the text the grammar forces in batches (`Engine._decode`). Off by default: the tokens
     # are greedy's, but a batch's CPU kernels round differently from one token at a time, which
     # changed 3 of 24 untuned JSON answers (none with one token at a time), so answers would no
-    # longer match a llama.cpp server or `create_completion` byte for byte.
+    # longer match a llama.cpp server or `create_completion` byte for byte. Several sessions decoded
+    # at once (runtime/concurrent.py) step one token each, without it.
     jump_forward: bool = False
 
 
