@@ -304,6 +304,7 @@ class Engine:
         logits, rows, before = llamacpp.last_logits(llm).copy(), [], []  # `before`: the last token, not evaluated yet
         while True:
             draft = sampler.draft() if self.config.jump_forward else []
+            draft = draft if len(answer) + len(draft) < max_tokens else []  # the context holds max_tokens
             if before or draft:
                 rows = llamacpp.eval_rows(llm, before + draft)  # the logits after each of them
                 if before:
