@@ -60,8 +60,10 @@ class Student:
         from .runtime import Engine, EngineConfig  # llama.cpp loads only for commands that need it
 
         n_ctx = n_ctx or (self.pack.n_ctx() if self.pack else EngineConfig.n_ctx)
-        options = {"n_threads": threads, "seed": seed, "jump_forward": jump_forward}
-        config = EngineConfig(n_ctx=n_ctx, prompt=self.prompt, adapters=self.adapters, **options)
+        config = EngineConfig(
+            n_ctx=n_ctx, n_threads=threads, seed=seed, prompt=self.prompt, adapters=self.adapters,
+            jump_forward=jump_forward,
+        )  # fmt: skip
         return Engine(self.model, config)
 
     def load_remote(self, servers, constraint: str = "gbnf", api_key_env: str = "", seed: int = 0, retries: int = 4):

@@ -128,16 +128,15 @@ def logits_of(llm: Llama, ids: list[int], start: int) -> np.ndarray:
 
 
 def eval_rows(llm: Llama, ids: list[int]) -> np.ndarray:
-    """`llm.eval(ids)` in one batch, returning the logits after every one of them (a copy)."""
+    """`llm.eval(ids)` in one batch (`logits_of`, its cells kept as the cache's next tokens),
+    returning the logits after every one of them."""
     n = llm.n_tokens
     if n + len(ids) > llm.n_ctx() or len(ids) > llm.n_batch:
         raise BkdError(f"{len(ids)} tokens after {n} do not fit the context or the batch")
-    llm._ctx.kv_cache_seq_rm(-1, n, -1)
-    llm._batch.set_batch(ids, n_past=n, logits_all=True)
-    llm._ctx.decode(llm._batch)
+    rows = logits_of(llm, ids, n)
     llm.input_ids[n : n + len(ids)] = ids
     llm.n_tokens = n + len(ids)
-    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(ids), llm.n_vocab())).copy()
+    return rows
 
 
 def drop_cells_from(llm: Llama, start: int) -> None:
