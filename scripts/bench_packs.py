@@ -14,7 +14,7 @@ Each cold measurement runs in its own subprocess, alternating the two sides. Ses
 evenly over the split. The context is sized per pack as `generate` sizes it (`Pack.n_ctx`), so
 every session of the data fits beside the whole prefix; any that does not is left out and counted.
 
-    python scripts/bench_packs.py PACK [PACK ...] [--sessions FILE --split test] [--limit 20] [--n-ctx N]
+    python scripts/bench_packs.py PACK [PACK ...] [--model base] [--sessions FILE --split test] [--limit 20] [--n-ctx N]
                                   [--jump-forward] [--out FILE]
 """
 
@@ -36,8 +36,8 @@ from bundlekd_edge.student import resolve_student
 from bundlekd_edge.tables import table
 
 
-def reuse_run(pack: Pack, sessions, k: int, n_ctx: int, jump_forward: bool = False) -> dict:
-    engine = resolve_student("base").load_engine(n_ctx=n_ctx, jump_forward=jump_forward)
+def reuse_run(model: str, pack: Pack, sessions, k: int, n_ctx: int, jump_forward: bool = False) -> dict:
+    engine = resolve_student(model).load_engine(n_ctx=n_ctx, jump_forward=jump_forward)
     parts = {s.session_id: pack.prompt_parts(s, lambda kn, ex, s=s: engine.fits(s, kn, ex)) for s in sessions}
     examples = {sid: (ex if k else "") for sid, (_, ex) in parts.items()}
     engine.warm_prefix(pack.static)
@@ -66,10 +66,10 @@ import json, sys, time
 from bundlekd_edge.data import load_sessions
 from bundlekd_edge.packs import Pack
 from bundlekd_edge.student import resolve_student
-pack, state, sessions, split, sid, n_ctx = sys.argv[1:7]
+model, pack, state, sessions, split, sid, n_ctx = sys.argv[1:8]
 p = Pack(pack)
 s = next(x for x in load_sessions(sessions, split=split or None) if x.session_id == sid)
-e = resolve_student("base").load_engine(n_ctx=int(n_ctx))
+e = resolve_student(model).load_engine(n_ctx=int(n_ctx))
 e.model_sha256()  # hashing the GGUF is a one-time cost of the key, not of the prefix
 t0 = time.perf_counter()
 warm = e.warm_prefix(p.static, state) if state else {"status": "evaluated"}
@@ -79,18 +79,21 @@ print(json.dumps({"status": warm["status"], "first_token_s": first}))
 """
 
 
-def cold_run(pack_dir: Path, sessions_path: Path, split: str | None, session_ids: list[str], n_ctx: int) -> dict:
+def cold_run(
+    model: str, pack_dir: Path, sessions_path: Path, split: str | None, session_ids: list[str], n_ctx: int
+) -> dict:
     state = Path(tempfile.mkdtemp(prefix="bkd-state-"))
     try:
         # Persist the state once (what the first `generate --pack` run on a laptop leaves behind).
-        e = resolve_student("base").load_engine(n_ctx=n_ctx)
+        e = resolve_student(model).load_engine(n_ctx=n_ctx)
         e.warm_prefix(Pack(pack_dir).static, state)
         del e
         loaded, evaluated = [], []
         for i, sid in enumerate(session_ids):
             order = [(loaded, str(state)), (evaluated, "")]
             for bucket, st in order if i % 2 == 0 else order[::-1]:
-                args = [sys.executable, "-c", COLD, str(pack_dir), st, str(sessions_path), split or "", sid, str(n_ctx)]
+                args = [sys.executable, "-c", COLD, model, str(pack_dir), st, str(sessions_path), split or "", sid]
+                args.append(str(n_ctx))
                 out = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
                 if st and out["status"] != "loaded":
                     raise SystemExit(f"persisted state was not used: {out['status']}")
@@ -103,6 +106,7 @@ def cold_run(pack_dir: Path, sessions_path: Path, split: str | None, session_ids
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("packs", nargs="+", type=Path)
+    ap.add_argument("--model", default="base", help="what `generate --model` takes (default: the untuned base)")
     ap.add_argument("--sessions", type=Path, default=None)
     ap.add_argument("--split", default=None)
     ap.add_argument("--limit", type=int, default=20)
@@ -122,17 +126,18 @@ def main() -> int:
         n_ctx = args.n_ctx or pack.n_ctx()
         # Only sessions whose prompt fits with the whole static prefix share it; a longer one gets a
         # trimmed prefix (packs.py) and pays its prefill, so it says nothing about prefix reuse.
-        fits = resolve_student("base").load_engine(n_ctx=n_ctx).fits
+        fits = resolve_student(args.model).load_engine(n_ctx=n_ctx).fits
         fit = [s for s in every if fits(s, pack.static, "")]
         sessions = spread(fit, args.limit)
         row = {"pack": str(pack_dir), "n_ctx": n_ctx, "sessions": len(sessions), "too_long": len(every) - len(fit),
-               **reuse_run(pack, sessions, args.k, n_ctx, args.jump_forward)}  # fmt: skip
-        row.update(cold_run(pack_dir, path, split, [s.session_id for s in sessions[: args.cold]], n_ctx))
+               **reuse_run(args.model, pack, sessions, args.k, n_ctx, args.jump_forward)}  # fmt: skip
+        row.update(cold_run(args.model, pack_dir, path, split, [s.session_id for s in sessions[: args.cold]], n_ctx))
         row["reuse_ratio"] = row["ttft_reused_p50_s"] / row["ttft_full_p50_s"]
         row["cold_ratio"] = row["cold_loaded_p50_s"] / row["cold_evaluated_p50_s"]
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
-    settings = {"sessions_file": str(path), "split": split, "k": args.k, "jump_forward": args.jump_forward}
+    settings = {"model": args.model, "sessions_file": str(path), "split": split, "k": args.k}
+    settings["jump_forward"] = args.jump_forward
     write_json(args.out, {**settings, "rows": rows})
     cols = [
         ("pack", "pack", ""),
@@ -150,7 +155,7 @@ def main() -> int:
         ("cold_ratio", "ratio (<=0.15)", ".3f"),
         ("latency_reused_p50_s", "latency p50 (s)", ".3f"),
     ]
-    print(f"sessions spread over {path}" + (f" (split {split})" if split else "") + f", k={args.k}")
+    print(f"model {args.model}, sessions spread over {path}" + (f" (split {split})" if split else "") + f", k={args.k}")
     print(table(rows, cols))
     return 0
 
