@@ -34,11 +34,10 @@ def merge_student(student_dir: Path, quant: str, out: Path) -> dict:
     with building(out) as tmp:
         f16 = tmp / "merged-f16.gguf"
         write_gguf_f16(student.model, merged_tensors(student.model, student.adapters[0].path), f16)
-        if quant == "F16":
-            f16.rename(tmp / name)
-        elif llamacpp.quantize_file(f16, tmp / name, quant) != 0:
-            raise BkdError(f"llama.cpp could not quantise the merged model to {quant}")
-        f16.unlink(missing_ok=True)
+        if quant != "F16":  # the f16 file is the intermediate, named `name` only when it is the result
+            if llamacpp.quantize_file(f16, tmp / name, quant) != 0:
+                raise BkdError(f"llama.cpp could not quantise the merged model to {quant}")
+            f16.unlink()
         card = dict(student.card, name=f"{student.name}-merged-{quant.lower()}", adapters=[])
         card["base"] = {"file": name, "sha256": sha256_file(tmp / name), "merged_from": student.card.get("base")}
         if student.pack:
