@@ -92,8 +92,8 @@ def cold_run(
         for i, sid in enumerate(session_ids):
             order = [(loaded, str(state)), (evaluated, "")]
             for bucket, st in order if i % 2 == 0 else order[::-1]:
-                args = [sys.executable, "-c", COLD, model, str(pack_dir), st, str(sessions_path), split or "", sid]
-                args.append(str(n_ctx))
+                args = [sys.executable, "-c", COLD, model, str(pack_dir), st, str(sessions_path), split or "", sid,
+                        str(n_ctx)]  # fmt: skip
                 out = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
                 if st and out["status"] != "loaded":
                     raise SystemExit(f"persisted state was not used: {out['status']}")
@@ -136,8 +136,8 @@ def main() -> int:
         row["cold_ratio"] = row["cold_loaded_p50_s"] / row["cold_evaluated_p50_s"]
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
-    settings = {"model": args.model, "sessions_file": str(path), "split": split, "k": args.k}
-    settings["jump_forward"] = args.jump_forward
+    settings = {"model": args.model, "sessions_file": str(path), "split": split, "k": args.k,
+                "jump_forward": args.jump_forward}  # fmt: skip
     write_json(args.out, {**settings, "rows": rows})
     cols = [
         ("pack", "pack", ""),
