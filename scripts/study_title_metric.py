@@ -31,8 +31,7 @@ from bundlekd_edge.metrics import evaluate
 CUTS = [round(0.02 * k, 2) for k in range(1, 60)]
 
 
-def title(item) -> str:
-    return item.title.strip() or item.id  # as TitleClusters embeds it
+title = TitleClusters._text  # an item's text as the cluster baseline embeds it
 
 
 def fit_projection(vectors: np.ndarray, pairs: np.ndarray, same: np.ndarray, pull: float, steps=200, lr=1e-3):

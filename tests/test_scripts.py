@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bundlekd_edge.metrics import load_predictions
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
@@ -14,8 +16,7 @@ def merge(*args):
 
 
 def partitions(path: Path) -> dict:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return {r["session_id"]: sorted(sorted(b["items"]) for b in r["bundles"]) for r in rows}
+    return {sid: sorted(map(sorted, p.bundles)) for sid, p in load_predictions(path).items()}
 
 
 def test_merge_student_f16_answers_as_the_adapter_does(tmp_path, cli, sample_path):
