@@ -241,6 +241,29 @@ def test_similar_items_hint_at_three_cuts_is_nested_tight_to_loose(cli, tmp_path
     assert sum(map(len, levels[0])) <= sum(map(len, levels[2]))
 
 
+def test_three_cut_hint_is_centred_where_the_runtime_choice_scores_best(cli, tmp_path, sample_path):
+    """Not simply at the cluster baseline's cut: the choice among the cuts leans coarse, so the centre is
+    tuned for the choice itself. Checked through the pack's own candidates (what the runtime ranks)."""
+    from bundlekd_edge.baselines import DISTANCE_GRID, to_prediction
+    from bundlekd_edge.metrics import evaluate
+    from bundlekd_edge.packs import chosen_by_counts
+
+    r = cli("pack", "build", "--sessions", sample_path, "--k", "0", "--similar-items", "--out", tmp_path / "p")
+    assert r.exit_code == 0, r.output
+    p = Pack(tmp_path / "p")
+    train = load_sessions(sample_path, split="train")
+
+    def choice_f1(centre: float) -> float:
+        p.similar_items = centre
+        chosen = {s.session_id: to_prediction(s.session_id, chosen_by_counts(s, p.candidates(s))) for s in train}
+        return evaluate(train, chosen)["strict_f1"]
+
+    centre = p.manifest["config"]["similar_items"]
+    scores = {c: choice_f1(c) for c in DISTANCE_GRID}
+    assert scores[centre] == max(scores.values()) > scores[min(DISTANCE_GRID)]
+    assert f"train strict F1 {scores[centre]:.3f}" in r.output
+
+
 def test_a_manifest_that_is_not_an_object_is_a_clear_problem(pack_dir, tmp_path):
     import shutil
 

@@ -52,8 +52,9 @@ def pack():
 @click.option(
     "--similar-items",
     is_flag=True,
-    help="Also tell the model, per session, which of its items have similar titles (MiniLM groups, "
-    "the cut tuned on the split by strict F1, as the cluster baseline).",
+    help="Also tell the model, per session, which of its items have similar titles (MiniLM groups). One "
+    "cut: the cluster baseline's, tuned on the split. Three (--similar-spread): centred where the "
+    "runtime's choice among them scores best on the split.",
 )
 @click.option(
     "--similar-spread",
@@ -77,11 +78,16 @@ def build_cmd(
     lines, thoughts = read_knowledge(knowledge, picked)
     examples = load_sessions(sessions, split=split)
     encoder = default_encoder_dir()
-    cut = 0.0
+    cut, tuned = 0.0, ""
     if similar_items:
         from ..baselines import TitleClusters
+        from ..packs import tune_hint_centre
 
-        cut = TitleClusters().fit(examples).params["threshold"]
+        clusters = TitleClusters().fit(examples)
+        cut = cluster_cut = clusters.params["threshold"]
+        if similar_spread:
+            cut, f1 = tune_hint_centre(clusters, examples, similar_spread)
+            tuned = f" (tuned for the choice among its cuts, {split} strict F1 {f1:.3f}; cluster cut {cluster_cut})"
     config = PackConfig(
         k=k,
         static_budget=static_budget,
@@ -96,7 +102,7 @@ def build_cmd(
     click.echo(
         f"{out}: {c['static_lines']} static lines ({t['static']} tokens, {c['static_lines_dropped']} dropped "
         f"by the budget), {c['examples']} examples (~{t['example_mean']:.0f} tokens each, k={k}), "
-        f"{c['thoughts']} with thoughts" + (f"; similar-items hint at cosine distance {cut}" if cut else "")
+        f"{c['thoughts']} with thoughts" + (f"; similar-items hint at cosine distance {cut}{tuned}" if cut else "")
     )
 
 
