@@ -7,7 +7,8 @@ coarser than any one cut. This measures that, without and with the student:
    the `cluster` baseline at its tuned cut, the choice rule centred at that same cut, and the choice
    rule centred where `packs.tune_hint_centre` puts it (what `pack build --similar-items` does).
 2. With `--student-centres`: the shipped student on `--split` (val: selection data) with its hint
-   centred at each given cut, next to the `cluster` baseline at that cut and the choice rule alone.
+   centred at each given cut, next to the `cluster` baseline at that cut and the choice rule alone
+   ([strict F1, exact] each).
 
 `--titles` rewrites every title first, a stand-in for catalogues with other title habits (only
 Electronic can be had here): `short5` keeps the first five words, `nobrand` drops the first word
@@ -92,8 +93,10 @@ def student_at(centres: list[float], sessions: list) -> list[dict]:
         rule = evaluate(
             sessions, {s.session_id: to_prediction(s.session_id, rule_at(clusters, s, centre)) for s in sessions}
         )
-        rows.append({"centre": centre, "student": round(ours["strict_f1"], 4), "cluster": round(base["strict_f1"], 4),
-                     "rule alone": round(rule["strict_f1"], 4)})  # fmt: skip
+        scores = {"student": ours, "cluster": base, "rule alone": rule}
+        rows.append(
+            {"centre": centre, **{k: [round(v["strict_f1"], 4), round(v["exact_match"], 4)] for k, v in scores.items()}}
+        )
     return rows
 
 
