@@ -84,9 +84,7 @@ def cluster_score(train: list[Session], held_out: list[Session], encode) -> dict
 
 def cross_validate(train: list[Session], folds: int, pull: float) -> dict:
     random.Random(0).shuffle(train)
-    texts = sorted({title(it) for s in train for it in s.items})
-    vectors = TextEncoder(default_encoder_dir()).encode(texts)
-    row = {t: n for n, t in enumerate(texts)}
+    vectors, row = title_vectors(train)
     rows = []
     for f in range(folds):
         held_out = train[f::folds]
@@ -95,6 +93,12 @@ def cross_validate(train: list[Session], folds: int, pull: float) -> dict:
         rows.append({"fold": f, "MiniLM": cluster_score(fit, held_out, encoder(vectors, row, np.eye(vectors.shape[1]))),
                      f"MiniLM x W (pull {pull})": cluster_score(fit, held_out, encoder(vectors, row, w))})  # fmt: skip
     return {"folds": rows}
+
+
+def title_vectors(sessions: list[Session]) -> tuple[np.ndarray, dict[str, int]]:
+    """Every distinct item text's MiniLM vector, encoded once, and its row."""
+    texts = sorted({title(it) for s in sessions for it in s.items})
+    return TextEncoder(default_encoder_dir()).encode(texts), {t: n for n, t in enumerate(texts)}
 
 
 def encoder(vectors: np.ndarray, row: dict[str, int], w: np.ndarray):
@@ -118,10 +122,7 @@ def main() -> None:
         print(json.dumps(cross_validate(load_sessions(args.sessions, "train"), args.folds, args.pull[0]), indent=1))
         return
     train, held_out = load_sessions(args.sessions, "train"), load_sessions(args.sessions, args.split)
-    texts = sorted({title(it) for s in train + held_out for it in s.items})
-    vectors = TextEncoder(default_encoder_dir()).encode(texts)
-    row = {t: n for n, t in enumerate(texts)}
-
+    vectors, row = title_vectors(train + held_out)
     results = [{"metric": "MiniLM", **cluster_score(train, held_out, encoder(vectors, row, np.eye(vectors.shape[1])))}]
     pairs, same = train_pairs(train, row)
     for pull in args.pull:
