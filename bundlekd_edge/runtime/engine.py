@@ -34,7 +34,7 @@ from ..prompts import (
 from . import llamacpp
 from .adapters import AdapterSpec, check_adapter
 from .chat import ChatTokenizer
-from .choice import choose_partition
+from .choice import ChoiceRule, choose_partition
 from .llamacpp import GrammarGreedy
 from .memory import memory_snapshot
 from .model_file import check_gguf_magic, inspect_gguf, resolve_model
@@ -93,6 +93,7 @@ class Generation:
     raw: str
     timing: Timing
     skipped: str = ""  # why the model was not asked (no bundle is possible)
+    chosen_by: str = ""  # the rule that chose the partition among the pack's candidates (ChoiceRule.label)
 
     def to_record(self) -> dict:
         """One line of a predictions file."""
@@ -102,6 +103,7 @@ class Generation:
             "valid": self.valid,
             **({"error": self.error} if self.error else {}),
             **({"skipped": self.skipped} if self.skipped else {}),
+            **({"chosen_by": self.chosen_by} if self.chosen_by else {}),
             "raw": self.raw,
             "timing": asdict(self.timing),
         }
@@ -238,16 +240,23 @@ class Engine:
     # -- generation ---------------------------------------------------------------------
 
     def generate(
-        self, session: Session, knowledge: str = "", examples: str = "", candidates: list[list[list[int]]] | None = None
+        self,
+        session: Session,
+        knowledge: str = "",
+        examples: str = "",
+        candidates: list[list[list[int]]] | None = None,
+        choice: ChoiceRule | None = None,
     ) -> Generation:
         """Bundles for one session, decoded greedily under the output grammar.
 
         With `candidates` (partitions of item numbers, e.g. a pack's hint at several cuts) and the
         compact answer format, the answer's first line is not decoded but chosen: the candidate
-        with the highest expected strict F1 under the student's own probabilities of the candidates
-        (`choose_partition`). Only the intents are then decoded.
+        with the highest expected strict F1 (`choose_partition`), under the student's own
+        probabilities of the candidates when the pack's `choice` rule uses them (the default).
+        Only the intents are then decoded.
         A session of fewer than 2 items holds no bundle: it is skipped, the model is not asked.
         """
+        choice = choice or ChoiceRule()
         if len(session.items) < 2:
             return skipped_generation(session)
         tokens = self.prompt_tokens(session, knowledge, examples)
@@ -257,11 +266,14 @@ class Engine:
         n_prefill = self._eval_prompt(tokens)
         prefilled = time.perf_counter()
         chosen: list[int] = []  # answer tokens chosen, not decoded: the compact answer's first line
+        chosen_by = ""
         gbnf = output_grammar(n_items, prompt)
         if candidates and prompt.answer_format == "compact":
             texts, counts = candidate_lines(candidates)
             if texts:
-                line = choose_partition(texts, self.partition_logprobs(texts), counts)
+                scores = self.partition_logprobs(texts) if choice.uses_student and len(texts) > 1 else None
+                line = choose_partition(texts, scores, counts, choice.temperature)
+                chosen_by = choice.label
                 chosen = self.llm.tokenize((line + "\n").encode("utf-8"), add_bos=False, special=False)
                 self.llm.eval(chosen)
                 gbnf = intents_grammar(line.count("|") + 1, prompt)
@@ -290,7 +302,7 @@ class Engine:
         error = parsed.error
         if finish == "length" and not parsed.valid:
             error = f"answer cut at max_tokens ({error})"
-        return Generation(session.session_id, parsed.bundles, parsed.valid, error, raw, timing)
+        return Generation(session.session_id, parsed.bundles, parsed.valid, error, raw, timing, chosen_by=chosen_by)
 
     def _decode(self, sampler: GrammarGreedy, max_tokens: int) -> tuple[list[int], str, int, float, float]:
         """Greedy decoding under the sampler's grammar, after the prompt now in the cache:
@@ -348,6 +360,12 @@ class Engine:
             out.append(float(logprob))
         llamacpp.drop_cells_from(llm, start)
         return out
+
+    def candidate_logprobs(self, session: Session, lines: list[str], knowledge: str = "", examples: str = "") -> list[float]:
+        """log P(line | this session's prompt) for each candidate first line, nothing decoded
+        (what a pack's calibration ranks the choice rules by)."""
+        self._eval_prompt(self.prompt_tokens(session, knowledge, examples))
+        return self.partition_logprobs(lines)
 
     def _eval_prompt(self, tokens: list[int]) -> int:
         """Evaluate the prompt after the longest prefix it shares with the tokens already in the KV
