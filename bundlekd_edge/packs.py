@@ -26,6 +26,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,6 +35,9 @@ from .artifacts import building, verify_folder, write_manifest
 from .data import Session
 from .files import write_jsonl
 from .prompts import item_title, render_answer, session_text
+
+if TYPE_CHECKING:
+    from .runtime.choice import ChoiceRule
 
 PACK_FORMAT = "bkd-pack/1"
 STATE_DIR = "state"
@@ -216,6 +220,21 @@ def verify_pack(folder: str | Path) -> list[str]:
     return verify_folder(folder, PACK_FORMAT, "pack", unlisted_ok=(STATE_DIR + "/",))
 
 
+def choice_config(config: dict | None, where: Path) -> tuple[ChoiceRule, dict]:
+    """The pack's calibrated choice rule and the `cluster` baseline's fitted parameters (a pack
+    built before calibration: the student's rule at the default temperature)."""
+    from .runtime.choice import CHOICE_TEMPERATURE, ChoiceRule
+
+    if config is None:
+        return ChoiceRule(), {}
+    try:
+        rule = ChoiceRule(config["rule"], float(config.get("temperature", CHOICE_TEMPERATURE)))
+        cluster = {"threshold": float(config["cluster"]["threshold"]), "fallback": str(config["cluster"]["fallback"])}
+    except (KeyError, TypeError, ValueError) as e:
+        raise BkdError(f"{where}/manifest.json: config.choice: {e}") from None
+    return rule, cluster
+
+
 class Pack:
     """A verified pack, ready to give each session its static knowledge and nearest examples."""
 
@@ -231,8 +250,10 @@ class Pack:
         self.index = np.load(self.folder / "index.npy")
         self.similar_items = float(self.manifest["config"].get("similar_items", 0.0))
         self.similar_spread = float(self.manifest["config"].get("similar_spread", 0.0))
+        self.choice, self.cluster_params = choice_config(self.manifest["config"].get("choice"), self.folder)
         self._encoder = None
         self._clusters = None
+        self._baseline = None
 
     def n_ctx(self, floor: int = 2048) -> int:
         """A context window for this pack: its static part, k examples of mean length and a
@@ -296,8 +317,23 @@ class Pack:
 
     def candidates(self, session: Session) -> list[list[list[int]]]:
         """Partitions (item numbers) a compact-answer student chooses among: the hint's groups at
-        each of its cuts, and the whole session as one bundle; [] for a pack without the hint."""
-        return hint_candidates(self._hint_levels(session), len(session.items))
+        each of its cuts, and the whole session as one bundle; [] for a pack without the hint.
+        A pack calibrated to the `cluster` rule offers one: the baseline's partition at its tuned
+        cut, or the whole session where that has no group (a compact answer names a bundle)."""
+        if self.choice.name != "cluster" or not self.similar_items:
+            return hint_candidates(self._hint_levels(session), len(session.items))
+        number = {item_id: i for i, item_id in enumerate(session.item_ids(), 1)}
+        groups = [[number[x] for x in b["items"]] for b in self._cluster_baseline().predict(session)]
+        return [groups or [list(range(1, len(session.items) + 1))]]
+
+    def _cluster_baseline(self):
+        """The `cluster` baseline as fitted on the pack's split (its cut and fallback), this pack's encoder."""
+        from .baselines import TitleClusters
+
+        if self._baseline is None:
+            self._baseline = TitleClusters.at_cut(self.cluster_params["threshold"], self.encode)
+            self._baseline.params["fallback"] = self.cluster_params["fallback"]
+        return self._baseline
 
     def _hint_levels(self, session: Session) -> list[list[list[int]]]:
         """The hint's groups of item numbers at each cut (one cut, or three with a spread)."""

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from ..data import Session
 from ..files import RecordLog
+from .choice import ChoiceRule
 from .engine import Engine, Generation
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ class Pack(Protocol):
     def prompt_parts(self, session: Session, fits: Callable[[str, str], bool]) -> tuple[str, str]: ...
 
     def candidates(self, session: Session) -> list[list[list[int]]]: ...
+
+    choice: ChoiceRule  # how its candidates are chosen among (its calibration)
 
 
 def run_sessions(
@@ -77,8 +80,9 @@ def session_inputs(engine: Engine, session: Session, pack: Pack | None) -> dict:
     if pack is None:
         return {"knowledge": "", "examples": "", "candidates": None}
     knowledge, examples = pack.prompt_parts(session, lambda k, e: engine.fits(session, k, e))
-    compact = engine.config.prompt.answer_format == "compact"
-    return {"knowledge": knowledge, "examples": examples, "candidates": pack.candidates(session) if compact else None}
+    if engine.config.prompt.answer_format != "compact":
+        return {"knowledge": knowledge, "examples": examples, "candidates": None}
+    return {"knowledge": knowledge, "examples": examples, "candidates": pack.candidates(session), "choice": pack.choice}
 
 
 def _pct(values, q) -> float:

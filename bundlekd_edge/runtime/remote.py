@@ -35,7 +35,7 @@ from ..prompts import (
     output_schema,
     parse_answer,
 )
-from .choice import choose_partition
+from .choice import ChoiceRule, choose_partition
 from .engine import Generation, Timing, skipped_generation
 from .memory import memory_snapshot
 
@@ -131,7 +131,13 @@ class RemoteEngine:
         return sum(reply.logprobs)
 
     def generate(
-        self, session: Session, knowledge: str = "", examples: str = "", candidates=None, server: int = 0
+        self,
+        session: Session,
+        knowledge: str = "",
+        examples: str = "",
+        candidates=None,
+        choice: ChoiceRule | None = None,
+        server: int = 0,
     ) -> Generation:
         """Bundles for one session from server `server` (an index into the config's servers).
 
@@ -150,13 +156,18 @@ class RemoteEngine:
         }
         t0 = time.perf_counter()
         lines, counts = candidate_lines(candidates) if candidates and prompt.answer_format == "compact" else ([], [])
+        chosen_by = ""
         if self.config.constraint == "json-schema":
             schema = output_schema(n, prompt)
             constraint = {
                 "response_format": {"type": "json_schema", "json_schema": {"name": "bundles", "schema": schema}}
             }  # noqa: E501
         elif lines:
-            line = choose_partition(lines, [self._line_logprob(server, request, x) for x in lines], counts)
+            choice = choice or ChoiceRule()
+            scored = choice.uses_student and len(lines) > 1
+            scores = [self._line_logprob(server, request, x) for x in lines] if scored else None
+            line = choose_partition(lines, scores, counts, choice.temperature)
+            chosen_by = choice.label
             constraint = self._grammar(chosen_line_grammar(line, prompt))
         else:
             constraint = self._grammar(output_grammar(n, prompt))
@@ -170,7 +181,7 @@ class RemoteEngine:
         error = parsed.error
         if reply.finish_reason == "length" and not parsed.valid:
             error = f"answer cut at max_tokens ({error})"
-        return Generation(session.session_id, parsed.bundles, parsed.valid, error, reply.text, timing)
+        return Generation(session.session_id, parsed.bundles, parsed.valid, error, reply.text, timing, chosen_by=chosen_by)
 
     def map(self, jobs: list[tuple[Session, dict]], on_done: Callable[[Generation], None]) -> None:
         """`generate(session, **inputs)` for every job, each server running up to its concurrency at
