@@ -23,6 +23,7 @@ follow the grouping and when not to.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,65 +54,6 @@ class PackConfig:
     similar_spread: float = 0.0  # > 0: the hint gives the groups at three cuts, cut -/+ spread too
 
 
-def hint_cuts(centre: float, spread: float) -> tuple[float, ...]:
-    """The hint's cuts: the centre alone, or close / medium / loose around it."""
-    return (max(0.05, centre - spread), centre, min(1.95, centre + spread)) if spread else (centre,)
-
-
-def hint_levels(clusters, session: Session, cuts: tuple[float, ...]) -> list[list[list[int]]]:
-    """The session's title groups (item numbers) at each cut of its MiniLM tree."""
-    number = {item_id: i for i, item_id in enumerate(session.item_ids(), 1)}
-    levels = clusters.predict_levels(session, cuts)
-    return [[[number[x] for x in b["items"]] for b in bundles] for bundles in levels]
-
-
-def hint_candidates(levels: list[list[list[int]]], n_items: int) -> list[list[list[int]]]:
-    """What a compact-answer student chooses among: the hint's partitions, and the whole session."""
-    return [p for p in levels if p] + [[list(range(1, n_items + 1))]] if levels else []
-
-
-def chosen_by_counts(session: Session, candidates: list[list[list[int]]]) -> list[dict]:
-    """The bundles the runtime's choice rule picks among `candidates` with the student's
-    probabilities left out (every line equally likely, weighed by how many cuts gave it)."""
-    from .prompts import candidate_lines
-    from .runtime.choice import choose_partition
-
-    lines, counts = candidate_lines(candidates)
-    chosen = choose_partition(lines, [0.0] * len(lines), counts) if lines else ""
-    groups = [[session.items[int(n) - 1].id for n in g.split()] for g in chosen.split(" | ") if g]
-    return [{"items": g} for g in groups if len(g) >= 2]
-
-
-def tune_hint_centre(clusters, sessions: list[Session], spread: float) -> tuple[float, float]:
-    """(centre, strict F1): the hint's centre cut for a compact-answer student, tuned on `sessions`
-    with `clusters` (a baselines.TitleClusters: its encoder and vector cache; its own cut is unused).
-
-    The runtime picks among the hint's cuts and the whole session by expected strict F1
-    (runtime/choice.py), which leans coarser than any one cut: centred at the `cluster` baseline's
-    own cut, it scores that cut's strict F1 or less (5-fold CV on Electronic train: 0.599 vs 0.602;
-    on Electronic val the shipped student scores 0.586 with the hint centred at 0.80, 0.669 at
-    0.70). So the centre is tuned for the rule itself, with the student's probabilities left out
-    (the cut counts alone: building a pack needs no student), over the `cluster` baseline's grid;
-    ties take the middle of the plateau, as the baseline does (same CV: 0.632).
-    """
-    from .baselines import DISTANCE_GRID, to_prediction
-    from .metrics import evaluate
-
-    cuts = {centre: hint_cuts(centre, spread) for centre in DISTANCE_GRID}
-    every_cut = tuple(sorted({c for centre_cuts in cuts.values() for c in centre_cuts}))
-    levels = [dict(zip(every_cut, hint_levels(clusters, s, every_cut))) for s in sessions]  # one tree each
-    scored = []
-    for centre, centre_cuts in cuts.items():
-        preds = {}
-        for s, at in zip(sessions, levels):
-            chosen = chosen_by_counts(s, hint_candidates([at[c] for c in centre_cuts], len(s.items)))
-            preds[s.session_id] = to_prediction(s.session_id, chosen)
-        scored.append((evaluate(sessions, preds)["strict_f1"], centre))
-    best = max(f1 for f1, _ in scored)
-    tied = [centre for f1, centre in scored if f1 == best]
-    return tied[(len(tied) - 1) // 2], best
-
-
 def query_text(session: Session) -> str:
     """What retrieval embeds for a session: its item titles."""
     return "; ".join(item_title(it.title, 120) for it in session.items)
@@ -136,10 +78,13 @@ def build_pack(
     encoder_dir: str | Path,
     config: PackConfig = PackConfig(),
     recipe: dict | None = None,
+    calibrate=None,
 ) -> dict:
     """Write a pack folder atomically (built beside `out`, renamed when complete).
 
     `static_lines` come in priority order; `count_tokens(text) -> int` is the student's tokenizer.
+    `calibrate(folder) -> {"config": ..., "report": ...}` (`calibration.calibrate_folder`) sees the
+    complete pack before it is renamed into place; its choice rule goes in the manifest's config.
     """
     from .embeddings import TextEncoder
 
@@ -191,6 +136,11 @@ def build_pack(
             },
         }
         manifest = write_manifest(tmp, PACK_FORMAT, fields)
+        if calibrate:
+            chosen = calibrate(tmp)
+            fields["config"]["choice"] = chosen["config"]
+            fields["calibration"] = chosen["report"]
+            manifest = write_manifest(tmp, PACK_FORMAT, fields)
     return manifest
 
 
@@ -215,9 +165,38 @@ def write_slim_pack(pack: str | Path, out: str | Path) -> dict:
 # ---------------------------------------------------------------- verify and load
 
 
+PACK_FILES = ("static.txt", "examples.jsonl", "index.npy")  # what every pack holds (the encoder may be "default")
+# what the prefix cache writes under state/ (runtime/prefix_cache.py), its temporaries included
+_STATE_NAME = re.compile(r"\.?prefix-[0-9a-f]{16}\.(kv|json)(\..+\.tmp)?")
+
+
 def verify_pack(folder: str | Path) -> list[str]:
-    """Problems found, empty when the pack is intact: every file of the manifest, byte for byte."""
-    return verify_folder(folder, PACK_FORMAT, "pack", unlisted_ok=(STATE_DIR + "/",))
+    """Problems found, empty when the pack is intact: every file of the manifest, byte for byte, the
+    files every pack holds listed, a usable config, and under state/ only the prefix cache's files."""
+    folder = Path(folder)
+    problems = verify_folder(folder, PACK_FORMAT, "pack", unlisted_ok=(STATE_DIR + "/",))
+    if problems:
+        return problems
+    where = folder / "manifest.json"
+    manifest = json.loads(where.read_text(encoding="utf-8"))
+    files = manifest.get("files") or {}
+    problems += [f"{where}: does not list {name}, which every pack holds" for name in PACK_FILES if name not in files]
+    config = manifest.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("k"), int) or isinstance(config["k"], bool):
+        problems.append(f'{where}: "config" must be an object with a whole number "k"')
+    else:
+        for key in ("similar_items", "similar_spread"):
+            value = config.get(key, 0.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
+                problems.append(f'{where}: config "{key}" must be a number from 0 to 2, not {value!r}')
+    state = folder / STATE_DIR
+    if state.is_dir() and not state.is_symlink():
+        problems += [
+            f"{path}: not a prefix state file (state/ holds prefix-<sha>.kv and .json only)"
+            for path in sorted(state.rglob("*"))
+            if not (path.parent == state and _STATE_NAME.fullmatch(path.name) and path.is_file())
+        ]
+    return problems
 
 
 def choice_config(config: dict | None, where: Path) -> tuple[ChoiceRule, dict]:
@@ -320,11 +299,18 @@ class Pack:
         each of its cuts, and the whole session as one bundle; [] for a pack without the hint.
         A pack calibrated to the `cluster` rule offers one: the baseline's partition at its tuned
         cut, or the whole session where that has no group (a compact answer names a bundle)."""
-        if self.choice.name != "cluster" or not self.similar_items:
-            return hint_candidates(self._hint_levels(session), len(session.items))
+        from .baselines import hint_candidates
+
+        if self.choice.name == "cluster" and self.similar_items:
+            return [self.cluster_candidate(session)]
+        return hint_candidates(self._hint_levels(session), len(session.items))
+
+    def cluster_candidate(self, session: Session) -> list[list[int]]:
+        """The `cluster` baseline's partition (item numbers) at its cut tuned on the pack's split,
+        or the whole session where that has no group."""
         number = {item_id: i for i, item_id in enumerate(session.item_ids(), 1)}
         groups = [[number[x] for x in b["items"]] for b in self._cluster_baseline().predict(session)]
-        return [groups or [list(range(1, len(session.items) + 1))]]
+        return groups or [list(range(1, len(session.items) + 1))]
 
     def _cluster_baseline(self):
         """The `cluster` baseline as fitted on the pack's split (its cut and fallback), this pack's encoder."""
@@ -339,9 +325,9 @@ class Pack:
         """The hint's groups of item numbers at each cut (one cut, or three with a spread)."""
         if not self.similar_items:
             return []
-        if self._clusters is None:
-            from .baselines import TitleClusters
+        from .baselines import TitleClusters, hint_cuts, hint_levels
 
+        if self._clusters is None:
             self._clusters = TitleClusters.at_cut(self.similar_items, self.encode)
         return hint_levels(self._clusters, session, hint_cuts(self.similar_items, self.similar_spread))
 

@@ -33,10 +33,17 @@ import random
 import re
 from dataclasses import replace
 
-from bundlekd_edge.baselines import TitleClusters, to_prediction
+from bundlekd_edge.baselines import (
+    TitleClusters,
+    chosen_by_counts,
+    hint_candidates,
+    hint_cuts,
+    hint_levels,
+    to_prediction,
+    tune_hint_centre,
+)
 from bundlekd_edge.data import load_sessions
 from bundlekd_edge.metrics import evaluate
-from bundlekd_edge.packs import chosen_by_counts, hint_candidates, hint_cuts, hint_levels, tune_hint_centre
 
 SPREAD = 0.12  # as the shipped student was trained
 TITLES = {

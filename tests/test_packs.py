@@ -221,7 +221,8 @@ def test_similar_items_hint_groups_alike_titles_by_number_and_survives_trimming(
 def test_similar_items_hint_at_three_cuts_is_nested_tight_to_loose(cli, tmp_path, sample_path):
     from bundlekd_edge.data import Item
 
-    r = cli("pack", "build", "--sessions", sample_path, "--k", "0", "--similar-items", "--out", tmp_path / "p")
+    r = cli("pack", "build", "--sessions", sample_path, "--k", "0", "--similar-items", "--no-calibrate",
+            "--out", tmp_path / "p")  # fmt: skip
     assert r.exit_code == 0, r.output
     p = Pack(tmp_path / "p")
     assert p.similar_spread == p.manifest["config"]["similar_spread"] == 0.12  # the default, as the student trained
@@ -244,11 +245,11 @@ def test_similar_items_hint_at_three_cuts_is_nested_tight_to_loose(cli, tmp_path
 def test_three_cut_hint_is_centred_where_the_runtime_choice_scores_best(cli, tmp_path, sample_path):
     """Not simply at the cluster baseline's cut: the choice among the cuts leans coarse, so the centre is
     tuned for the choice itself. Checked through the pack's own candidates (what the runtime ranks)."""
-    from bundlekd_edge.baselines import DISTANCE_GRID, to_prediction
+    from bundlekd_edge.baselines import DISTANCE_GRID, chosen_by_counts, to_prediction
     from bundlekd_edge.metrics import evaluate
-    from bundlekd_edge.packs import chosen_by_counts
 
-    r = cli("pack", "build", "--sessions", sample_path, "--k", "0", "--similar-items", "--out", tmp_path / "p")
+    r = cli("pack", "build", "--sessions", sample_path, "--k", "0", "--similar-items", "--no-calibrate",
+            "--out", tmp_path / "p")  # fmt: skip
     assert r.exit_code == 0, r.output
     p = Pack(tmp_path / "p")
     train = load_sessions(sample_path, split="train")

@@ -447,7 +447,8 @@ def test_an_export_with_a_pack_generates_with_it(exported, sample_path, cli, tmp
     folder = tmp_path / "export"
     folder.mkdir()
     shutil.copy(out / "model-Q4_K_M.gguf", folder / "model-Q4_K_M.gguf")  # a symlink out of the folder is refused
-    r = cli("pack", "build", "--sessions", sample_path, "--k", "1", "--similar-items", "--out", folder / "pack")
+    r = cli("pack", "build", "--sessions", sample_path, "--k", "1", "--similar-items", "--no-calibrate",
+            "--out", folder / "pack")  # fmt: skip
     assert r.exit_code == 0, r.output
     write_json(folder / "manifest.json", {**manifest, "pack": "pack"})  # as a mode-'knowledge' export writes it
     runs = {}
@@ -652,8 +653,8 @@ def test_promote_installs_the_adapter_as_a_student_that_generate_runs(
     assert card["recipe"]["max_steps"] == 2 and card["data"]["licence"].startswith("sample")
     student = resolve_student("tiny-student")
     assert len(student.adapters) == 1 and student.pack is None and student.prompt.title_chars == 160
-    r = cli("generate", "--model", "tiny-student", "--sessions", sample_path, "--split", "test", "--limit", "1",
-            "--out", tmp_path / "p.jsonl", "--quiet", "--summary", tmp_path / "s.json")  # fmt: skip
+    r = cli("generate", "--model", "tiny-student:adapter", "--sessions", sample_path, "--split", "test", "--limit",
+            "1", "--out", tmp_path / "p.jsonl", "--quiet", "--summary", tmp_path / "s.json")  # fmt: skip
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "s.json").read_text())["run"]["adapters"][0]["file"] == str(folder / "adapter.gguf")
 

@@ -2,9 +2,10 @@
 
     NAME=MODEL[,pack=PACK|none][,adapter=FILE[:SCALE]]...[,jump=on][,label=TEXT][,constraint=C][,key=ENV_VAR]
 
-MODEL is whatever `bkd-edge generate --model` takes ('default', 'base', a .gguf file, EXPORT_DIR[:QUANT]),
+MODEL is whatever `bkd-edge generate --model` takes ('default', 'base', a .gguf file, EXPORT_DIR[:QUANT],
+`gguf:qwen1.5b`: the local teacher, labelled as such unless `label` says otherwise),
 an OpenAI-compatible base URL (http://... or https://..., e.g. a teacher endpoint), or
-`baseline:whole|pairs|apriori|cluster` for a non-LLM baseline. An export trained with a pack runs
+`baseline:whole|pairs|apriori|cluster|choice` for a non-LLM baseline. An export trained with a pack runs
 with it unless `pack=none`. A URL row asks in the JSON answer format, with the output constraint
 sent as `constraint` says (gbnf: llama.cpp's servers, the default; vllm; json-schema: hosted APIs,
 Ollama) and the API key of environment variable `key` (none unless named). `jump=on` runs a local
@@ -96,6 +97,10 @@ def parse_engine(text: str) -> EngineSpec:
             raise BkdError(f"engine {text!r}: a server applies its own adapters")
     else:
         kind, model = "llama", model.removeprefix("gguf:")
+        if "label" not in extra:
+            from ..runtime.teacher_file import teacher_label
+
+            extra["label"] = teacher_label(model)  # a local teacher: its file is checked when the row loads it
     if extra.get("pack") not in (None, "", "none") and not Path(extra["pack"]).is_dir():
         raise BkdError(f"engine {text!r}: pack {extra['pack']!r} is not a folder")
     if kind != "http" and ({"constraint", "key"} & set(extra)):

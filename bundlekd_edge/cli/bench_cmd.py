@@ -34,7 +34,7 @@ def _levels(text: str) -> list[int]:
 @click.option("--engine", "engines", multiple=True, required=True,
               metavar="NAME=MODEL[,pack=P][,adapter=FILE[:S]][,label=T]",
               help="An engine row (repeat). MODEL: 'default' (the shipped student), 'base', a .gguf, "
-              "EXPORT_DIR[:QUANT], an OpenAI-compatible URL, or baseline:whole|pairs|apriori|cluster.")  # fmt: skip
+              "EXPORT_DIR[:QUANT], an OpenAI-compatible URL, or baseline:whole|pairs|apriori|cluster|choice.")  # fmt: skip
 @click.option("--teacher", help="Name of the engine the ratios are taken against.")
 @click.option("--compare", multiple=True, metavar="A:B", help="Also give the ratios of engine A against engine B.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Report folder.")
@@ -70,7 +70,10 @@ def bench(sessions, split, limit, engines, teacher, compare, out, n_ctx, threads
     """
     from ..bench import BenchOptions, parse_engine, run_bench
 
+    from ..files import claim_output
+
     check_split(split)
+    click.get_current_context().with_resource(claim_output(out, [sessions], exists_ok=True))
     specs = [parse_engine(e) for e in engines]
     pairs = []
     for c in compare:

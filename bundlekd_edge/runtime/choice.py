@@ -50,7 +50,10 @@ class ChoiceRule:
 
 
 def choose_partition(
-    lines: list[str], logprobs: list[float] | None, counts: list[int] | None = None, temperature: float = CHOICE_TEMPERATURE
+    lines: list[str],
+    logprobs: list[float] | None,
+    counts: list[int] | None = None,
+    temperature: float = CHOICE_TEMPERATURE,
 ) -> str:
     """The candidate with the highest expected strict F1 when the truth is drawn from the
     candidates with the model's probabilities, renormalised over them (minimum Bayes risk).

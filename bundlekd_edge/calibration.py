@@ -1,0 +1,164 @@
+"""Calibrating how a pack chooses the answer's partition, on that catalogue's own train split.
+
+A compact-answer student answers with a partition chosen among the pack's candidates (the hint's
+groups at three cuts and the whole session) by expected strict F1 (`runtime/choice.py`). How much
+the student's probabilities should count there differs by catalogue: on Electronic, the catalogue
+it was tuned on, they help a little; on two held-out catalogues they pulled the choice below the
+`cluster` baseline (strict F1 0.701 vs 0.748, 0.659 vs 0.685). So `pack build` measures, by k-fold
+cross-validation on the pack's split, each rule it could use:
+
+    cluster            the baseline's partition at its tuned cut (the student only names the bundles)
+    choice             expected F1 over the candidates with the cut counts alone (no model)
+    student T=5 .. 1   the same with the student's probabilities to the power 1/T
+
+and keeps the best, ties (within `TIE` strict F1) to the simpler, in that order. The student is run
+once over the split (a prefill and one batch per distinct candidate, nothing decoded); the rules
+are then compared offline. Every rule's CV score, the winner and an honest estimate of the whole
+procedure (the rule picked on the other folds, scored on each held-out fold) go in the manifest.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from .data import Session
+from .metrics import Prediction, evaluate
+from .prompts import candidate_lines
+from .runtime.choice import ChoiceRule, choose_partition
+
+TEMPERATURES = (5.0, 3.0, 2.0, 1.0)  # the student's weight 1/T, smallest (simplest) first
+RULES = (ChoiceRule("cluster"), ChoiceRule("choice")) + tuple(ChoiceRule("student", t) for t in TEMPERATURES)
+TIE = 0.005  # strict F1: a rule must beat a simpler one by more than this (val moves +-0.02 with item order)
+FOLDS = 5
+
+
+@dataclass
+class Evidence:
+    """What the rules choose from, for one session: its candidate first lines, how many cuts gave
+    each, the student's log-probability of each, and the `cluster` baseline's line."""
+
+    session: Session
+    lines: list[str]
+    counts: list[int]
+    logprobs: list[float]
+    cluster: str
+
+
+def gather_evidence(engine, pack, sessions: list[Session], progress: bool = True) -> list[Evidence]:
+    """Run the student over `sessions` with `pack` (uncalibrated: the hint's candidates) and score
+    every candidate line; ~0.3-0.6 s a session for SmolLM2-135M on 2 cores."""
+    from .runtime.batch import session_inputs
+
+    sessions = [s for s in sessions if len(s.items) >= 2]  # no partition to choose
+    engine.warm_prefix(pack.static)  # not persisted: the pack is still being built
+    out = []
+    for s in tqdm(
+        sessions, desc="calibrate", unit="session", disable=not progress, file=sys.stderr, dynamic_ncols=True
+    ):
+        parts = session_inputs(engine, s, pack)
+        lines, counts = candidate_lines(parts["candidates"] or [])
+        if not lines:
+            continue
+        logprobs = (
+            engine.candidate_logprobs(s, lines, parts["knowledge"], parts["examples"]) if len(lines) > 1 else [0.0]
+        )
+        (cluster,), _ = candidate_lines([pack.cluster_candidate(s)])
+        out.append(Evidence(s, lines, counts, logprobs, cluster))
+    return out
+
+
+def chosen_line(rule: ChoiceRule, e: Evidence) -> str:
+    if rule.name == "cluster":
+        return e.cluster
+    return choose_partition(e.lines, e.logprobs if rule.uses_student else None, e.counts, rule.temperature)
+
+
+def _prediction(e: Evidence, line: str) -> Prediction:
+    ids = e.session.item_ids()
+    return Prediction(e.session.session_id, [[ids[int(n) - 1] for n in g.split()] for g in line.split(" | ")])
+
+
+def strict_f1(rule: ChoiceRule, evidence: list[Evidence]) -> float:
+    preds = {e.session.session_id: _prediction(e, chosen_line(rule, e)) for e in evidence}
+    return evaluate([e.session for e in evidence], preds)["strict_f1"]
+
+
+def pick(scores: list[float], rules=RULES) -> int:
+    """The simplest rule within `TIE` of the best score (rules are in order of simplicity)."""
+    best = max(scores)
+    return next(i for i, s in enumerate(scores) if s >= best - TIE)
+
+
+def cross_validate(evidence: list[Evidence], rules=RULES, folds: int = FOLDS, seed: int = 0) -> dict:
+    """Each rule's strict F1 on each of `folds` held-out folds, the winner, and the CV estimate
+    of calibrating (pick on the other folds, score on the held-out one)."""
+    order = list(range(len(evidence)))
+    random.Random(seed).shuffle(order)
+    parts = [[evidence[i] for i in order[f::folds]] for f in range(folds)]
+    parts = [p for p in parts if p]
+    per_fold = [[strict_f1(r, p) for p in parts] for r in rules]
+    mean = [float(np.mean(f)) for f in per_fold]
+    honest = []
+    for f, held in enumerate(parts):
+        rest = [e for g, p in enumerate(parts) if g != f for e in p]
+        honest.append(strict_f1(rules[pick([strict_f1(r, rest) for r in rules], rules)], held))
+    winner = pick(mean, rules)
+    return {
+        "folds": len(parts),
+        "sessions": len(evidence),
+        "tie": TIE,
+        "rules": [
+            {"rule": r.label, "cv_strict_f1": round(m, 4), "fold_sd": round(float(np.std(f)), 4)}
+            for r, m, f in zip(rules, mean, per_fold)
+        ],
+        "winner": rules[winner].label,
+        "calibrated_cv_strict_f1": round(float(np.mean(honest)), 4),
+        "_rule": rules[winner],
+    }
+
+
+def calibrate(engine, pack, sessions: list[Session], cluster: dict, progress: bool = True) -> dict:
+    """The stage: gather the student's evidence on `sessions` and cross-validate the rules.
+    Returns {"config": what the pack's manifest config.choice holds, "report": the CV table}.
+    `cluster` is the `cluster` baseline's fitted parameters (threshold, fallback)."""
+    pack.cluster_params = dict(cluster)
+    t0 = time.perf_counter()
+    evidence = gather_evidence(engine, pack, sessions, progress)
+    seconds = time.perf_counter() - t0
+    report = cross_validate(evidence)
+    rule = report.pop("_rule")
+    report["student_s_per_100_sessions"] = round(100 * seconds / max(len(evidence), 1), 1)
+    config = {"rule": rule.name, "temperature": rule.temperature, "cluster": dict(cluster)}
+    return {"config": config, "report": report}
+
+
+def calibrate_folder(folder, model: str, sessions: list[Session], cluster: dict, progress: bool = True) -> dict:
+    """`calibrate` for the pack being built in `folder`, with the student `model` names (anything
+    `--model` takes). The report names the student, and says when it was trained on these very
+    sessions (its probabilities there are optimistic: it has seen the answers)."""
+    from . import BkdError
+    from .files import sha256_file
+    from .packs import Pack
+    from .student import resolve_student
+
+    student = resolve_student(model, pack="none")
+    if student.prompt.answer_format != "compact":
+        raise BkdError(
+            f"--model {model}: calibration ranks a compact-answer student's candidates; this one answers JSON"
+        )
+    pack = Pack(folder)
+    engine = student.load_engine(n_ctx=pack.n_ctx())
+    result = calibrate(engine, pack, sessions, cluster, progress)
+    result["report"]["student"] = student.name
+    data = student.card.get("data") or {}
+    sessions_file = (pack.manifest.get("recipe") or {}).get("sessions")
+    if data.get("sessions_sha256") and sessions_file and data.get("split") == pack.manifest["recipe"].get("split"):
+        seen = sha256_file(sessions_file) == data["sessions_sha256"]
+        result["report"]["student_trained_on_these_sessions"] = seen
+    return result

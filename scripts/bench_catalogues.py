@@ -1,0 +1,78 @@
+"""The default student on catalogues it never saw, run the user's way, beside the non-LLM baselines.
+
+For Electronic and each title-habit stand-in (`study_hint_centre.py --titles`: Electronic with every
+title rewritten, since other catalogues cannot be had here), exactly what a user with their own
+catalogue runs:
+
+    bkd-edge pack build --sessions S --similar-items --k 0 --out PACK     # calibrated on S's train split
+    bkd-edge bench --sessions S --split test --engine default=default,pack=PACK \\
+        --engine choice=baseline:choice --engine cluster=baseline:cluster ...
+
+then one table: strict F1 / exact per catalogue and engine, the rule each pack's calibration chose
+and its CV table. Every step is skipped when its output exists (a killed run continues).
+
+    python scripts/bench_catalogues.py --sessions ../shared/data/bundles/electronic/sessions.jsonl --out runs/catalogues
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study_hint_centre import TITLES, with_titles  # noqa: E402
+
+from bundlekd_edge.data import load_sessions, write_sessions  # noqa: E402
+
+ENGINES = ("default", "choice", "cluster", "apriori", "whole")
+
+
+def run(*args) -> None:
+    cmd = [sys.executable, "-m", "bundlekd_edge.cli", *map(str, args)]
+    print("$ bkd-edge " + " ".join(map(str, args)), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def catalogue(sessions: Path, habit: str, out: Path) -> dict:
+    folder = out / habit
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "sessions.jsonl"
+    if not data.exists():
+        write_sessions(data, with_titles(load_sessions(sessions), habit))
+    pack = folder / "pack"
+    if not pack.exists():
+        run("pack", "build", "--sessions", data, "--similar-items", "--k", "0", "--out", pack)
+    bench = folder / "bench"
+    if not (bench / "report.json").exists():
+        run("bench", "--sessions", data, "--split", "test", "--out", bench, "--throughput-sessions", "0",
+            "--cold", "0", "--engine", f"default=default,pack={pack}",
+            *[a for name in ENGINES[1:] for a in ("--engine", f"{name}=baseline:{name}")])  # fmt: skip
+    report = json.loads((bench / "report.json").read_text())
+    manifest = json.loads((pack / "manifest.json").read_text())
+    return {"report": report, "calibration": manifest.get("calibration", {})}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sessions", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--titles", nargs="*", default=list(TITLES), choices=list(TITLES))
+    args = ap.parse_args()
+    results = {habit: catalogue(args.sessions, habit, args.out) for habit in args.titles}
+    (args.out / "catalogues.json").write_text(json.dumps(results, indent=1))
+    print("| catalogue (test) | " + " | ".join(ENGINES) + " | rule chosen (CV strict F1 on train) |")
+    print("|---" * (len(ENGINES) + 2) + "|")
+    for habit, r in results.items():
+        q = {row["name"]: row["quality"] for row in r["report"]["rows"] if row["status"] == "ok"}
+        cells = [f"{q[e]['strict_f1']:.3f} / {q[e]['exact_match']:.3f}" if e in q else "failed" for e in ENGINES]
+        cal = r["calibration"]
+        chosen = next((x for x in cal.get("rules", []) if x["rule"] == cal.get("winner")), {})
+        rule = f"{cal.get('winner', '-')} ({chosen.get('cv_strict_f1', 0):.3f})"
+        print(f"| {habit} | " + " | ".join(cells) + f" | {rule} |")
+
+
+if __name__ == "__main__":
+    main()

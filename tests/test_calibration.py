@@ -1,0 +1,111 @@
+"""A pack's calibration: which rule chooses the answer's partition, by cross-validation on train."""
+
+import json
+
+import pytest
+
+from bundlekd_edge.calibration import RULES, TIE, Evidence, cross_validate
+from bundlekd_edge.data import Bundle, Item, Session
+from bundlekd_edge.packs import Pack
+from bundlekd_edge.runtime.choice import ChoiceRule
+
+# Four items, truth "1 2 | 3 4". The hint's candidates: the truth, one coarse bundle, one pair.
+TRUTH, COARSE, PAIR = "1 2 | 3 4", "1 2 3 4", "1 2"
+
+
+def evidence(n: int, logprobs: list[float], counts: list[int], cluster: str) -> list[Evidence]:
+    out = []
+    for k in range(n):
+        items = [Item(f"s{k}i{j}", f"title {j}") for j in range(1, 5)]
+        gold = [Bundle((items[0].id, items[1].id), "a"), Bundle((items[2].id, items[3].id), "b")]
+        s = Session(f"s{k}", items, gold, split="train")
+        out.append(Evidence(s, [TRUTH, COARSE, PAIR], counts, logprobs, cluster))
+    return out
+
+
+@pytest.mark.parametrize(
+    "case, logprobs, counts, cluster, winner",
+    [
+        # The cut counts favour the coarse line and so does the cluster; the student knows better
+        # (already at its smallest weight, the simplest student rule).
+        ("student knows", [0.0, -9.0, -9.0], [1, 3, 1], COARSE, "student T=5"),
+        # The student is confidently wrong; the cluster's partition is the truth.
+        ("cluster knows", [-9.0, 0.0, -9.0], [1, 3, 1], TRUTH, "cluster"),
+        # The counts alone find the truth; the student pulls to the coarse line; the cluster is coarse.
+        ("counts know", [-9.0, 0.0, -9.0], [3, 1, 1], COARSE, "choice"),
+        # Everything gives the truth: a tie goes to the simplest rule.
+        ("all agree", [0.0, -9.0, -9.0], [3, 1, 1], TRUTH, "cluster"),
+    ],
+)
+def test_calibration_picks_the_known_best_rule(case, logprobs, counts, cluster, winner):
+    report = cross_validate(evidence(10, logprobs, counts, cluster))
+    assert report["winner"] == winner, case
+    scores = {r["rule"]: r["cv_strict_f1"] for r in report["rules"]}
+    assert list(scores) == [r.label for r in RULES] and report["folds"] == 5 and report["sessions"] == 10
+    assert scores[winner] == pytest.approx(1.0) == report["calibrated_cv_strict_f1"]
+    simpler = list(scores)[: list(scores).index(winner)]
+    assert all(scores[r] < scores[winner] - TIE for r in simpler)  # it had to beat every simpler rule
+
+
+def test_a_choice_rule_outside_its_range_is_refused():
+    with pytest.raises(ValueError, match="not one of"):
+        ChoiceRule("oracle")
+    with pytest.raises(ValueError, match=r"not in \[0.1, 100\]"):
+        ChoiceRule("student", float("nan"))
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory, sample_path):
+    """`pack build` as a user with their own catalogue runs it (the student run over the sample's train split)."""
+    from click.testing import CliRunner
+
+    from bundlekd_edge.cli import main
+
+    out = tmp_path_factory.mktemp("cal") / "pack"
+    r = CliRunner().invoke(main, ["pack", "build", "--sessions", str(sample_path), "--k", "0", "--similar-items",
+                                  "--out", str(out)], catch_exceptions=False)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return out, r.output
+
+
+def test_pack_build_calibrates_the_choice_and_prints_every_rule(calibrated):
+    out, printed = calibrated
+    manifest = json.loads((out / "manifest.json").read_text())
+    report, choice = manifest["calibration"], manifest["config"]["choice"]
+    assert [r["rule"] for r in report["rules"]] == [r.label for r in RULES]
+    assert ChoiceRule(choice["rule"], choice["temperature"]).label == report["winner"]
+    assert report["student"] == "smollm2-bundles" and report["student_s_per_100_sessions"] > 0
+    for r in report["rules"]:
+        assert f"{r['rule']:<14} {r['cv_strict_f1']:.4f}" in printed
+    assert f"{report['winner']:<14}" in printed.split("<- chosen")[0].splitlines()[-1]
+    assert Pack(out).choice.label == report["winner"]
+
+
+def test_generate_says_which_rule_chose_and_a_cluster_pack_answers_the_cluster_partition(
+    calibrated, cli, tmp_path, sample_path
+):
+    """Whatever rule a pack was calibrated to, the student names the bundles and the record says
+    who chose the partition; under `cluster` the partition is the baseline's."""
+    import shutil
+
+    from bundlekd_edge.data import load_sessions
+
+    pack = tmp_path / "cluster-pack"
+    shutil.copytree(calibrated[0], pack)
+    manifest = json.loads((pack / "manifest.json").read_text())
+    manifest["config"]["choice"]["rule"] = "cluster"
+    (pack / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "pred.jsonl"
+    r = cli("generate", "--model", "default", "--pack", pack, "--sessions", sample_path, "--split", "test",
+            "--limit", "3", "--out", out, "--quiet")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    p = Pack(pack)
+    by_id = {s.session_id: s for s in load_sessions(sample_path, split="test")}
+    for row in rows:
+        s = by_id[row["session_id"]]
+        assert row["chosen_by"] == "cluster" and row["valid"]
+        ids = s.item_ids()
+        expected = sorted(sorted(ids[n - 1] for n in g) for g in p.cluster_candidate(s))
+        assert sorted(sorted(b["items"]) for b in row["bundles"]) == expected
+        assert all(b["intent"] for b in row["bundles"])  # the student still names every bundle
