@@ -51,28 +51,41 @@ def write_manifest(folder: str | os.PathLike, fmt: str, fields: dict, skip: tupl
 
 def check_files(folder: str | os.PathLike, digests: dict[str, str], unlisted_ok: tuple[str, ...] = ()) -> list[str]:
     """Problems with a folder against the sha256 its manifest lists: a listed file missing, changed or
-    outside the folder, or a file the manifest does not list (`unlisted_ok`: the manifest itself and
-    folders written at run time, such as a pack's persisted prefix state)."""
+    outside the folder, or a file the manifest does not list (`unlisted_problems`)."""
     folder = Path(folder)
     if not isinstance(digests, dict):
         return [f'{folder / "manifest.json"}: "files" must map file names to sha256']
     problems = []
-    listed = set()
     for name, digest in digests.items():
         try:
             path = path_inside(folder, name, str(folder / "manifest.json"))
         except BkdError as e:
             problems.append(str(e))
             continue
-        listed.add(path.resolve())
         if not path.is_file():
             problems.append(f"{path}: missing")
         elif sha256_file(path) != digest:
             problems.append(f"{path}: changed (sha256 differs from the manifest)")
+    return problems + unlisted_problems(folder, digests, unlisted_ok)
+
+
+def unlisted_problems(folder: str | os.PathLike, digests: dict, unlisted_ok: tuple[str, ...] = ()) -> list[str]:
+    """Files the manifest does not list (an added or edited file), without reading any file. Under
+    `unlisted_ok` (folders written at run time, such as a pack's persisted prefix state) any plain
+    file may be, but no link: a link there could point anywhere."""
+    folder = Path(folder)
+    listed = set()
+    for name in digests if isinstance(digests, dict) else ():
+        with contextlib.suppress(BkdError):
+            listed.add(path_inside(folder, name, str(folder / MANIFEST)).resolve())
+    problems = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
-        if (path.is_file() or path.is_symlink()) and path.resolve() not in listed:
-            if rel != "manifest.json" and not any(rel.startswith(p) for p in unlisted_ok):
+        scratch = any(rel.startswith(p) for p in unlisted_ok)
+        if scratch and path.is_symlink():
+            problems.append(f"{path}: a link, where only files written at run time may be")
+        elif (path.is_file() or path.is_symlink()) and path.resolve() not in listed:
+            if rel != MANIFEST and not scratch:
                 problems.append(f"{path}: not listed in the manifest (an added or edited file)")
     return problems
 

@@ -112,7 +112,8 @@ def _categories(value, where: str) -> tuple[tuple[str, ...], ...]:
 def session_from_dict(obj, where: str, require_bundles: bool = True) -> Session:
     """Build a validated Session from one decoded JSON object; `where` is 'file:line'."""
     if not isinstance(obj, dict):
-        raise BkdError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise BkdError(f"{where}: expected a JSON object, got {_json_name(obj)}")
+    check_text(obj, where)
     sid = _need(obj, "session_id", (str, int), where)
     sid = str(sid)
     split = obj.get("split", "")
@@ -166,6 +167,16 @@ def session_from_dict(obj, where: str, require_bundles: bool = True) -> Session:
     return Session(sid, items, bundles, split, extra)
 
 
+def check_text(obj, where: str) -> None:
+    """Refuse a lone surrogate (JSON's `"\\ud800"` escape): Python holds it, but it is no text, and
+    UTF-8 (a tokenizer, a hash, an output file) would fail on it later, far from the input."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start : e.end].encode("unicode_escape").decode("ascii")
+        raise BkdError(f"{where}: holds {bad}, a lone UTF-16 surrogate, which is not text") from None
+
+
 # ---------------------------------------------------------------- JSONL
 
 
@@ -191,6 +202,8 @@ def iter_jsonl(path: str | Path):
                 yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise BkdError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except ValueError as e:  # an integer of more than 4,300 digits (Python's conversion limit)
+                raise BkdError(f"{path}:{n}: not usable JSON ({str(e).split(':')[0]})") from None
             except RecursionError:
                 raise BkdError(f"{path}:{n}: JSON nested too deeply") from None
 
@@ -235,7 +248,7 @@ def spread(sessions: list, n: int | None) -> list:
 def parse_shard(text: str) -> tuple[int, int]:
     """'K/N' -> (K, N), 0 <= K < N: the K-th of N shards."""
     k, _, n = text.partition("/")
-    if not (k.isdigit() and n.isdigit()) or not 0 <= int(k) < int(n):
+    if not (re.fullmatch("[0-9]{1,9}", k) and re.fullmatch("[0-9]{1,9}", n)) or not 0 <= int(k) < int(n):
         raise BkdError(f"shard {text!r}: expected K/N with 0 <= K < N, e.g. 0/2")
     return int(k), int(n)
 

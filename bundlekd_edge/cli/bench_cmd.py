@@ -69,7 +69,6 @@ def bench(sessions, split, limit, engines, teacher, compare, out, n_ctx, threads
         --engine whole=baseline:whole --engine apriori=baseline:apriori
     """
     from ..bench import BenchOptions, parse_engine, run_bench
-
     from ..files import claim_output
 
     check_split(split)

@@ -11,7 +11,7 @@ import click
 
 from .. import BkdError
 from ..data import BUNDLEREC_FILES, OPTIONAL_FILES, import_bundlerec, load_sessions, stats, write_sessions
-from ..files import atomic_write, refuse_overwrite
+from ..files import atomic_write, claim_output
 from ..tables import table
 
 DOWNLOAD_BASE = "https://github.com/BundleRec/bundle_recommendation/raw/HEAD/dataset"
@@ -42,7 +42,7 @@ def import_bundlerec_cmd(folder, out, seed, prefix, force, as_json):
     drop exact-duplicate bundles and bundles that strictly contain another bundle of the
     same session, and split train/val/test ~70/10/20 with a fixed seed.
     """
-    refuse_overwrite(out, [], force)
+    click.get_current_context().with_resource(claim_output(out, [folder], force))
     sessions, report = import_bundlerec(folder, seed=seed, prefix=prefix)
     write_sessions(out, sessions)
     report["out"] = str(out)
@@ -96,6 +96,7 @@ def download_cmd(domain, timeout, base_url, folder):
     Files are written only once every required file has arrived, so a failed download
     leaves nothing behind that `data import` could mistake for a complete folder.
     """
+    click.get_current_context().with_resource(claim_output(folder, exists_ok=True, option="FOLDER"))
     bodies = {}
     for name in BUNDLEREC_FILES:
         url = f"{base_url.rstrip('/')}/{domain}/{name}"

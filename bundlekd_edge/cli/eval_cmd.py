@@ -10,7 +10,7 @@ import click
 
 from .. import BkdError
 from ..data import SPLITS, check_split, load_sessions
-from ..files import refuse_overwrite, write_json
+from ..files import OutputLock, refuse_overwrite, write_json
 from ..metrics import evaluate, intent_pairs, intent_scores, load_prediction_files
 from ..tables import quality_table
 
@@ -61,6 +61,8 @@ def eval_(gold, preds, split, out, force, intents, judge, judge_model, judge_key
     check_split(split)
     files = prediction_paths(preds)
     refuse_overwrite(out, [gold, *files], force)
+    if out:
+        click.get_current_context().with_resource(OutputLock(out))
     sessions, predictions = load_sessions(gold, split=split), load_prediction_files(files)
     scores = evaluate(sessions, predictions)
     if intents or judge:
@@ -97,5 +99,5 @@ def prediction_paths(patterns: tuple[str, ...]) -> list[Path]:
         matched = [pattern] if Path(pattern).exists() or not glob.has_magic(pattern) else sorted(glob.glob(pattern))
         if not matched:
             raise BkdError(f"--pred {pattern!r}: no file matches")
-        files.extend(Path(m) for m in matched if not m.endswith(".run.json"))
+        files.extend(Path(m) for m in matched if not m.endswith((".run.json", ".lock")))
     return list(dict.fromkeys(files))

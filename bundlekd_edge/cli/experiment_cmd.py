@@ -31,7 +31,9 @@ def experiment(grid, out, sft_model, spread, as_json):
     from dataclasses import replace
 
     from ..experiment import Experiment, load_grid
+    from ..files import claim_output
 
+    click.get_current_context().with_resource(claim_output(out, [grid], exists_ok=True))
     g = load_grid(grid)
     g = replace(g, sft_model=sft_model or g.sft_model, spread=g.spread if spread is None else spread)
     report = Experiment(g, out, say=lambda m: click.echo(f"[experiment] {m}", err=True)).run()

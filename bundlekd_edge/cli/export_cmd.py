@@ -61,6 +61,9 @@ def export(
       bkd-edge generate --model OUT [--sessions ...]       (Q4_K_M; OUT:Q8_0 for another quant)
     The export fails, leaving nothing behind, when a stage diverges from the merged model.
     """
+    from ..files import claim_output
+
+    click.get_current_context().with_resource(claim_output(out, [run_dir, recipe], exists_ok=True))
     from ..export.build import export_run  # torch loads only for this command
     from ..export.recipe import ExportRecipe, load_export_recipe, with_auto_quants
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -31,11 +32,14 @@ def train(recipe, out, resume, sessions, base, max_steps, quiet):
     run continues with --resume. Several processes (GPUs, or CPU processes over gloo):
       accelerate launch --multi_gpu --num_processes N -m bundlekd_edge.cli train RECIPE --out RUN
     """
+    from ..files import claim_output
     from ..train.recipe import load_recipe
-    from ..train.trainer import train as run_training  # torch loads only for this command
 
     r = load_recipe(recipe, {"sessions": sessions, "base": base, "max_steps": max_steps})
     out = out or Path("runs") / r.name
+    if os.environ.get("RANK", "0") == "0":  # one process of a multi-process run holds the lock
+        click.get_current_context().with_resource(claim_output(out, [recipe, r.sessions], exists_ok=True))
+    from ..train.trainer import train as run_training  # torch loads only for this command
     _exit_on_sigterm()
     result = run_training(r, out, resume=resume, progress=not quiet)
     if result:

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from .. import BkdError
-from ..artifacts import check_files
+from ..artifacts import check_files, unlisted_problems
 from ..files import path_inside, sha256_file
 
 EXPORT_FORMAT = "bkd-export/1"
@@ -74,4 +74,8 @@ def resolve_export(folder: str | Path, quant: str | None = None) -> Path:
         raise BkdError(f"{path}: missing from the export folder")
     if digest is None or sha256_file(path) != digest:
         raise BkdError(f"{path}: refusing a changed model file (sha256 differs from {folder / MANIFEST})")
+    pack = manifest.get("pack")
+    added = unlisted_problems(folder, manifest.get("files", {}), (f"{pack}/state/",) if isinstance(pack, str) else ())
+    if added:  # cheap (no file is read): the other files are checked by sha256 where they are used
+        raise BkdError(f"{folder}: refusing an export folder with files its manifest does not list: {added[0]}")
     return path

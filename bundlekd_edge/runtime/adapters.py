@@ -12,11 +12,14 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .. import BkdError
 from ..files import sha256_file
 from .model_file import check_gguf_magic, gguf_field
 
 MAX_SCALE = 4.0  # past this a LoRA delta swamps the base: almost surely a typo
+MAX_ALPHA = 4096.0  # LoRA alpha is the rank or a small multiple of it (8..512 in practice)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ def check_adapter(
         raise BkdError(f"{path}: not a LoRA adapter (general.type = adapter, adapter.type = lora expected)")
     if not reader.tensors:
         raise BkdError(f"{path}: the adapter holds no tensors")
+    alpha = _alpha(path, reader)
+    _check_finite(path, reader)
 
     model = GGUFReader(model_path) if shapes or model_arch is None else None
     arch, model_arch = (
@@ -86,10 +91,42 @@ def check_adapter(
     return {
         "file": str(path),
         "sha256": sha256_file(path),
-        "alpha": float(gguf_field(reader, "adapter.lora.alpha") or 0.0),
+        "alpha": alpha,
         "tensors": len(reader.tensors),
         "bytes": size,
     }
+
+
+def _alpha(path: Path, reader) -> float:
+    """adapter.lora.alpha when it is a finite number in (0, MAX_ALPHA]; 0 when absent (llama.cpp then
+    applies the delta unscaled). A NaN or an absurd alpha multiplies every delta: NaN logits, or
+    logits so large that decoding stalls."""
+    value = gguf_field(reader, "adapter.lora.alpha")
+    if value is None:
+        return 0.0
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        raise BkdError(f"{path}: adapter.lora.alpha {value!r} is not a number") from None
+    if not (math.isfinite(alpha) and 0.0 < alpha <= MAX_ALPHA):
+        raise BkdError(f"{path}: adapter.lora.alpha {alpha:g} is out of range (0, {MAX_ALPHA:g}]")
+    return alpha
+
+
+def _check_finite(path: Path, reader) -> None:
+    """Every tensor's values finite (an adapter is a few MB: each is read once). Quantised tensors are
+    left to llama.cpp: their values are block scales and codes, not numbers to test one by one."""
+    from gguf import GGMLQuantizationType
+
+    for t in reader.tensors:
+        data = np.asarray(t.data)
+        if t.tensor_type == GGMLQuantizationType.BF16:
+            data = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        elif t.tensor_type not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            continue
+        if not np.isfinite(data).all():
+            bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+            raise BkdError(f"{path}: tensor {t.name} holds {bad:,} non-finite value(s) (NaN or infinity)")
 
 
 def _check_shapes(path: Path, reader, model, model_name: str) -> None:
