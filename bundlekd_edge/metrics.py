@@ -103,12 +103,16 @@ def bundle_sets(bundles: list[list[str]]) -> list[frozenset]:
 
 
 def score_session(predicted: list[frozenset], gold: list[frozenset]) -> dict:
-    """Scores of one session. `predicted` holds only bundles of >= 2 items."""
-    hits, coverage = 0, []
+    """Scores of one session. `predicted` holds only bundles of >= 2 items.
+
+    Paper recall counts a ground-truth bundle hit once however many predicted bundles lie inside it
+    (six pairs inside one 4-item bundle are one hit, not six), so it stays in [0, 1]."""
+    hits, coverage, found = 0, [], set()
     for p in predicted:
-        for g in gold:  # first ground-truth bundle in list order that contains p
+        for j, g in enumerate(gold):  # first ground-truth bundle in list order that contains p
             if p <= g:
                 hits += 1
+                found.add(j)
                 coverage.append(len(p) / len(g))
                 break
     matched, exact = 0.0, 0
@@ -119,7 +123,7 @@ def score_session(predicted: list[frozenset], gold: list[frozenset]) -> dict:
     n_p, n_g = len(predicted), len(gold)
     return {
         "precision": hits / n_p if n_p else 0.0,
-        "recall": hits / n_g,
+        "recall": len(found) / n_g,
         "coverage": coverage,
         "strict_precision": matched / n_p if n_p else 0.0,
         "strict_recall": matched / n_g,

@@ -39,8 +39,8 @@ def test_non_hit_scores_zero_on_paper_metrics():
 def test_several_hits_on_one_ground_truth_bundle_each_count_but_strict_matches_one():
     gold = [make("a", 6, (1, 2, 3, 4), (5, 6))]
     r = score(gold, pred("a", (1, 2), (3, 4)))
-    # Paper: both predictions hit bundle 1; recall = hits / |G| = 2 / 2 (no one-to-one matching).
-    assert r["precision"] == 1.0 and r["recall"] == 1.0
+    # Paper: both predictions hit bundle 1 (precision 2 / 2); recall counts bundle 1 found once: 1 / 2.
+    assert r["precision"] == 1.0 and r["recall"] == 0.5
     # Strict: only one of them may match {1,2,3,4}; the other matches {5,6} with Jaccard 0.
     assert r["strict_precision"] == pytest.approx(0.5 / 2)
     assert r["strict_recall"] == pytest.approx(0.5 / 2)
