@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-done
 SESSIONS ?=
 ARGS ?=
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench fuzz lint clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,12 @@ test: setup
 
 bench: setup
 	$(BIN)/python scripts/bench_runtime.py $(if $(SESSIONS),--sessions $(SESSIONS)) $(ARGS)
+
+# Not in `make test`: hypothesis-made hostile sessions files, stdin requests and server answers for
+# FUZZ_SECONDS; fails on a traceback or a file written outside the case's OUT.
+FUZZ_SECONDS ?= 60
+fuzz: setup
+	$(BIN)/python scripts/fuzz.py --seconds $(FUZZ_SECONDS) $(ARGS)
 
 lint: setup
 	$(BIN)/ruff check bundlekd_edge tests scripts
