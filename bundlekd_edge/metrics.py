@@ -7,12 +7,13 @@ ground-truth bundles one-to-one by maximal summed Jaccard. Report both, always s
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from . import BkdError
 from .data import Session, iter_jsonl
@@ -86,11 +87,33 @@ def _jaccard(a: frozenset, b: frozenset) -> float:
     return len(a & b) / len(a | b)
 
 
+# Matchings tried one by one up to this many (7 bundles against 7): the runtime's choice scores every
+# pair of candidate partitions and `demo` scores a few sessions, all tiny, and importing scipy would
+# cost the edge runtime 0.4 s, more than a session.
+_ENUMERATE = 5040
+
+
 def _match(predicted: list[frozenset], gold: list[frozenset]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The strict one-to-one matching: (Jaccard matrix, predicted rows, gold columns) of maximal sum."""
-    sim = np.array([[_jaccard(p, g) for g in gold] for p in predicted])
+    sim = np.array([[_jaccard(p, g) for g in gold] for p in predicted]).reshape(len(predicted), len(gold))
+    if math.perm(max(sim.shape), min(sim.shape)) <= _ENUMERATE:
+        return (sim, *_best_matching(sim))
+    from scipy.optimize import linear_sum_assignment
+
     rows, cols = linear_sum_assignment(sim, maximize=True)
     return sim, rows, cols
+
+
+def _best_matching(sim: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`linear_sum_assignment(sim, maximize=True)` for a small matrix: every matching of the shorter side."""
+    short = sim if sim.shape[0] <= sim.shape[1] else sim.T
+    ks = np.arange(short.shape[0])
+    picks = np.array(list(itertools.permutations(range(short.shape[1]), short.shape[0])), dtype=np.intp)
+    best = picks[int(np.argmax(short[ks, picks].sum(axis=1)))] if len(ks) else np.zeros(0, np.intp)
+    if short is sim:
+        return ks, best
+    order = np.argsort(best)
+    return best[order], ks[order]
 
 
 def bundle_sets(bundles: list[list[str]]) -> list[frozenset]:

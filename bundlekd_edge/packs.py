@@ -258,6 +258,19 @@ class Pack:
             self._encoder = TextEncoder(folder)
         return self._encoder.encode(texts)
 
+    def prepare(self, sessions: list[Session]) -> None:
+        """The hint's title vectors of these sessions computed now and the encoder freed, so that a
+        model loaded next does not share the peak memory with it (a pack with examples keeps it:
+        each prompt's nearest examples query it). A session not prepared loads it again."""
+        if not self.similar_items or (self.examples and self.k):
+            return
+        for s in sessions:
+            self.similar_items_text(s)
+            self.candidates(s)
+        if self._encoder is not None:
+            self._encoder.close()
+            self._encoder = None
+
     def nearest(self, session: Session, k: int | None = None) -> list[dict]:
         """The k most similar training sessions, most similar first (never the session itself)."""
         if not self.examples or not (self.k if k is None else k):

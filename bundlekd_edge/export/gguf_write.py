@@ -51,9 +51,10 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def merged_tensors(base_path: str | Path, adapter_path: str | Path) -> dict[str, np.ndarray]:
+def merged_tensors(base_path: str | Path, adapter_path: str | Path, scale: float = 1.0) -> dict[str, np.ndarray]:
     """The base GGUF's tensors, dequantised as the trainer saw them, with the LoRA adapter GGUF
-    (`lora_gguf.write_lora_gguf`) merged in: W + alpha/r * B @ A, in the base's (llama.cpp) layout.
+    (`lora_gguf.write_lora_gguf`) merged in: W + scale * alpha/r * B @ A, in the base's (llama.cpp)
+    layout (`scale` as llama.cpp applies it at run time, `--adapter FILE:SCALE`).
 
     No transformers and no torch: the dequantisation is gguf-py's, the one transformers uses when
     it loads a GGUF for training, and the adapter's tensors are already in llama.cpp's q/k layout.
@@ -70,7 +71,7 @@ def merged_tensors(base_path: str | Path, adapter_path: str | Path) -> dict[str,
         data = dequantize(t.data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)]).astype(np.float32)
         a, b = pairs.pop(t.name + ".lora_a", None), pairs.pop(t.name + ".lora_b", None)
         if a is not None and b is not None:
-            data += (alpha / rank) * (b @ a)
+            data += (scale * alpha / rank) * (b @ a)
         out[t.name] = data.astype(np.float32 if data.ndim == 1 else np.float16)
     if pairs:
         raise BkdError(f"{adapter_path}: LoRA tensors with no base tensor: {sorted(pairs)[:5]}")

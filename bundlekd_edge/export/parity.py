@@ -61,9 +61,10 @@ def golden_set(sessions: list[Session], tok, maker, n: int, max_tokens: int = 0)
 
 
 def gguf_top1_and_generate(
-    path, golden: list[Golden], threads: int = 0, adapter=None
+    path, golden: list[Golden], threads: int = 0, adapter=None, scale: float = 1.0
 ) -> tuple[list[np.ndarray], list[str]]:
-    """Teacher-forced top-1 and greedy answers of a GGUF (with a LoRA adapter GGUF over it, if given).
+    """Teacher-forced top-1 and greedy answers of a GGUF (with a LoRA adapter GGUF over it at
+    `scale`, if given).
 
     Each golden session has its own sequence in one llama.cpp context. Its prompt and golden answer
     are evaluated alone (as the runtime evaluates a prompt, n_batch tokens a call), keeping the
@@ -79,7 +80,7 @@ def gguf_top1_and_generate(
     llm = load_model(path, 256, n_batch, threads or default_threads(), seed=0)  # its own context stays unused
     ctx = None
     try:
-        handles = ((load_adapter(llm, adapter),), (1.0,)) if adapter else ((), ())
+        handles = ((load_adapter(llm, adapter),), (scale,)) if adapter else ((), ())
         if adapter and not handles[0][0]:
             raise BkdError(f"{adapter}: llama.cpp could not load this adapter over {path}")
         ctx = SequenceContext(llm, n_ctx, len(golden), max(n_batch, len(golden)), handles)
