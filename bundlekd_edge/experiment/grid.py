@@ -4,7 +4,7 @@ A grid file names a base cell and the values each factor sweeps over:
 
     sessions = "data/electronic.jsonl"
     spread = 40                     # test sessions scored per cell, spread evenly over the split
-    teacher = "gguf:default"        # the distillation teacher (URL or gguf:PATH)
+    teacher = "gguf:default"        # the distillation teacher (URL, gguf:PATH, or gguf:qwen1.5b: a real local one)
     sft_recipe = "train/cpu-smollm2.toml"   # how each SFT cell's student is trained
     baselines = ["whole", "apriori", "cluster"]
     [base]
@@ -94,7 +94,8 @@ class Grid:
     split: str = "test"
     spread: int = 0  # sessions of the split scored per cell, spread evenly over it (0: all)
     teacher: str = "gguf:default"
-    teacher_label: str = ""  # how tables name the teacher row; default: "teacher", "teacher stand-in" for gguf:
+    teacher_label: str = ""  # how tables name the teacher row; default: "teacher", the local teacher's own
+    # label for gguf:qwen1.5b, "teacher stand-in" for any other gguf:
     teacher_api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable holding a URL teacher's key
     student: str = "base"  # the untuned student of the ICL cells (`default` is the shipped, tuned one)
     sft_recipe: str = ""  # the training recipe of every SFT cell's student (mode, pack, sessions set per cell)
@@ -125,7 +126,11 @@ class Grid:
 
     @property
     def teacher_name(self) -> str:
-        return self.teacher_label or ("teacher stand-in" if self.teacher.startswith("gguf:") else "teacher")
+        from ..runtime.teacher_file import teacher_label
+
+        if self.teacher_label or not self.teacher.startswith("gguf:"):
+            return self.teacher_label or "teacher"
+        return teacher_label(self.teacher) or "teacher stand-in"  # a real local teacher names itself
 
 
 def _check_cell(cell: Cell, where: str) -> None:
@@ -448,7 +453,9 @@ def _cell_table(rows: list[dict], *factors: str, extra_columns=()) -> str:
 def markdown(report: dict) -> str:
     g, t = report["grid"], report["tables"]
     base = g["base"]
-    stand_in = g["teacher"].startswith("gguf:") and not g["teacher_label"]
+    from ..runtime.teacher_file import teacher_label
+
+    stand_in = g["teacher"].startswith("gguf:") and not (g["teacher_label"] or teacher_label(g["teacher"]))
     if g["sft_model"]:
         sft = f"`{g['sft_model']}` reused by every SFT cell (not knowledge-trained)"
     elif g["sft_recipe"]:

