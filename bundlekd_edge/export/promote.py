@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import BkdError, __version__
 from ..artifacts import building
 from ..files import sha256_file, write_json
-from ..student import BASE_PACKAGE, STUDENT_CARD, STUDENT_FORMAT, models_dir
+from ..student_folder import BASE_PACKAGE, STUDENT_CARD, STUDENT_FORMAT, models_dir
 from .folder import ADAPTER_FILE, read_manifest, verify_export
 
 MAX_ADAPTER_BYTES = 8 * 10**6  # what a repository should carry per student
