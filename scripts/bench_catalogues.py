@@ -36,19 +36,19 @@ def run(*args) -> None:
     subprocess.run(cmd, check=True)
 
 
-def catalogue(sessions: Path, habit: str, out: Path) -> dict:
+def catalogue(sessions: Path, habit: str, out: Path, model: str) -> dict:
     folder = out / habit
     folder.mkdir(parents=True, exist_ok=True)
-    data = folder / "sessions.jsonl"
+    data = sessions if habit == "as-is" else folder / "sessions.jsonl"
     if not data.exists():
         write_sessions(data, with_titles(load_sessions(sessions), habit))
     pack = folder / "pack"
     if not pack.exists():
-        run("pack", "build", "--sessions", data, "--similar-items", "--k", "0", "--out", pack)
+        run("pack", "build", "--sessions", data, "--similar-items", "--k", "0", "--model", model, "--out", pack)
     bench = folder / "bench"
     if not (bench / "report.json").exists():
         run("bench", "--sessions", data, "--split", "test", "--out", bench, "--throughput-sessions", "0",
-            "--cold", "0", "--engine", f"default=default,pack={pack}",
+            "--cold", "0", "--engine", f"default={model},pack={pack}",
             *[a for name in ENGINES[1:] for a in ("--engine", f"{name}=baseline:{name}")])  # fmt: skip
     report = json.loads((bench / "report.json").read_text())
     manifest = json.loads((pack / "manifest.json").read_text())
@@ -60,8 +60,9 @@ def main() -> None:
     ap.add_argument("--sessions", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--titles", nargs="*", default=list(TITLES), choices=list(TITLES))
+    ap.add_argument("--model", default="default", help="The student (anything `--model` takes).")
     args = ap.parse_args()
-    results = {habit: catalogue(args.sessions, habit, args.out) for habit in args.titles}
+    results = {habit: catalogue(args.sessions, habit, args.out, args.model) for habit in args.titles}
     (args.out / "catalogues.json").write_text(json.dumps(results, indent=1))
     print("| catalogue (test) | " + " | ".join(ENGINES) + " | rule chosen (CV strict F1 on train) |")
     print("|---" * (len(ENGINES) + 2) + "|")

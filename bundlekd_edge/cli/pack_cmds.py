@@ -19,8 +19,9 @@ def vocab_counter(model: str):
     """count_tokens(text) under the student's tokenizer (llama.cpp, vocabulary only: fast)."""
     from ..runtime.llamacpp import load_vocab
     from ..runtime.model_file import check_gguf_magic, resolve_model
+    from ..student import resolve_student
 
-    llm = load_vocab(check_gguf_magic(resolve_model(model)))
+    llm = load_vocab(check_gguf_magic(resolve_model(resolve_student(model, pack="none").model)))
     return lambda text: len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))  # text stays text
 
 
@@ -87,6 +88,7 @@ def build_cmd(
     from ..files import claim_output
 
     click.get_current_context().with_resource(claim_output(out, [knowledge, sessions], exists_ok=True))
+    count_tokens = vocab_counter(model)  # first: a wrong --model fails before any work
     picked = [f.strip() for f in formats.split(",") if f.strip()] if formats else None
     lines, thoughts = read_knowledge(knowledge, picked)
     examples = load_sessions(sessions, split=split)
@@ -114,7 +116,7 @@ def build_cmd(
         from ..calibration import calibrate_folder
 
         calibrator = partial(calibrate_folder, model=model, sessions=examples, cluster=clusters.params)
-    manifest = build_pack(out, lines, examples, thoughts, vocab_counter(model), encoder, config, recipe, calibrator)
+    manifest = build_pack(out, lines, examples, thoughts, count_tokens, encoder, config, recipe, calibrator)
     c, t = manifest["counts"], manifest["tokens"]
     click.echo(
         f"{out}: {c['static_lines']} static lines ({t['static']} tokens, {c['static_lines_dropped']} dropped "
