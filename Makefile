@@ -5,13 +5,20 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 SESSIONS ?=
 ARGS ?=
+# llama.cpp's backend: cpu (default) | vulkan | cuda | metal. The venv remembers it; asking for
+# another one (`make setup GPU=vulkan`) sets up again, with a wheel built for that backend.
+VENV_GPU := $(shell cat $(VENV)/.gpu 2>/dev/null || echo cpu)
+GPU ?= $(VENV_GPU)
+ifneq ($(GPU),$(VENV_GPU))
+.PHONY: $(STAMP)
+endif
 
 .PHONY: setup demo test bench fuzz lint clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup.sh
-	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) GPU=$(GPU) bash scripts/setup.sh
 	touch $@
 
 demo: setup

