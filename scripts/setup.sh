@@ -91,3 +91,7 @@ esac
 case ",$EXTRAS," in
     *,train,*) "$VENV/bin/python" -c "from bundlekd_edge.embeddings import default_encoder_dir; print('encoder:', default_encoder_dir())" ;;
 esac
+# The default student at this machine's best speed: its adapter merged into the base and quantised to
+# the fastest quant that passes the export's parity gate (bundlekd_edge/export/materialise.py), once.
+"$VENV/bin/python" -c "from bundlekd_edge.student import resolve_student; s = resolve_student('default'); s.runnable(); print('default student:', s.form)" \
+    || echo "note: the default student was not merged here; it runs as base + adapter"
