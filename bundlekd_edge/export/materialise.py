@@ -68,9 +68,10 @@ def merge_key(student, quants) -> dict:
 
 
 def merged_model(student, quants=AUTO_QUANTS, root: str | Path | None = None, golden: int = GOLDEN,
-                 log=None) -> dict:  # fmt: skip
+                 log=None, check_base=None) -> dict:  # fmt: skip
     """The student's merged form on this machine: the cached record ({"file", "quant", ...} with
-    `path`, or {"refused": reason}), made now when there is none or its files changed."""
+    `path`, or {"refused": reason}), made now when there is none or its files changed
+    (`check_base` is called first: it raises when the base is not the card's)."""
     log = log or (lambda text: print(text, file=sys.stderr))
     if len(student.adapters) != 1:
         return {"refused": f"{len(student.adapters)} adapters (merging takes one)"}
@@ -84,6 +85,8 @@ def merged_model(student, quants=AUTO_QUANTS, root: str | Path | None = None, go
             if record is None:
                 if problem:
                     log(f"{folder}: {problem}; merging again")
+                if check_base:
+                    check_base()
                 record = _make(student, key, folder, quants, golden, log)
     if "file" in record:
         record["path"] = str(folder / record["file"])
