@@ -1,5 +1,6 @@
 """The local teacher's file: chunk packages found without importing them, assembled once, sha256-checked
-at every load. A small fake teacher (three chunk packages of a few bytes) stands in for the 1.1 GB one."""
+at every load, and named as itself in bench rows and grids. A small fake teacher (three chunk packages of a
+few bytes) stands in for the 1.1 GB one."""
 
 import hashlib
 import sys
@@ -8,6 +9,8 @@ from dataclasses import replace
 import pytest
 
 from bundlekd_edge import BkdError
+from bundlekd_edge.bench.engines import parse_engine
+from bundlekd_edge.experiment.grid import Grid
 from bundlekd_edge.runtime import teacher_file
 from bundlekd_edge.runtime.model_file import resolve_model
 
@@ -42,6 +45,8 @@ def test_assembled_once_then_checked_at_every_load(fake, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["fake.gguf"]  # no temporary file left
     assert teacher_file.teacher_label("gguf:fake") == fake.label == teacher_file.teacher_label(path)
     assert teacher_file.teacher_label("gguf:default") == ""
+    assert parse_engine("t=gguf:fake").label == fake.label and parse_engine("t=gguf:fake,label=x").label == "x"
+    assert Grid(teacher="gguf:fake").teacher_name == fake.label and Grid().teacher_name == "teacher stand-in"
 
     path.write_bytes(b"GGUF" + b"x" * (fake.size - 4))  # same size, other bytes
     bad = hashlib.sha256(path.read_bytes()).hexdigest()
