@@ -256,7 +256,7 @@ class OpenAIClient:
                 if not deadline.fired:
                     raise _lost(e, timeout) from None
         if deadline.fired:  # it shut the socket: whatever broke after that, the time was up
-            raise _Retryable(f"no complete answer within {timeout:g} s")
+            raise _Retryable(f"timed out after {timeout:g} s")
         if len(raw) > limit:
             raise BadAnswer(f"{self.role} {url}: answer larger than {limit:,} bytes, refused")
         try:

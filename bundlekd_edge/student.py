@@ -87,14 +87,17 @@ class Student:
             raise BkdError(f"{self.name}: base {self.model} differs from the one the adapter was trained on "
                            f"(sha256 in its {STUDENT_CARD})")  # fmt: skip
 
-    def load_remote(self, servers, constraint: str = "gbnf", api_key_env: str = "", seed: int = 0, retries: int = 4):
+    def load_remote(
+        self, servers, constraint: str = "gbnf", api_key_env: str = "", seed: int = 0, retries: int = 4,
+        timeout_s: float = 120.0,
+    ):  # fmt: skip
         """This student on inference servers (`runtime.remote`): the servers run its model and
         adapters, this process builds its prompts (pack included) and the output constraint."""
         from .openai_client import RetryPolicy
         from .runtime.remote import RemoteConfig, RemoteEngine, parse_server
 
         servers = tuple(parse_server(s) for s in servers)
-        retry = RetryPolicy(timeout_s=300.0, retries=retries)
+        retry = RetryPolicy(timeout_s=timeout_s, retries=retries)
         return RemoteEngine(RemoteConfig(servers, self.prompt, constraint, api_key_env, seed, retry))
 
     def describe(self) -> dict:
@@ -126,18 +129,26 @@ def student_from_folder(folder: str | Path, scale: float | None = None) -> Stude
     card = read_card(folder)
     where = str(folder / STUDENT_CARD)
     base = card.get("base") or {}
+    if not isinstance(base, dict):
+        raise BkdError(f'{where}: "base" must be an object with "file" (or "package") and "sha256"')
     if base.get("package") == BASE_PACKAGE:
         model = default_model_path()
     else:
         model = _inside(folder, base.get("file", ""), "base file")
     adapters = []  # the base's sha256 is checked where the base is run or merged (`Student.runnable`)
-    for a in card.get("adapters") or []:
+    listed = card.get("adapters") or []
+    if not isinstance(listed, list) or not all(isinstance(a, dict) for a in listed):
+        raise BkdError(f'{where}: "adapters" must be a list of {{"file", "sha256", "scale"}} objects')
+    for a in listed:
         path = _inside(folder, a.get("file", ""), "adapter file")
         if not path.is_file():
             raise BkdError(f"{path}: missing from the student folder")
         if a.get("sha256") != sha256_file(path):
             raise BkdError(f"{path}: refusing a changed adapter (sha256 differs from {where})")
-        adapters.append(AdapterSpec(path, float(scale if scale is not None else a.get("scale", 1.0))))
+        given = scale if scale is not None else a.get("scale", 1.0)
+        if isinstance(given, bool) or not isinstance(given, (int, float)):
+            raise BkdError(f'{where}: adapter "scale" must be a number, not {given!r}')
+        adapters.append(AdapterSpec(path, float(given)))
     pack = Pack(_inside(folder, card["pack"], "pack")) if card.get("pack") else None
     return Student(
         card.get("name", folder.name), str(model), tuple(adapters), pack, prompt_from(card.get("prompt"), where), card,

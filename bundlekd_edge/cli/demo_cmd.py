@@ -33,8 +33,10 @@ from .generate_cmd import engine_options, load_student
 )
 def demo(model, pack, adapters, n_ctx, threads, seed, sessions, split, limit, show, out):
     """Generate bundles offline, print some, then the quality table and the latency/memory table."""
-    from ..files import RecordLog
+    from ..files import RecordLog, claim_output
     from ..runtime.batch import latency_rows, latency_summary, run_sessions
+
+    click.get_current_context().with_resource(claim_output(out, [sessions], exists_ok=True))
 
     if sessions is None:
         sessions = sample_sessions_path()

@@ -80,6 +80,9 @@ def distill(sessions, out, teacher, teacher_model, api_key_env, formats, samplin
     if needs_teacher and not teacher:
         raise BkdError(f"--formats {','.join(needs_teacher)} needs a --teacher (URL or gguf:PATH)")
     check_split(split)
+    from ..files import claim_output
+
+    click.get_current_context().with_resource(claim_output(out, sessions, exists_ok=True))
     rows = _load_domains(sessions, split)
     t0 = time.perf_counter()
 

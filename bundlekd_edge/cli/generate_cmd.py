@@ -14,7 +14,8 @@ import click
 
 from .. import BkdError
 from ..data import SPLITS, check_split, in_shard, load_sessions, parse_shard, session_from_dict
-from ..files import RecordLog, refuse_overwrite
+from ..files import OutputLock, RecordLog, WriteError, refuse_overwrite
+from ..openai_client import EndpointError
 
 MODEL_HELP = (
     "'default' (the shipped student: SmolLM2-135M-Instruct + its LoRA adapter and pack, models/), "
@@ -31,6 +32,8 @@ def engine_options(f=None, *, servers: bool = False):
         f = click.option("--retries", default=4, show_default=True, type=click.IntRange(0, 20),
                          help="With --model URL: further attempts of a failed request (backoff 1, 2, 4 ... s); "
                          "a server still failing is dropped and the others take its sessions.")(f)  # fmt: skip
+        f = click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(0.1, 86400),
+                         help="With --model URL: seconds one request may take, answer included.")(f)  # fmt: skip
         f = click.option("--api-key-env", default="", metavar="NAME",
                          help="With --model URL: send the key held in this environment variable.")(f)  # fmt: skip
         f = click.option(
@@ -80,7 +83,8 @@ def load_student(model, adapters=(), pack=None):
 
 
 def load_engine(
-    models, student_name, adapters, pack, n_ctx, threads, seed, constraint, api_key_env, retries, jump_forward=False
+    models, student_name, adapters, pack, n_ctx, threads, seed, constraint, api_key_env, retries, jump_forward=False,
+    timeout=120.0,
 ):
     """(student, engine): in this process, or on the servers --model names."""
     urls = [m for m in models if m.startswith(("http://", "https://"))]
@@ -96,7 +100,7 @@ def load_engine(
     if jump_forward:
         raise click.UsageError("--jump-forward: a server decodes on its own; the option is for a local model")
     student = load_student(student_name, (), pack)
-    return student, student.load_remote(urls, constraint, api_key_env, seed, retries)
+    return student, student.load_remote(urls, constraint, api_key_env, seed, retries, timeout)
 
 
 @click.command()
@@ -124,8 +128,8 @@ def load_engine(
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(
-    model, pack, adapters, n_ctx, threads, seed, student_name, constraint, api_key_env, retries, sessions, split, limit,
-    shard, out, resume, force, summary, json_mode, jump_forward, quiet,
+    model, pack, adapters, n_ctx, threads, seed, student_name, constraint, api_key_env, timeout, retries, sessions,
+    split, limit, shard, out, resume, force, summary, json_mode, jump_forward, quiet,
 ):  # fmt: skip
     """Generate bundles for each session with a llama.cpp model (greedy, grammar constrained).
 
@@ -145,7 +149,7 @@ def generate(
       bkd-edge generate --model http://127.0.0.1:8001/v1 --model http://host2:8001/v1,concurrency=2 ...
     """
     engine_args = (model, student_name, adapters, pack, n_ctx, threads, seed, constraint, api_key_env, retries,
-                   jump_forward)  # fmt: skip
+                   jump_forward, timeout)  # fmt: skip
     if json_mode:
         return _generate_stdin(*load_engine(*engine_args))
     if sessions is None or out is None:
@@ -153,13 +157,16 @@ def generate(
     from ..runtime.batch import latency_summary, run_sessions
 
     check_split(split)
-    shard = parse_shard(shard) if shard else None
-    refuse_overwrite(out, [sessions], force=True)  # an existing OUT: RecordLog (--resume or --force)
+    shard = parse_shard(shard) if shard is not None else None
+    refuse_overwrite(out, [sessions], force, exists_ok=True)  # an existing OUT: RecordLog (--resume or --force)
     refuse_overwrite(summary, [sessions, out], force=force or resume, option="--summary")
+    click.get_current_context().with_resource(OutputLock(out))  # held until the command returns
     rows = load_sessions(sessions, split=split, require_bundles=False)[:limit]
     if shard:
         rows = [s for s in rows if in_shard(s.session_id, *shard)]
     student, engine = load_engine(*engine_args)
+    for output, option in ((out, "--out"), (summary, "--summary")):
+        refuse_overwrite(output, model_files(student, engine), force=True, exists_ok=True, option=option)
     log = RecordLog(out, run_settings(engine, student, sessions, split, limit, shard), resume=resume, force=force)
     if log.done:
         click.echo(f"resuming {out}: {len(log.done)} of {len(rows)} sessions already done", err=True)
@@ -167,11 +174,11 @@ def generate(
     try:
         with stop_on_signals():
             gens = run_sessions(engine, rows, log, pack=student.pack, progress=not quiet)
-    except (KeyboardInterrupt, BkdError) as e:  # a signal, or every server failing for good
+    except (KeyboardInterrupt, BkdError) as e:  # a signal, every server failing for good, a full disk
         log.close(complete=False)
         keeps = f"{out} keeps the sessions finished so far; run the same command with --resume to go on"
         if isinstance(e, BkdError):
-            raise BkdError(f"{e}\n{keeps}") from None
+            raise BkdError(f"{e}\n{keeps}" if isinstance(e, (EndpointError, WriteError)) else str(e)) from None
         click.echo(f"\nstopped: {keeps}", err=True)
         sys.exit(130)
     log.close(complete=True)
@@ -197,6 +204,12 @@ def generate(
             "student": student.describe(),
         }
         write_json(summary, {**record, **result})
+
+
+def model_files(student, engine) -> list:
+    """The files a loaded student reads, which no output may replace: model, adapters, pack."""
+    adapters = [a.path for a in student.adapters]
+    return [getattr(engine, "model_path", None), *adapters, student.pack.folder if student.pack else None]
 
 
 def run_settings(engine, student, sessions: Path, split, limit, shard=None) -> dict:
@@ -240,6 +253,8 @@ def _generate_stdin(student, engine):
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise BkdError(f"<stdin>: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # a number past Python's 4,300 digits, nesting past its stack
+        raise BkdError(f"<stdin>: not usable JSON ({str(e).split(':')[0] or type(e).__name__})") from None
     if isinstance(obj, dict) and "session_id" not in obj:
         obj = {"session_id": "stdin", **obj}
     session = session_from_dict(obj, "<stdin>", require_bundles=False)

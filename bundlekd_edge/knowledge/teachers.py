@@ -225,11 +225,20 @@ class GgufTeacher(Teacher):
             self._grammars[text] = json_schema_grammar(text)
         return self._grammars[text]
 
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The prompt's tokens: special tokens for the chat template's role markers only, never for the
+        messages' text (catalogue titles, intents: `<|im_start|>` in a title stays those characters)."""
+        from ..runtime.chat import ChatTokenizer
+
+        if getattr(self, "_chat", None) is None:
+            self._chat = ChatTokenizer(self.engine.llm, self.path)
+        return self._chat.prompt_ids(messages)
+
     def _call(self, messages: list[dict], params: dict) -> tuple[str, dict, str]:
         with self._lock:
             try:
-                answer = self.engine.llm.create_chat_completion(
-                    messages=messages,
+                answer = self.engine.llm.create_completion(
+                    prompt=self.prompt_ids(messages),
                     max_tokens=params["max_tokens"],
                     temperature=params["temperature"],
                     seed=params["seed"],
@@ -238,7 +247,7 @@ class GgufTeacher(Teacher):
             except (ValueError, RuntimeError) as e:  # e.g. the prompt does not fit n_ctx
                 raise TeacherError(f"teacher {self.name}: {e}") from None
         choice = answer["choices"][0]
-        return choice["message"].get("content") or "", answer.get("usage") or {}, choice.get("finish_reason") or ""
+        return choice.get("text") or "", answer.get("usage") or {}, choice.get("finish_reason") or ""
 
     def describe(self) -> dict:
         return {"teacher": self.name, "model": self.model, "n_ctx": self.config.n_ctx}

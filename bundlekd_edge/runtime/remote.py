@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import BkdError
-from ..data import Session
-from ..openai_client import EndpointError, OpenAIClient, PromptTooLong, RetryPolicy
+from ..data import Item, Session
+from ..openai_client import BadAnswer, EndpointError, OpenAIClient, PromptTooLong, RetryPolicy, redact_url
 from ..prompts import (
     PromptConfig,
     build_messages,
@@ -59,13 +59,11 @@ def parse_server(text: str) -> Server:
     for opt in opts:
         key, sep, value = opt.partition("=")
         if key.strip() != "concurrency" or not sep:
-            raise BkdError(f"server {text!r}: unknown option {opt!r} (known: concurrency=N)")
-        try:
-            concurrency = int(value)
-        except ValueError:
-            concurrency = 0
+            raise BkdError(f"server {redact_url(text)!r}: unknown option {opt!r} (known: concurrency=N)")
+        value = value.strip()
+        concurrency = int(value) if value.isascii() and value.isdigit() and len(value) < 4 else 0
         if not 1 <= concurrency <= 256:
-            raise BkdError(f"server {text!r}: concurrency must be a whole number from 1 to 256")
+            raise BkdError(f"server {redact_url(text)!r}: concurrency must be a whole number from 1 to 256")
     return Server(url, concurrency)
 
 
@@ -88,6 +86,61 @@ class RemoteConfig:
                 f"constraint json-schema: this student answers in the {self.prompt.answer_format!r} format, which "
                 "a JSON schema cannot describe; use gbnf (llama.cpp servers) or vllm"
             )
+
+
+# A token of an answer under the output grammar is at most this many characters on average (JSON
+# punctuation runs, numbers, intent words): a longer answer broke max_tokens or the grammar.
+CHARS_PER_TOKEN = 16
+OUTSIDE = "(item {} is not in the session)"  # the id an out-of-range item number is recorded under
+
+
+def server_answer(
+    session: Session, raw: str, finish: str, timing: Timing, prompt: PromptConfig, chosen_by: str = ""
+) -> Generation:
+    """A server's answer as a record. The answer is data: the grammar that pins item numbers to
+    1..N and bounds the text is only a request to the server. An answer longer than max_tokens
+    allows is refused; item numbers outside the session are kept under ids naming them (so `eval`
+    counts them hallucinated) and make the record invalid; intents are cut to the prompt's limit;
+    anything the parser cannot read is the record's error."""
+    n, sid = len(session.items), session.session_id
+    limit = CHARS_PER_TOKEN * max_answer_tokens(n, prompt)
+    if len(raw) > limit:
+        error = f"answer of {len(raw):,} characters, more than max_tokens allows ({limit:,}); refused"
+        return Generation(sid, [], False, error, raw[:limit], timing, chosen_by=chosen_by)
+    outside = [x for x in _item_numbers(raw, prompt) if not 1 <= _number(x) <= n]
+    if outside:  # ids for the numbers just past the session's items, so the parser keeps them
+        last = min(max(map(_number, outside)), n + 64)
+        session = Session(sid, session.items + [Item(OUTSIDE.format(k)) for k in range(n + 1, last + 1)])
+    try:
+        parsed = parse_answer(raw, session, prompt)
+        error = f"answer cut at max_tokens ({parsed.error})" if finish == "length" and not parsed.valid else parsed.error
+        g = Generation(sid, parsed.bundles, parsed.valid, error, raw, timing, chosen_by=chosen_by)
+    except Exception as e:  # an answer is untrusted text: a parser failure is this session's error
+        return Generation(sid, [], False, f"unreadable answer ({type(e).__name__})", raw, timing, chosen_by=chosen_by)
+    for b in g.bundles:
+        b["intent"] = b["intent"][: prompt.intent_chars]
+    if outside:
+        named = ", ".join(repr(x[:12]) for x in outside[:5]) + (" ..." if len(outside) > 5 else "")
+        g.valid, g.error = False, f"answer names item numbers outside the session's 1..{n}: {named}"
+    return g
+
+
+def _item_numbers(raw: str, prompt: PromptConfig) -> list[str]:
+    """The item numbers an answer gives (as text), as far as it can be read; the parser says the rest."""
+    if prompt.answer_format == "compact":
+        return raw.strip().split("\n")[0].replace("|", " ").split()
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        return []
+    bundles = obj.get("bundles") if isinstance(obj, dict) else None
+    items = [b.get("items") for b in bundles if isinstance(b, dict)] if isinstance(bundles, list) else []
+    return [str(x) for group in items if isinstance(group, list) for x in group if isinstance(x, (int, float, str))]
+
+
+def _number(text: str) -> int:
+    """An item number as the parser reads it (ASCII digits), or 0."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 7 else 0
 
 
 class RemoteEngine:
@@ -177,11 +230,7 @@ class RemoteEngine:
         tokens = [int(reply.usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens")]
         # No streaming: whole requests are the only clock (no TTFT or prefill/decode split).
         timing = Timing(tokens[0], 0, tokens[1], total, 0.0, 0.0, total, choose_s=chose - t0)
-        parsed = parse_answer(reply.text, session, prompt)
-        error = parsed.error
-        if reply.finish_reason == "length" and not parsed.valid:
-            error = f"answer cut at max_tokens ({error})"
-        return Generation(session.session_id, parsed.bundles, parsed.valid, error, reply.text, timing, chosen_by=chosen_by)
+        return server_answer(session, reply.text, reply.finish_reason, timing, prompt, chosen_by)
 
     def map(self, jobs: list[tuple[Session, dict]], on_done: Callable[[Generation], None]) -> None:
         """`generate(session, **inputs)` for every job, each server running up to its concurrency at
@@ -201,10 +250,11 @@ class RemoteEngine:
                 t0 = time.perf_counter()
                 try:
                     done.put(self.generate(session, **inputs, server=server))
-                except PromptTooLong as e:  # this session's error; the server stays (the same prompt fails anywhere)
+                except (PromptTooLong, BadAnswer) as e:  # this session's error; the server stays
                     seconds = time.perf_counter() - t0
                     timing = Timing(0, 0, 0, seconds, 0.0, 0.0, seconds)
-                    done.put(Generation(session.session_id, [], False, f"prompt refused: {e}", "", timing))
+                    what = "prompt refused" if isinstance(e, PromptTooLong) else "answer refused"
+                    done.put(Generation(session.session_id, [], False, f"{what}: {e}", "", timing))
                 except EndpointError as e:  # retries spent: this server is gone, another takes the session
                     down.setdefault(server, e)
                     todo.put((session, inputs))
