@@ -48,6 +48,7 @@ class EngineConfig:
     n_threads: int = 0  # 0: every core the process may use
     n_batch: int = 512
     seed: int = 0
+    n_gpu_layers: int = 0  # layers offloaded to a GPU (-1: all); 0, or a CPU-only llama.cpp: none
     prompt: PromptConfig = field(default_factory=PromptConfig)
     adapters: tuple[AdapterSpec, ...] = ()  # LoRA adapters applied over the model, in order
     # Evaluate the text the grammar forces in batches (`Engine._decode`). Off by default: the tokens
@@ -135,7 +136,8 @@ class Engine:
         threads = config.n_threads or default_threads()
         t0 = time.perf_counter()
         try:
-            self.llm = llamacpp.load_model(self.model_path, config.n_ctx, config.n_batch, threads, config.seed)
+            self.llm = llamacpp.load_model(self.model_path, config.n_ctx, config.n_batch, threads, config.seed,
+                                           config.n_gpu_layers)  # fmt: skip
         except (ValueError, RuntimeError) as e:
             inspect_gguf(self.model_path)  # raises a precise error for a damaged or truncated file
             raise BkdError(f"{self.model_path}: llama.cpp could not load this model ({e})") from None
@@ -394,6 +396,10 @@ class Engine:
     def memory(self) -> dict:
         return {**memory_snapshot(), "model_file_bytes": self.model_size}
 
+    def offload(self) -> dict:
+        """Layers offloaded to a GPU (-1: all) and the device llama.cpp runs them on ("CPU": none)."""
+        return {"gpu_layers": self.config.n_gpu_layers, "device": llamacpp.offload_device(self.config.n_gpu_layers)}
+
     def describe(self) -> dict:
         """What produced a result: enough to reproduce it."""
         return {
@@ -404,6 +410,7 @@ class Engine:
             "threads": self.threads,
             "seed": self.config.seed,
             "jump_forward": self.config.jump_forward,
+            **self.offload(),
             "load_s": round(self.load_s, 3),
             **llamacpp.build_info(),
         }

@@ -58,8 +58,9 @@ def json_schema_grammar(schema_text: str):
 # ---------------------------------------------------------------- loading
 
 
-def load_model(path: str | Path, n_ctx: int, n_batch: int, threads: int, seed: int) -> Llama:
-    """A model and its one context. Raises ValueError or RuntimeError when llama.cpp refuses the file."""
+def load_model(path: str | Path, n_ctx: int, n_batch: int, threads: int, seed: int, gpu_layers: int = 0) -> Llama:
+    """A model and its one context, `gpu_layers` of its layers on the GPU (-1: all; a CPU-only build
+    keeps them on the CPU). Raises ValueError or RuntimeError when llama.cpp refuses the file."""
     return Llama(
         model_path=str(path),
         n_ctx=n_ctx,
@@ -67,8 +68,37 @@ def load_model(path: str | Path, n_ctx: int, n_batch: int, threads: int, seed: i
         n_threads=threads,
         n_threads_batch=threads,
         seed=seed,
+        n_gpu_layers=gpu_layers,
         verbose=False,
     )
+
+
+def devices() -> list[dict]:
+    """The devices this llama.cpp build computes on (ggml's backend registry), e.g. {"name": "CPU",
+    "description": "AMD EPYC", "gpu": False}, or "Vulkan0" / "CUDA0" with the GPU's name."""
+    from llama_cpp._ggml import libggml as ggml
+
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_dev_get.argtypes, ggml.ggml_backend_dev_get.restype = [ctypes.c_size_t], ctypes.c_void_p
+    for name in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+        getattr(ggml, name).argtypes, getattr(ggml, name).restype = [ctypes.c_void_p], ctypes.c_char_p
+    ggml.ggml_backend_dev_type.argtypes, ggml.ggml_backend_dev_type.restype = [ctypes.c_void_p], ctypes.c_int
+    found = []
+    for i in range(ggml.ggml_backend_dev_count()):
+        dev = ggml.ggml_backend_dev_get(i)
+        found.append({"name": ggml.ggml_backend_dev_name(dev).decode(errors="replace"),
+                      "description": ggml.ggml_backend_dev_description(dev).decode(errors="replace"),
+                      "gpu": ggml.ggml_backend_dev_type(dev) != 0})  # fmt: skip  # 0: GGML_BACKEND_DEVICE_TYPE_CPU
+    return found
+
+
+def offload_device(gpu_layers: int) -> str:
+    """Where the offloaded layers run, as llama.cpp names the device ("Vulkan0 (llvmpipe ...)"), or
+    "CPU" when no layer is offloaded or this build has no GPU backend."""
+    gpus = [d for d in devices() if d["gpu"]]
+    if not gpu_layers or not gpus:
+        return "CPU"
+    return ", ".join(f"{d['name']} ({d['description']})" for d in gpus)
 
 
 def load_vocab(path: str | Path) -> Llama:
