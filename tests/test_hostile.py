@@ -252,7 +252,8 @@ def remote(mock, tmp_path, gold, *extra, url=None):
     out = tmp_path / "out.jsonl"
     r = run("generate", "--model", url or mock.url, "--student", "base", "--sessions", gold, "--out", out, "--quiet",
             "--retries", "0", *extra)  # fmt: skip
-    return r, [json.loads(line) for line in out.read_text().splitlines()] if out.is_file() and not out.is_symlink() else []
+    written = out.is_file() and not out.is_symlink()
+    return r, [json.loads(line) for line in out.read_text().splitlines()] if written else []
 
 
 ANSWERS = {

@@ -113,7 +113,8 @@ def server_answer(
         session = Session(sid, session.items + [Item(OUTSIDE.format(k)) for k in range(n + 1, last + 1)])
     try:
         parsed = parse_answer(raw, session, prompt)
-        error = f"answer cut at max_tokens ({parsed.error})" if finish == "length" and not parsed.valid else parsed.error
+        cut = finish == "length" and not parsed.valid
+        error = f"answer cut at max_tokens ({parsed.error})" if cut else parsed.error
         g = Generation(sid, parsed.bundles, parsed.valid, error, raw, timing, chosen_by=chosen_by)
     except Exception as e:  # an answer is untrusted text: a parser failure is this session's error
         return Generation(sid, [], False, f"unreadable answer ({type(e).__name__})", raw, timing, chosen_by=chosen_by)
