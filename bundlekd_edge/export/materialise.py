@@ -75,9 +75,7 @@ def merged_model(student, quants=AUTO_QUANTS, root: str | Path | None = None, go
     log = log or (lambda text: print(text, file=sys.stderr))
     if len(student.adapters) != 1:
         return {"refused": f"{len(student.adapters)} adapters (merging takes one)"}
-    key = merge_key(student, quants)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    folder = Path(root or cache_root()) / f"{student.name}-{digest}"
+    folder, key = cache_folder(student, quants, root)
     record, problem = _cached(folder)
     if record is None:
         with _lock(folder):
@@ -91,6 +89,13 @@ def merged_model(student, quants=AUTO_QUANTS, root: str | Path | None = None, go
     if "file" in record:
         record["path"] = str(folder / record["file"])
     return record
+
+
+def cache_folder(student, quants=AUTO_QUANTS, root: str | Path | None = None) -> tuple[Path, dict]:
+    """(the cache folder of this student's merged form, its key)."""
+    key = merge_key(student, quants)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(root or cache_root()) / f"{student.name}-{digest}", key
 
 
 def _cached(folder: Path) -> tuple[dict | None, str]:
