@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,39 +58,46 @@ def clear_gguf_quantizer(model) -> None:
         del model.config.quantization_config
 
 
-def load_base_model(base: Base, dtype, device: str = "cpu", qlora: bool = False):
-    """The base as a float HF model (GGUF weights dequantised), or 4-bit for QLoRA on CUDA."""
+def load_base_model(base: Base, dtype, device: str = "cpu", qlora: bool = False, compute_dtype=None):
+    """The base as a float HF model (GGUF weights dequantised), or for QLoRA with its linear layers
+    in 4-bit NF4 (bitsandbytes, on CUDA or on its CPU backend) computing in `compute_dtype`."""
     import torch
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
-    kwargs = {"dtype": dtype}
-    if qlora:
-        if device != "cuda":
-            raise BkdError("QLoRA (qlora = true) needs a CUDA GPU; use plain LoRA on CPU")
-        try:
-            import bitsandbytes  # noqa: F401  (only on the CUDA path)
-        except ImportError:
-            raise BkdError("QLoRA needs bitsandbytes: pip install bitsandbytes") from None
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-        )
-        kwargs["device_map"] = {"": 0}
-    try:
-        if base.kind == "gguf":
-            model = AutoModelForCausalLM.from_pretrained(str(base.path.parent), gguf_file=base.path.name, **kwargs)
-            if not qlora:
-                clear_gguf_quantizer(model)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(str(base.path), **kwargs)
-    except (ValueError, OSError, KeyError, RuntimeError) as e:
-        raise BkdError(f"{base.path}: transformers could not load this base ({type(e).__name__}: {e})") from None
     if not qlora:
-        model.to(device)
-    return model
+        model = _from_pretrained(base, base.path, dtype=dtype)
+        if base.kind == "gguf":
+            clear_gguf_quantizer(model)
+        return model.to(device)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise BkdError('QLoRA (qlora = true) needs bitsandbytes: pip install -e ".[train,qlora]"') from None
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16
+    )
+    kwargs = {"dtype": dtype, "quantization_config": quant, "device_map": {"": 0 if device == "cuda" else device}}
+    if base.kind == "hf":
+        return _from_pretrained(base, base.path, **kwargs)
+    # transformers quantises no GGUF file: the dequantised base goes through an HF folder first
+    with tempfile.TemporaryDirectory(prefix="bkd-qlora-") as tmp:
+        load_base_model(base, dtype).save_pretrained(tmp)
+        return _from_pretrained(Base("hf", Path(tmp)), base.path, **kwargs)
+
+
+def _from_pretrained(base: Base, name: Path, **kwargs):
+    """transformers' model for the base; `name` is the base as the user gave it (for errors)."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = {"gguf_file": base.path.name} if base.kind == "gguf" else {}
+    folder = base.path.parent if base.kind == "gguf" else base.path
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(folder), **gguf, **kwargs)
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        raise BkdError(f"{name}: transformers could not load this base ({type(e).__name__}: {e})") from None
 
 
 def set_threads(n: int) -> None:

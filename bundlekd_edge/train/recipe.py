@@ -39,7 +39,7 @@ class Recipe:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    qlora: bool = False  # 4-bit base with bitsandbytes (CUDA only)
+    qlora: bool = False  # 4-bit NF4 base with bitsandbytes (CUDA, or its CPU backend); the LoRA stays float
 
     # optimisation
     lr: float = 2e-4

@@ -218,7 +218,8 @@ class Training:
         if acc.distributed_type == DistributedType.DEEPSPEED and recipe.grad_accum != 1:
             raise BkdError(f"recipe grad_accum {recipe.grad_accum}: DeepSpeed accumulates gradients itself "
                            "(gradient_accumulation_steps); set grad_accum = 1 and raise batch_size")  # fmt: skip
-        model = load_base_model(self.base, torch.float32, acc.device.type, recipe.qlora)
+        compute = torch.bfloat16 if self.bf16 else torch.float32  # QLoRA: the 4-bit layers' compute dtype
+        model = load_base_model(self.base, torch.float32, acc.device.type, recipe.qlora, compute)
         if recipe.qlora:
             model = prepare_model_for_kbit_training(model)
         model.config.use_cache = False
