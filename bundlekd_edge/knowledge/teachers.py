@@ -228,17 +228,13 @@ class GgufTeacher(Teacher):
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The prompt's tokens: special tokens for the chat template's role markers only, never for the
         messages' text (catalogue titles, intents: `<|im_start|>` in a title stays those characters)."""
-        from ..runtime.chat import ChatTokenizer
-
-        if getattr(self, "_chat", None) is None:
-            self._chat = ChatTokenizer(self.engine.llm, self.path)
-        return self._chat.prompt_ids(messages)
+        return self.engine.chat.prompt_ids(messages)
 
     def _call(self, messages: list[dict], params: dict) -> tuple[str, dict, str]:
         with self._lock:
             try:
-                answer = self.engine.llm.create_completion(
-                    prompt=self.prompt_ids(messages),
+                answer = self.engine.complete(
+                    self.prompt_ids(messages),
                     max_tokens=params["max_tokens"],
                     temperature=params["temperature"],
                     seed=params["seed"],

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,17 +30,15 @@ from ..prompts import (
     intents_grammar,
     max_answer_tokens,
     output_grammar,
-    parse_answer,
 )
 from . import llamacpp
 from .adapters import AdapterSpec, check_adapter
 from .chat import ChatTokenizer
 from .choice import ChoiceRule, choose_partition
+from .generation import Generation, Timing, answer_generation, skipped_generation
 from .llamacpp import GrammarGreedy
 from .memory import memory_snapshot
 from .model_file import check_gguf_magic, inspect_gguf, resolve_model
-
-NO_BUNDLE = "fewer than 2 items: no bundle possible"
 
 
 @dataclass(frozen=True)
@@ -59,60 +58,22 @@ class EngineConfig:
     jump_forward: bool = False
 
 
-@dataclass
-class Timing:
-    prompt_tokens: int  # tokens in the prompt
-    prefill_tokens: int  # of those, evaluated now (the rest came from the reused KV cache)
-    completion_tokens: int
-    ttft_s: float  # request start to first generated token, wall clock
-    prefill_s: float  # evaluating the prompt's new tokens, wall clock
-    decode_s: float  # first to last generated token, wall clock: decoded_tokens - 1 steps
-    total_s: float
-    chosen_tokens: int = 0  # of completion_tokens, placed by the candidate choice (scored, not decoded)
-    forced_tokens: int = 0  # of completion_tokens, forced by the grammar: evaluated in batches, not one by one
-    choose_s: float = 0.0  # scoring the candidates and evaluating the chosen line, wall clock
-
-    @property
-    def decoded_tokens(self) -> int:
-        return self.completion_tokens - self.chosen_tokens
-
-    @property
-    def prefill_tps(self) -> float:
-        return self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0
-
-    @property
-    def decode_tps(self) -> float:
-        return (self.decoded_tokens - 1) / self.decode_s if self.decode_s else 0.0
-
-
-@dataclass
-class Generation:
-    session_id: str
-    bundles: list[dict]  # [{"items": [item ids], "intent": str}]
-    valid: bool
-    error: str
-    raw: str
-    timing: Timing
-    skipped: str = ""  # why the model was not asked (no bundle is possible)
-    chosen_by: str = ""  # the rule that chose the partition among the pack's candidates (ChoiceRule.label)
-
-    def to_record(self) -> dict:
-        """One line of a predictions file."""
-        return {
-            "session_id": self.session_id,
-            "bundles": self.bundles,
-            "valid": self.valid,
-            **({"error": self.error} if self.error else {}),
-            **({"skipped": self.skipped} if self.skipped else {}),
-            **({"chosen_by": self.chosen_by} if self.chosen_by else {}),
-            "raw": self.raw,
-            "timing": asdict(self.timing),
-        }
-
-
-def skipped_generation(session: Session) -> Generation:
-    """The record of a session too small for a bundle: the model is not asked."""
-    return Generation(session.session_id, [], True, "", "", Timing(0, 0, 0, 0.0, 0.0, 0.0, 0.0), NO_BUNDLE)
+def choose_first_line(
+    candidates: list[list[list[int]]] | None,
+    choice: ChoiceRule,
+    prompt: PromptConfig,
+    score: Callable[[list[str]], list[float]],
+) -> str | None:
+    """A compact answer's first line chosen among `candidates` by the pack's `choice` rule, with
+    `score(lines)` the student's log-probabilities of the lines after the prompt (asked for only
+    when the rule uses them); None when there is nothing to choose (a JSON answer, no candidates)."""
+    if not candidates or prompt.answer_format != "compact":
+        return None
+    texts, counts = candidate_lines(candidates)
+    if not texts:
+        return None
+    scores = score(texts) if choice.uses_student and len(texts) > 1 else None
+    return choose_partition(texts, scores, counts, choice.temperature)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -270,15 +231,12 @@ class Engine:
         chosen: list[int] = []  # answer tokens chosen, not decoded: the compact answer's first line
         chosen_by = ""
         gbnf = output_grammar(n_items, prompt)
-        if candidates and prompt.answer_format == "compact":
-            texts, counts = candidate_lines(candidates)
-            if texts:
-                scores = self.partition_logprobs(texts) if choice.uses_student and len(texts) > 1 else None
-                line = choose_partition(texts, scores, counts, choice.temperature)
-                chosen_by = choice.label
-                chosen = self.llm.tokenize((line + "\n").encode("utf-8"), add_bos=False, special=False)
-                self.llm.eval(chosen)
-                gbnf = intents_grammar(line.count("|") + 1, prompt)
+        line = choose_first_line(candidates, choice, prompt, self.partition_logprobs)
+        if line is not None:
+            chosen_by = choice.label
+            chosen = self.llm.tokenize((line + "\n").encode("utf-8"), add_bos=False, special=False)
+            self.llm.eval(chosen)
+            gbnf = intents_grammar(line.count("|") + 1, prompt)
         chose = time.perf_counter()
         sampler = GrammarGreedy(self.llm, gbnf)  # < 1 ms
         try:
@@ -300,11 +258,7 @@ class Engine:
             choose_s=chose - prefilled,
         )
         raw = self.llm.detokenize(answer).decode("utf-8", errors="replace")
-        parsed = parse_answer(raw, session, prompt)
-        error = parsed.error
-        if finish == "length" and not parsed.valid:
-            error = f"answer cut at max_tokens ({error})"
-        return Generation(session.session_id, parsed.bundles, parsed.valid, error, raw, timing, chosen_by=chosen_by)
+        return answer_generation(session, raw, finish, timing, prompt, chosen_by)
 
     def _decode(self, sampler: GrammarGreedy, max_tokens: int) -> tuple[list[int], str, int, float, float]:
         """Greedy decoding under the sampler's grammar, after the prompt now in the cache:
@@ -325,7 +279,7 @@ class Engine:
                     logits, rows = rows[0], rows[1:]
             kept, token = sampler.take_draft(logits, draft, rows)
             if kept < len(draft):  # greedy left the draft: drop the cells of the draft tokens it did not take
-                llm.n_tokens -= len(draft) - kept
+                llamacpp.drop_last(llm, len(draft) - kept)
             answer += draft[:kept]
             n_forced += kept
             last = time.perf_counter()
@@ -336,6 +290,11 @@ class Engine:
             if len(answer) >= max_tokens:
                 return answer, "length", n_forced, first, last
             before = [token]
+
+    def complete(self, prompt: list[int], **params) -> dict:
+        """An OpenAI-style completion of these prompt tokens with llama-cpp-python's own sampling
+        (a local teacher: `self.chat.prompt_ids` gives its tokens, special tokens off for the text)."""
+        return llamacpp.completion(self.llm, prompt, **params)
 
     def map(self, jobs: list[tuple[Session, dict]], on_done) -> None:
         """`generate(session, **inputs)` for every job, one after another, `on_done` after each."""
@@ -363,7 +322,9 @@ class Engine:
         llamacpp.drop_cells_from(llm, start)
         return out
 
-    def candidate_logprobs(self, session: Session, lines: list[str], knowledge: str = "", examples: str = "") -> list[float]:
+    def candidate_logprobs(
+        self, session: Session, lines: list[str], knowledge: str = "", examples: str = ""
+    ) -> list[float]:
         """log P(line | this session's prompt) for each candidate first line, nothing decoded
         (what a pack's calibration ranks the choice rules by)."""
         self._eval_prompt(self.prompt_tokens(session, knowledge, examples))
@@ -371,18 +332,8 @@ class Engine:
 
     def _eval_prompt(self, tokens: list[int]) -> int:
         """Evaluate the prompt after the longest prefix it shares with the tokens already in the KV
-        cache (the static prefix, after the first session); return how many were evaluated.
-
-        The last prompt token is always evaluated: its logits choose the first answer token.
-        """
-        llm = self.llm
-        cached = llm.input_ids[: llm.n_tokens]
-        m = min(len(cached), len(tokens) - 1)
-        differ = np.flatnonzero(cached[:m] != np.asarray(tokens[:m]))
-        llm.n_tokens = int(differ[0]) if len(differ) else m  # eval() drops the KV cells from here on
-        n = len(tokens) - llm.n_tokens
-        llm.eval(tokens[llm.n_tokens :])
-        return n
+        cache (the static prefix, after the first session); return how many were evaluated."""
+        return llamacpp.eval_after_cached(self.llm, tokens)
 
     def identity(self) -> dict:
         """What must not change between an interrupted run and its --resume."""

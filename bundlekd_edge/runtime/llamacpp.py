@@ -169,6 +169,29 @@ def eval_rows(llm: Llama, ids: list[int]) -> np.ndarray:
     return rows
 
 
+def eval_after_cached(llm: Llama, tokens: list[int]) -> int:
+    """Evaluate `tokens` after the longest prefix they share with the tokens already in the KV
+    cache; return how many were evaluated. The last token is always evaluated: its logits choose
+    the next one."""
+    cached = llm.input_ids[: llm.n_tokens]
+    m = min(len(cached), len(tokens) - 1)
+    differ = np.flatnonzero(cached[:m] != np.asarray(tokens[:m]))
+    llm.n_tokens = int(differ[0]) if len(differ) else m  # eval() drops the KV cells from here on
+    n = len(tokens) - llm.n_tokens
+    llm.eval(tokens[llm.n_tokens :])
+    return n
+
+
+def drop_last(llm: Llama, n: int) -> None:
+    """Forget the last `n` evaluated tokens (the next evaluation overwrites their KV cells)."""
+    llm.n_tokens -= n
+
+
+def completion(llm: Llama, prompt: list[int], **params) -> dict:
+    """llama-cpp-python's own completion of these tokens on the model's context (a local teacher)."""
+    return llm.create_completion(prompt=prompt, **params)
+
+
 def drop_cells_from(llm: Llama, start: int) -> None:
     """Remove the KV cells at positions start.. (what `logits_of` evaluated)."""
     llm._ctx.kv_cache_seq_rm(-1, start, -1)

@@ -33,10 +33,9 @@ from ..prompts import (
     max_answer_tokens,
     output_grammar,
     output_schema,
-    parse_answer,
 )
 from .choice import ChoiceRule, choose_partition
-from .engine import Generation, Timing, skipped_generation
+from .generation import Generation, Timing, answer_generation, skipped_generation
 from .memory import memory_snapshot
 
 # How the output constraint is sent:
@@ -112,10 +111,7 @@ def server_answer(
         last = min(max(map(_number, outside)), n + 64)
         session = Session(sid, session.items + [Item(OUTSIDE.format(k)) for k in range(n + 1, last + 1)])
     try:
-        parsed = parse_answer(raw, session, prompt)
-        cut = finish == "length" and not parsed.valid
-        error = f"answer cut at max_tokens ({parsed.error})" if cut else parsed.error
-        g = Generation(sid, parsed.bundles, parsed.valid, error, raw, timing, chosen_by=chosen_by)
+        g = answer_generation(session, raw, finish, timing, prompt, chosen_by)
     except Exception as e:  # an answer is untrusted text: a parser failure is this session's error
         return Generation(sid, [], False, f"unreadable answer ({type(e).__name__})", raw, timing, chosen_by=chosen_by)
     for b in g.bundles:

@@ -1,0 +1,1 @@
+"""`bkd-edge serve` (a loaded student behind HTTP) and its client."""
