@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from functools import partial
 from pathlib import Path
 
@@ -75,10 +76,16 @@ def pack():
     "hint's cut counts alone, or with the student's probabilities (ties to the simpler). Takes ~0.5 s a "
     "session on 2 cores for the shipped student.",
 )
+@click.option(
+    "--calibrate-limit",
+    default=0,
+    type=click.IntRange(min=0),
+    help="Calibrate on this many sessions of the split (a fixed random sample), not all [default: all].",
+)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="New pack folder.")
 def build_cmd(
     knowledge, sessions, split, model, k, static_budget, no_thoughts, formats, similar_items, similar_spread,
-    calibrate, out,
+    calibrate, calibrate_limit, out,
 ):  # fmt: skip
     """Build a pack from a KNOWLEDGE folder (from `bkd-edge distill`) and a sessions file.
 
@@ -115,7 +122,10 @@ def build_cmd(
     if calibrate and config.similar_spread:
         from ..calibration import calibrate_folder
 
-        calibrator = partial(calibrate_folder, model=model, sessions=examples, cluster=clusters.params)
+        sample = examples
+        if 0 < calibrate_limit < len(examples):
+            sample = [examples[i] for i in sorted(random.Random(0).sample(range(len(examples)), calibrate_limit))]
+        calibrator = partial(calibrate_folder, model=model, sessions=sample, cluster=clusters.params)
     manifest = build_pack(out, lines, examples, thoughts, count_tokens, encoder, config, recipe, calibrator)
     c, t = manifest["counts"], manifest["tokens"]
     click.echo(
