@@ -36,7 +36,7 @@ def run(*args) -> None:
     subprocess.run(cmd, check=True)
 
 
-def catalogue(sessions: Path, habit: str, out: Path, model: str) -> dict:
+def catalogue(sessions: Path, habit: str, out: Path, model: str, limit: int) -> dict:
     folder = out / habit
     folder.mkdir(parents=True, exist_ok=True)
     data = sessions if habit == "as-is" else folder / "sessions.jsonl"
@@ -44,7 +44,8 @@ def catalogue(sessions: Path, habit: str, out: Path, model: str) -> dict:
         write_sessions(data, with_titles(load_sessions(sessions), habit))
     pack = folder / "pack"
     if not pack.exists():
-        run("pack", "build", "--sessions", data, "--similar-items", "--k", "0", "--model", model, "--out", pack)
+        run("pack", "build", "--sessions", data, "--similar-items", "--k", "0", "--model", model,
+            "--calibrate-limit", limit, "--out", pack)  # fmt: skip
     bench = folder / "bench"
     if not (bench / "report.json").exists():
         run("bench", "--sessions", data, "--split", "test", "--out", bench, "--throughput-sessions", "0",
@@ -61,8 +62,9 @@ def main() -> None:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--titles", nargs="*", default=list(TITLES), choices=list(TITLES))
     ap.add_argument("--model", default="default", help="The student (anything `--model` takes).")
+    ap.add_argument("--calibrate-limit", type=int, default=0, help="pack build --calibrate-limit (0: all train).")
     args = ap.parse_args()
-    results = {habit: catalogue(args.sessions, habit, args.out, args.model) for habit in args.titles}
+    results = {h: catalogue(args.sessions, h, args.out, args.model, args.calibrate_limit) for h in args.titles}
     (args.out / "catalogues.json").write_text(json.dumps(results, indent=1))
     print("| catalogue (test) | " + " | ".join(ENGINES) + " | rule chosen (CV strict F1 on train) |")
     print("|---" * (len(ENGINES) + 2) + "|")
