@@ -50,11 +50,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+MODEL = ["default"]
+
+
 class Server:
     def __init__(self, *args: str, log: Path):
         self.port = free_port()
         self.log = open(log, "wb")
-        cmd = [BKD, "serve", "--model", "default", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        cmd = [BKD, "serve", "--model", MODEL[0], "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and self.proc.poll() is None:
@@ -245,6 +248,7 @@ def sigterm(server: Server, sessions) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", type=Path, required=True)
+    ap.add_argument("--model", default="default", help="what `generate --model` and `serve --model` run")
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, default=0, help="only the first N sessions (0: all)")
     ap.add_argument("--levels", default="1,2,4,8,16")
@@ -256,9 +260,11 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("bench-serve"))
     args = ap.parse_args()
     DEADLINE[0] = time.monotonic() + args.max_s
+    MODEL[0] = args.model
     args.out.mkdir(parents=True, exist_ok=True)
     gold = load_sessions(args.sessions, split=args.split)[: args.limit or None]
-    report: dict = {"sessions": len(gold), "split": args.split, "file": str(args.sessions), "cpu_cores": os.cpu_count()}
+    report: dict = {"model": args.model, "sessions": len(gold), "split": args.split, "file": str(args.sessions),
+                    "cpu_cores": os.cpu_count()}  # fmt: skip
 
     # 1. the reference: generate, sequential, in a process of its own
     ref_path, summary = args.out / "generate.jsonl", args.out / "generate.json"
@@ -267,7 +273,7 @@ def main() -> int:
             f.write(json.dumps(s.to_dict()) + "\n")
         f.flush()
         t0 = time.perf_counter()
-        subprocess.run([BKD, "generate", "--model", "default", "--sessions", f.name, "--out", str(ref_path), "--force",
+        subprocess.run([BKD, "generate", "--model", args.model, "--sessions", f.name, "--out", str(ref_path), "--force",
                         "--summary", str(summary), "--quiet"], check=True, timeout=args.max_s)  # fmt: skip
         ref_wall = time.perf_counter() - t0
     ref = {r["session_id"]: r for r in map(json.loads, ref_path.read_text().splitlines()) if "session_id" in r}
@@ -347,7 +353,8 @@ def markdown(r: dict) -> str:
     cols = [("run", "run", ""), ("c", "concurrency", ""), ("n", "sessions", ""), ("spm", "sessions/min", ".1f"),
             ("x", "x generate", ".2f"), ("p50", "p50 (s)", ".2f"), ("p99", "p99 (s)", ".2f"),
             ("err", "errors", "")]  # fmt: skip
-    head = f"{r['sessions']} sessions of {Path(r['file']).name} (split {r['split']}), {r['cpu_cores']} cores."
+    head = (f"`--model {r['model']}`, {r['sessions']} sessions of {Path(r['file']).name} (split {r['split']}), "
+            f"{r['cpu_cores']} cores.")  # fmt: skip
     out = [head, "", table(rows, cols), ""]
     for c, a in r["answers"].items():
         out.append(f"- answers at concurrency {c}: partitions equal to `generate`'s in "

@@ -299,6 +299,8 @@ def _sample() -> list[Session]:
 
 
 def _model_info(student, engine) -> dict:
+    """The student as its card names it (base, adapters) and what this server runs of it (a merged
+    form has the adapter in its weights: `runs`)."""
     from gguf import LlamaFileType
 
     file_type = engine.llm.metadata.get("general.file_type")
@@ -306,17 +308,21 @@ def _model_info(student, engine) -> dict:
         quant = LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
     except (TypeError, ValueError):
         quant = file_type
-    pack = student.pack
+    base = student.card.get("base") or {}
+    adapters = [{"file": Path(a["file"]).name, "sha256": a["sha256"], "scale": a["scale"]} for a in engine.adapters]
+    adapters = adapters or [
+        {k: a.get(k) for k in ("file", "sha256", "scale")} for a in student.card.get("adapters") or []
+    ]
+    runs = {"file": Path(engine.model_path).name, "sha256": engine.model_sha256(), "quant": quant}
     return {
         "id": student.name,
         "object": "model",
         "student": student.name,
-        "base": {"file": Path(engine.model_path).name, "sha256": engine.model_sha256(), "quant": quant},
-        "adapters": [
-            {"file": Path(a["file"]).name, "sha256": a["sha256"], "scale": a["scale"]} for a in engine.adapters
-        ],
-        "form": student.form,  # 'merged Q8_0' (the adapter merged on this machine) or 'base + adapter'
-        "pack": pack.folder.name if pack else None,
+        "base": {"file": base.get("file") or runs["file"], "sha256": base.get("sha256") or runs["sha256"]},
+        "adapters": adapters,
+        "runs": {**runs, "form": student.form},
+        "quant": quant,
+        "pack": student.pack.folder.name if student.pack else None,
         "answer_format": student.prompt.answer_format,
         "n_ctx": engine.config.n_ctx,
     }
