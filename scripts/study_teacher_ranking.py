@@ -7,7 +7,7 @@ nothing decoded), and the runtime's rule picks the line of highest expected stri
 (`choose_partition`, T=2 as the runtime uses; T is also cross-validated, below):
 
     rule      the choice rule alone: cut counts, no model
-    student   the shipped student with its own prompt and pack (what `generate --model default` ranks with)
+    student   the shipped student (its adapter over the base) with its own prompt and pack
     zero      the teacher zero-shot: the task and compact-answer contract in its system message, the hint
     few       the same, after the --shots nearest train sessions (MiniLM over titles, as `Pack.nearest`)
               with their compact answers
@@ -82,7 +82,9 @@ def score(modes, sessions, pack, args) -> dict[str, dict[str, dict]]:
         if not todo:
             continue
         if ranker == "student":
-            engine = resolve_student("default", pack="none").load_engine(n_ctx=pack.n_ctx(), threads=args.threads)
+            engine = resolve_student("default:adapter", pack="none").load_engine(
+                n_ctx=pack.n_ctx(), threads=args.threads
+            )
         else:
             engine = Engine(args.teacher, EngineConfig(n_ctx=4096, n_threads=args.threads, prompt=TEACHER_PROMPT))
         for s in tqdm(todo, desc=ranker, unit="session", dynamic_ncols=True):
@@ -105,11 +107,20 @@ def score(modes, sessions, pack, args) -> dict[str, dict[str, dict]]:
                 logs[mode].append({"session_id": s.session_id, "lines": lines, "counts": counts, "logprobs": logprobs,
                                    "seconds": round(seconds, 3), "cpu_s": round(cpu, 3),
                                    "prompt_tokens": n_prompt})  # fmt: skip
-    out = {}
-    for mode, log in logs.items():
+    for log in logs.values():
         log.close(complete=True)
-        out[mode] = {r["session_id"]: r for r in map(json.loads, log.path.read_text(encoding="utf-8").splitlines())}
-    return out
+    return {mode: read_records(log.path) for mode, log in logs.items()}
+
+
+def read_records(path: Path) -> dict[str, dict]:
+    """{session_id: record} of a mode's log; a line still being written by a running scorer is left out."""
+    records = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records[json.loads(line)["session_id"]] = json.loads(line)
+        except ValueError:
+            pass
+    return records
 
 
 def predictions(sessions, records: dict, temperature: float | None) -> dict[str, Prediction]:
@@ -130,7 +141,7 @@ def cross_validate(sessions, records: dict, folds: int) -> dict:
     """Strict F1 of picking T (None: the rule alone) on the other folds, scored on each held-out fold."""
     order = list(range(len(sessions)))
     random.Random(0).shuffle(order)
-    parts = [[sessions[i] for i in order[f::folds]] for f in range(folds)]
+    parts = [[sessions[i] for i in order[f::folds]] for f in range(min(folds, len(sessions)))]
     choices = (None, *TEMPERATURES)
     held_scores, picked = [], []
     for f, held in enumerate(parts):
@@ -150,6 +161,7 @@ def main() -> None:
     ap.add_argument("--split", default="val")
     ap.add_argument("--limit", type=int, default=0, help="the first N of the split in a seeded random order (0: all)")
     ap.add_argument("--score-only", action="store_true", help="score and exit (no table)")
+    ap.add_argument("--report-only", action="store_true", help="no scoring: the table over the sessions scored so far")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--teacher", default="qwen1.5b", help="what `--model` takes: the local teacher's name or a .gguf")
     ap.add_argument("--shots", type=int, default=3)
@@ -162,7 +174,10 @@ def main() -> None:
     sessions = [s for s in load_sessions(args.sessions, args.split) if len(s.items) >= 2]
     random.Random(0).shuffle(sessions)  # a run stopped early has scored a random subsample
     sessions = sessions[: args.limit or None]
-    records = score(modes, sessions, pack, args)
+    if args.report_only:
+        records = {m: read_records(args.out / f"{args.split}-{m}.jsonl") for m in modes}
+    else:
+        records = score(modes, sessions, pack, args)
     if args.score_only:
         return
     done = set.intersection(*(set(r) for r in records.values())) if records else set()
@@ -174,16 +189,28 @@ def main() -> None:
     preds |= {m: predictions(sessions, r, CHOICE_TEMPERATURE) for m, r in records.items()}
     rows = {m: evaluate(sessions, p) for m, p in preds.items()}
     per_session = {m: strict_by_session(sessions, p) for m, p in preds.items()}
-    seconds = {m: [r[s.session_id]["seconds"] for s in sessions] for m, r in records.items()}
+
+    def cost(m: str) -> dict:
+        """Seconds a session: mean over all (one candidate: the model is not asked), p50 of those asked."""
+        if m not in records:
+            return {}
+        timed = [records[m][s.session_id] for s in sessions]
+        asked = [r["seconds"] for r in timed if len(r["lines"]) > 1]
+        return {"s_per_session_mean": round(float(np.mean([r["seconds"] for r in timed])), 2),
+                "s_p50_asked": round(float(np.median(asked)), 2) if asked else 0.0,
+                "cpu_s_per_session_mean": round(float(np.mean([r.get("cpu_s", 0.0) for r in timed])), 2)}  # fmt: skip
+
     table = {
-        m: {"strict_f1": round(v["strict_f1"], 4), "exact": round(v["exact_match"], 4),
-            "s_per_session_mean": round(float(np.mean(seconds[m])), 2) if m in seconds else 0.0,
-            "s_per_session_p50": round(float(np.median(seconds[m])), 2) if m in seconds else 0.0,
+        m: {"strict_f1": round(v["strict_f1"], 4), "exact": round(v["exact_match"], 4), **cost(m),
             "minus_rule_95ci": [round(x, 4) for x in bootstrap_strict_f1(per_session[m], per_session["rule"])]}
         for m, v in rows.items()
     }  # fmt: skip
-    out = {"sessions": len(sessions), "split": args.split, "temperature": CHOICE_TEMPERATURE, "rows": table,
-           "cv": {m: cross_validate(sessions, r, args.folds) for m, r in records.items()}}  # fmt: skip
+    asked = sum(len(any_mode[s.session_id]["lines"]) > 1 for s in sessions)
+    out = {
+        "sessions": len(sessions), "with_several_candidates": asked, "split": args.split,
+        "temperature": CHOICE_TEMPERATURE, "rows": table,
+        "cv": {m: cross_validate(sessions, r, args.folds) for m, r in records.items()},
+    }  # fmt: skip
     print(json.dumps(out, indent=1))
 
 

