@@ -57,6 +57,7 @@ class BenchOptions:
     concurrency: list[int] = field(default_factory=lambda: [1, 2, 4])  # batch throughput levels
     throughput_sessions: int = 12  # sessions per throughput level (0: skip the throughput test)
     timeout_s: float = 3600.0  # per engine process
+    gpu_layers: int | None = None  # llama rows: layers offloaded to a GPU (-1: all); None: the student card's
 
     def measured(self) -> dict:
         """The options that change a row's numbers (the timeout does not)."""

@@ -9,6 +9,7 @@ import click
 
 from .. import BkdError
 from ..data import SPLITS, check_split
+from .generate_cmd import gpu_layers_option
 
 
 def _levels(text: str) -> list[int]:
@@ -48,8 +49,9 @@ def _levels(text: str) -> list[int]:
 @click.option("--timeout", default=3600, show_default=True, help="Seconds one engine may run before it is stopped.")
 @click.option("--fresh", is_flag=True, help="Measure every row again (default: reuse rows measured the same way).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+@gpu_layers_option
 def bench(sessions, split, limit, engines, teacher, compare, out, n_ctx, threads, seed, warmup, cold, concurrency,
-          throughput_sessions, timeout, fresh, as_json):  # fmt: skip
+          throughput_sessions, timeout, fresh, as_json, gpu_layers):  # fmt: skip
     """Benchmark engines side by side: one row each, every engine alone in a fresh process.
 
     \b
@@ -83,6 +85,7 @@ def bench(sessions, split, limit, engines, teacher, compare, out, n_ctx, threads
     opt = BenchOptions(
         sessions=str(sessions), split=split, limit=limit, n_ctx=n_ctx, threads=threads, seed=seed, warmup=warmup,
         cold=cold, concurrency=_levels(concurrency), throughput_sessions=throughput_sessions, timeout_s=timeout,
+        gpu_layers=gpu_layers,
     )  # fmt: skip
 
     def on_row(row):
