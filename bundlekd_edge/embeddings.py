@@ -124,5 +124,6 @@ class TextEncoder:
         """Free the ONNX session (~150 MB with its weights) and hand the freed heap back to the OS:
         glibc keeps it otherwise, and a model loaded next would be counted on top of it."""
         self.session = None
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL(None).malloc_trim(0)
+        libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+        if hasattr(libc, "malloc_trim"):  # glibc (not musl)
+            libc.malloc_trim(0)
