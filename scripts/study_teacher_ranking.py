@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from bundlekd_edge.data import load_sessions
 from bundlekd_edge.files import RecordLog
-from bundlekd_edge.metrics import Prediction, bootstrap_strict_f1, evaluate, strict_by_session
+from bundlekd_edge.metrics import Prediction, bootstrap_strict_f1, evaluate, session_strict_f1, strict_by_session
 from bundlekd_edge.packs import Pack, example_text, query_text
 from bundlekd_edge.prompts import PromptConfig, candidate_lines, render_answer, session_text
 from bundlekd_edge.runtime.choice import CHOICE_TEMPERATURE, choose_partition
@@ -123,6 +123,12 @@ def read_records(path: Path) -> dict[str, dict]:
     return records
 
 
+def bundles_of(session, line: str) -> list[list[str]]:
+    """A compact first line's groups of item numbers, as the session's item ids."""
+    ids = session.item_ids()
+    return [[ids[int(n) - 1] for n in g.split()] for g in line.split(" | ")]
+
+
 def predictions(sessions, records: dict, temperature: float | None) -> dict[str, Prediction]:
     """The chosen line per session: with the records' log-probabilities at `temperature`, or the rule alone (None)."""
     preds = {}
@@ -130,10 +136,18 @@ def predictions(sessions, records: dict, temperature: float | None) -> dict[str,
         r = records[s.session_id]
         lp = None if temperature is None else r["logprobs"]
         line = choose_partition(r["lines"], lp, r["counts"], temperature or CHOICE_TEMPERATURE)
-        ids = s.item_ids()
-        preds[s.session_id] = Prediction(
-            s.session_id, [[ids[int(n) - 1] for n in g.split()] for g in line.split(" | ")]
-        )
+        preds[s.session_id] = Prediction(s.session_id, bundles_of(s, line))
+    return preds
+
+
+def best_candidate(sessions, records: dict) -> dict[str, Prediction]:
+    """Each session's candidate of the highest strict F1 against its gold bundles: the ceiling of any ranker."""
+    preds = {}
+    for s in sessions:
+        gold = [frozenset(b.items) for b in s.bundles]
+        options = [bundles_of(s, line) for line in records[s.session_id]["lines"]]
+        best = max(options, key=lambda o: session_strict_f1([frozenset(g) for g in o if len(g) >= 2], gold))
+        preds[s.session_id] = Prediction(s.session_id, best)
     return preds
 
 
@@ -187,6 +201,7 @@ def main() -> None:
     }
     preds = {"rule": predictions(sessions, any_mode, None)}
     preds |= {m: predictions(sessions, r, CHOICE_TEMPERATURE) for m, r in records.items()}
+    preds["best candidate"] = best_candidate(sessions, any_mode)  # what a perfect ranker would score
     rows = {m: evaluate(sessions, p) for m, p in preds.items()}
     per_session = {m: strict_by_session(sessions, p) for m, p in preds.items()}
 
