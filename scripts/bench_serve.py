@@ -50,14 +50,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-MODEL = ["default"]
+MODEL = ["default", "0"]  # --model, --threads
 
 
 class Server:
     def __init__(self, *args: str, log: Path):
         self.port = free_port()
         self.log = open(log, "wb")
-        cmd = [BKD, "serve", "--model", MODEL[0], "--host", "127.0.0.1", "--port", str(self.port), *args]
+        cmd = [BKD, "serve", "--model", MODEL[0], "--threads", MODEL[1], "--host", "127.0.0.1",
+               "--port", str(self.port), *args]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and self.proc.poll() is None:
@@ -249,6 +250,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", type=Path, required=True)
     ap.add_argument("--model", default="default", help="what `generate --model` and `serve --model` run")
+    ap.add_argument("--threads", default="0", help="llama.cpp threads of both (1 on a machine shared with other work)")
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, default=0, help="only the first N sessions (0: all)")
     ap.add_argument("--levels", default="1,2,4,8,16")
@@ -260,10 +262,11 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("bench-serve"))
     args = ap.parse_args()
     DEADLINE[0] = time.monotonic() + args.max_s
-    MODEL[0] = args.model
+    MODEL[:] = [args.model, args.threads]
     args.out.mkdir(parents=True, exist_ok=True)
     gold = load_sessions(args.sessions, split=args.split)[: args.limit or None]
-    report: dict = {"model": args.model, "sessions": len(gold), "split": args.split, "file": str(args.sessions),
+    report: dict = {"model": args.model, "threads": args.threads, "sessions": len(gold), "split": args.split,
+                    "file": str(args.sessions),
                     "cpu_cores": os.cpu_count()}  # fmt: skip
 
     # 1. the reference: generate, sequential, in a process of its own
@@ -273,7 +276,8 @@ def main() -> int:
             f.write(json.dumps(s.to_dict()) + "\n")
         f.flush()
         t0 = time.perf_counter()
-        subprocess.run([BKD, "generate", "--model", args.model, "--sessions", f.name, "--out", str(ref_path), "--force",
+        subprocess.run([BKD, "generate", "--model", args.model, "--threads", args.threads, "--sessions", f.name,
+                        "--out", str(ref_path), "--force",
                         "--summary", str(summary), "--quiet"], check=True, timeout=args.max_s)  # fmt: skip
         ref_wall = time.perf_counter() - t0
     ref = {r["session_id"]: r for r in map(json.loads, ref_path.read_text().splitlines()) if "session_id" in r}
@@ -353,7 +357,8 @@ def markdown(r: dict) -> str:
     cols = [("run", "run", ""), ("c", "concurrency", ""), ("n", "sessions", ""), ("spm", "sessions/min", ".1f"),
             ("x", "x generate", ".2f"), ("p50", "p50 (s)", ".2f"), ("p99", "p99 (s)", ".2f"),
             ("err", "errors", "")]  # fmt: skip
-    head = (f"`--model {r['model']}`, {r['sessions']} sessions of {Path(r['file']).name} (split {r['split']}), "
+    head = (f"`--model {r['model']} --threads {r['threads']}`, {r['sessions']} sessions of "
+            f"{Path(r['file']).name} (split {r['split']}), "
             f"{r['cpu_cores']} cores.")  # fmt: skip
     out = [head, "", table(rows, cols), ""]
     for c, a in r["answers"].items():

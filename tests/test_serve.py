@@ -1,5 +1,6 @@
-"""`bkd-edge serve`: ONE real server (the shipped student) on 127.0.0.1, started once for this module
-and shared by every test; the last test drains it with SIGTERM."""
+"""`bkd-edge serve`: ONE real server (the shipped student, its adapter over the base: no merged form to
+make first) on 127.0.0.1, started once for this module and shared by every test; the last test drains
+it with SIGTERM."""
 
 import http.client
 import json
@@ -24,10 +25,11 @@ class Serve:
         self.port = free_port()
         self.log = tempfile.NamedTemporaryFile(suffix=".log")
         env = {**os.environ, "BKD_TEST_KEY": KEY}
-        cmd = [bkd_edge(), "serve", "--model", "default", "--port", str(self.port), "--parallel", "4", "--queue", "8",
-               "--timeout", "120", "--api-key-env", "BKD_TEST_KEY", "--max-items", "50", "--threads", "1"]  # fmt: skip
+        cmd = [bkd_edge(), "serve", "--model", "default:adapter", "--port", str(self.port), "--parallel", "4",
+               "--queue", "8", "--timeout", "120", "--api-key-env", "BKD_TEST_KEY", "--max-items", "50",
+               "--threads", "1"]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # seconds on a quiet machine; far more on cores shared with other work
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.text()
             try:
@@ -92,7 +94,7 @@ def test_concurrent_requests_equal_the_library(server, short):
         t.start()
     for t in threads:
         t.join()
-    with Student.load("default", threads=1) as student:
+    with Student.load("default:adapter", threads=1) as student:
         expected = [student.generate(s) for s in short]
     for (status, record, _), want in zip(got, expected):
         assert status == 200, record
