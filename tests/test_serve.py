@@ -115,8 +115,8 @@ def test_auth(server):
     status, models, _ = server.call("GET", "/v1/models")
     (info,) = models["data"]
     assert status == 200 and info["student"] == "smollm2-bundles" and info["answer_format"] == "compact"
-    assert len(info["base"]["sha256"]) == 64 and info["form"] in ("base + adapter", f"merged {info['base']['quant']}")
-    assert [len(a["sha256"]) for a in info["adapters"]] == ([64] if info["form"] == "base + adapter" else [])
+    assert len(info["base"]["sha256"]) == 64 and info["runs"]["form"] in ("base + adapter", f"merged {info['quant']}")
+    assert [len(a["sha256"]) for a in info["adapters"]] == [64]  # the card's adapter, merged or not
     assert KEY not in server.text()  # never logged
 
 
@@ -144,7 +144,9 @@ def test_bad_input_is_a_4xx_naming_the_field(server, body, status, field):
 
 @pytest.mark.parametrize(
     "body,field",
-    [({"sessions": []}, "sessions"), ({"sessions": [request_body(), request_body()]}, "sessions[1].session_id"),
+    [({"sessions": []}, "sessions"),
+     ({"sessions": [{**request_body(), "session_id": "x"}, {**request_body(), "session_id": "x"}]},
+      "sessions[1].session_id"),
      ({"sessions": [request_body(), {"items": []}]}, "sessions[1].items")],
 )  # fmt: skip
 def test_bad_batches(server, body, field):
