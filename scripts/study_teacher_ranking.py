@@ -22,6 +22,15 @@ On the train split (`--limit` sessions spread evenly over it) the retrieved exam
 the session itself, and the student is left out (it was trained on those answers). Every run
 prints strict F1 / exact per row at T=2, and a K-fold CV (`--folds`) in which each fold's T (or
 the rule alone) is picked on the other folds among `TEMPERATURES` and scored on the held-out one.
+
+Measured on Electronic val, 3 Dec 2026, on 2 cores saturated by other work (load 13-24, this run at
+nice 10, one thread: llama.cpp's two threads spin-waited, 89 CPU-s for one ~900-token prompt against
+~50 with one): only the first 15 sessions of the seeded order (11 with several candidates) were
+scored few-shot in 70 min. Strict F1 / exact on those 15: rule 0.629 / 0.389, student 0.639 / 0.367,
+teacher few-shot 0.605 / 0.367 (paired 95% CI of few-shot minus rule [-0.089, +0.037]); a perfect
+ranker of the same candidates 0.765 / 0.456. Cost per session asked: teacher few-shot ~49 CPU-s
+(~830 prompt tokens), student ~3.7 CPU-s (~260). All 90 sessions, no model: rule 0.658 / 0.402,
+perfect ranker 0.759 / 0.483. Continue with the same command: finished sessions are kept.
 """
 
 from __future__ import annotations
