@@ -35,7 +35,8 @@ def _levels(text: str) -> list[int]:
 @click.option("--engine", "engines", multiple=True, required=True,
               metavar="NAME=MODEL[,pack=P][,adapter=FILE[:S]][,label=T]",
               help="An engine row (repeat). MODEL: 'default' (the shipped student), 'base', a .gguf, "
-              "EXPORT_DIR[:QUANT], an OpenAI-compatible URL, or baseline:whole|pairs|apriori|cluster|choice.")  # fmt: skip
+              "EXPORT_DIR[:QUANT], an OpenAI-compatible URL, or "
+              "baseline:whole|pairs|apriori|cluster|choice.")  # fmt: skip
 @click.option("--teacher", help="Name of the engine the ratios are taken against.")
 @click.option("--compare", multiple=True, metavar="A:B", help="Also give the ratios of engine A against engine B.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Report folder.")

