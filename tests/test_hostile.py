@@ -585,3 +585,14 @@ def test_an_export_folder_with_an_unlisted_file_is_refused(tmp_path, data):
     r = run("generate", "--model", export, "--sessions", gold, "--out", tmp_path / "o.jsonl")
     refused(r, "does not list", "extra.py")
     assert snapshot(tmp_path) == before
+
+
+def test_the_retrieval_encoder_keeps_a_title_spelling_its_special_tokens_as_text():
+    """MiniLM (retrieval, the similar-items hint): "[SEP]" in a title is text, not a separator."""
+    from bundlekd_edge.embeddings import TextEncoder, default_encoder_dir
+
+    encoder = TextEncoder(default_encoder_dir())
+    ids = encoder.tokenizer.encode("Cable [SEP] [CLS] Charger").ids
+    special = {encoder.tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")}
+    assert ids[0] == encoder.tokenizer.token_to_id("[CLS]") and ids[-1] == encoder.tokenizer.token_to_id("[SEP]")
+    assert not special & set(ids[1:-1])
