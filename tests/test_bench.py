@@ -2,6 +2,7 @@
 server on 127.0.0.1, baselines), a broken engine reported in its row, report files, resume."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -85,7 +86,7 @@ def test_bench_rows(bench, sample_path):
         assert lat[key] > 0, key
     assert lat["uncached_prompt_tokens_mean"] > 0
     assert mem["peak_rss"] >= mem["rss_file"] > 0 and mem["rss_anon"] > 0
-    assert mem["model_file_bytes"] == default_model_path().stat().st_size
+    assert mem["model_file_bytes"] == Path(student["engine"]["model"]).stat().st_size  # the form that ran
     # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims, f16 K and V at n_ctx 2048.
     assert mem["kv_cache_bytes"] == 2048 * 30 * 3 * (64 + 64) * 2
     assert [t["concurrency"] for t in student["throughput"]] == [1, 2]

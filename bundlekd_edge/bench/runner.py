@@ -25,6 +25,7 @@ from pathlib import Path
 from .. import BkdError, __version__
 from ..artifacts import MANIFEST, write_manifest
 from ..files import sha256_file, write_json
+from ..openai_client import redact_url
 from .engines import BenchOptions, EngineSpec
 from .report import RATIO_KEYS, write_report
 
@@ -66,6 +67,7 @@ def run_engine(spec: EngineSpec, opt: BenchOptions, rows_dir: Path, resume: bool
     detail = _tail(log_path)
     return {
         **asdict(spec),
+        "model": redact_url(spec.model),  # a URL row's credentials stay out of the report
         "status": "failed",
         "error": f"{error or 'no row written'}: {detail}" if detail else error or "no row written",
         "wall_s": time.perf_counter() - t0,

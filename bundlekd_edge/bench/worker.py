@@ -22,6 +22,7 @@ from .. import BkdError, __version__
 from ..data import Session, load_sessions
 from ..files import atomic_write, sha256_file, write_json
 from ..metrics import evaluate, load_predictions
+from ..openai_client import redact_url
 from ..runtime.memory import memory_snapshot
 from .engines import BenchOptions, EngineSpec
 
@@ -205,6 +206,7 @@ def run_row(spec: EngineSpec, opt: BenchOptions, row_path: Path) -> dict:
     row = ROWS[spec.kind](spec, opt, sessions, row_path.with_suffix(".pred.jsonl"))
     return {
         **asdict(spec),
+        "model": redact_url(spec.model),  # a URL row's credentials stay out of the report
         "status": "ok",
         **row,
         "wall_s": time.perf_counter() - t0,
