@@ -119,7 +119,6 @@ def cross_validate(evidence: list[Evidence], rules=RULES, folds: int = FOLDS, se
         ],
         "winner": rules[winner].label,
         "calibrated_cv_strict_f1": round(float(np.mean(honest)), 4),
-        "_rule": rules[winner],
     }
 
 
@@ -132,7 +131,7 @@ def calibrate(engine, pack, sessions: list[Session], cluster: dict, progress: bo
     evidence = gather_evidence(engine, pack, sessions, progress)
     seconds = time.perf_counter() - t0
     report = cross_validate(evidence)
-    rule = report.pop("_rule")
+    rule = next(r for r in RULES if r.label == report["winner"])
     report["student_s_per_100_sessions"] = round(100 * seconds / max(len(evidence), 1), 1)
     config = {"rule": rule.name, "temperature": rule.temperature, "cluster": dict(cluster)}
     return {"config": config, "report": report}
