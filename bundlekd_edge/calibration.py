@@ -89,7 +89,7 @@ def strict_f1(rule: ChoiceRule, evidence: list[Evidence]) -> float:
     return evaluate([e.session for e in evidence], preds)["strict_f1"]
 
 
-def pick(scores: list[float], rules=RULES) -> int:
+def pick(scores: list[float]) -> int:
     """The simplest rule within `TIE` of the best score (rules are in order of simplicity)."""
     best = max(scores)
     return next(i for i, s in enumerate(scores) if s >= best - TIE)
@@ -107,8 +107,8 @@ def cross_validate(evidence: list[Evidence], rules=RULES, folds: int = FOLDS, se
     honest = []
     for f, held in enumerate(parts):
         rest = [e for g, p in enumerate(parts) if g != f for e in p]
-        honest.append(strict_f1(rules[pick([strict_f1(r, rest) for r in rules], rules)], held))
-    winner = pick(mean, rules)
+        honest.append(strict_f1(rules[pick([strict_f1(r, rest) for r in rules])], held))
+    winner = pick(mean)
     return {
         "folds": len(parts),
         "sessions": len(evidence),
