@@ -7,11 +7,9 @@ an ONNX file with torch, once, at pack-build time; at run time only onnxruntime 
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import json
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
@@ -124,7 +122,7 @@ class TextEncoder:
     def close(self) -> None:
         """Free the ONNX session (~150 MB with its weights) and hand the freed heap back to the OS:
         glibc keeps it otherwise, and a model loaded next would be counted on top of it."""
+        from .runtime.llamacpp import trim_heap  # ctypes lives behind the llama.cpp door
+
         self.session = None
-        libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
-        if hasattr(libc, "malloc_trim"):  # glibc (not musl)
-            libc.malloc_trim(0)
+        trim_heap()

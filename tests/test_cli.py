@@ -210,9 +210,9 @@ def test_outputs_never_clobber_inputs_or_other_files(tmp_path, cli, sample_path)
     shutil.copy(sample_path, data)
     before = data.read_bytes()
     r = cli("generate", "--sessions", data, "--out", data)
-    assert r.exit_code == 1 and "is an input of this command" in r.output
+    assert r.exit_code == 1 and "an input of this command" in r.output
     r = cli("eval", "--gold", data, "--pred", data, "--out", data)
-    assert r.exit_code == 1 and "is an input of this command" in r.output
+    assert r.exit_code == 1 and "an input of this command" in r.output
     mine = tmp_path / "notes.jsonl"
     mine.write_text("my own notes\n")
     r = cli("generate", "--sessions", data, "--out", mine, "--limit", "1")

@@ -279,14 +279,21 @@ def test_a_compact_student_chooses_its_first_line_among_the_candidates(sample_pa
     from bundlekd_edge.prompts import PromptConfig, parse_answer, partition_text
 
     compact = Engine("default", EngineConfig(prompt=PromptConfig(answer_format="compact")))
+    scored = []  # what generate asked the student, and its answer
+    score = compact.partition_logprobs
+    compact.partition_logprobs = lambda lines: scored.append((lines, score(lines))) or scored[-1][1]
     for s in load_sessions(sample_path, split="test")[:3]:
         n = len(s.items)
         candidates = [[[1, 2]], [[1, 2], [3, n]], [list(range(1, n + 1))]]
         g = compact.generate(s, candidates=candidates)
         first, intents = g.raw.split("\n")
-        lines = [partition_text(c) for c in candidates]
+        lines, logprobs = scored[-1]
+        assert lines == [partition_text(c) for c in candidates]
+        assert first == choose_partition(lines, logprobs) and g.chosen_by == "student T=2"
+        # the student's own scores of those lines, from a fresh prefill (a 4-bit model's batched rows
+        # round differently with another session's cache before them: measured up to 2.4%)
         compact._eval_prompt(compact.prompt_tokens(s))
-        assert first == choose_partition(lines, compact.partition_logprobs(lines))
+        assert logprobs == pytest.approx(score(lines), rel=0.04)
         assert g.valid and len(intents.split(" | ")) == len(g.bundles) == first.count("|") + 1
         assert g.bundles == parse_answer(g.raw, s, compact.config.prompt).bundles
         t = g.timing

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from bundlekd_edge import BkdError
+from bundlekd_edge.artifacts import file_hashes
 from bundlekd_edge.data import Bundle, Item, Session, load_sessions
 from bundlekd_edge.files import sha256_file, write_json
 
@@ -448,7 +449,8 @@ def test_an_export_with_a_pack_generates_with_it(exported, sample_path, cli, tmp
     r = cli("pack", "build", "--sessions", sample_path, "--k", "1", "--similar-items", "--no-calibrate",
             "--out", folder / "pack")  # fmt: skip
     assert r.exit_code == 0, r.output
-    write_json(folder / "manifest.json", {**manifest, "pack": "pack"})  # as a mode-'knowledge' export writes it
+    # as a mode-'knowledge' export writes it: the pack is listed file by file
+    write_json(folder / "manifest.json", {**manifest, "pack": "pack", "files": file_hashes(folder)})
     runs = {}
     for name, model, extra in (("plain", out, []), ("with-pack", folder, []), ("no-pack", folder, ["--pack", "none"])):
         r = cli("generate", "--model", model, "--sessions", sample_path, "--split", "test", "--limit", "1",
@@ -624,9 +626,12 @@ def test_disk_full_during_export_leaves_nothing(trained_run, monkeypatch):
 def test_cli_train_and_export_errors(cli, tmp_path):
     r = cli("train", tmp_path / "missing.toml")
     assert r.exit_code == 1 and "no such recipe file" in r.output
-    r = cli("export", tmp_path, "--out", tmp_path / "x")
+    (tmp_path / "run").mkdir()
+    r = cli("export", tmp_path / "run", "--out", tmp_path / "x")
     assert r.exit_code == 1 and "did not finish" in r.output
-    shutil.rmtree(tmp_path / "x", ignore_errors=True)
+    assert not (tmp_path / "x").exists()
+    r = cli("export", tmp_path / "run", "--out", tmp_path / "run" / "x")
+    assert r.exit_code == 1 and "an input of this command" in r.output
 
 
 def test_promote_installs_the_adapter_as_a_student_that_generate_runs(

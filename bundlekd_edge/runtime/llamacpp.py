@@ -13,6 +13,7 @@ Also here, because it is ctypes through and through: the grammar-first greedy sa
 from __future__ import annotations
 
 import ctypes
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -132,6 +133,14 @@ def _set_adapters(ctx, handles: list, scales: list[float]) -> bool:
     array = (lib.llama_adapter_lora_p_ctypes * len(handles))(*handles)
     factors = (ctypes.c_float * len(scales))(*scales)
     return lib.llama_set_adapters_lora(ctx, array, len(handles), factors) == 0
+
+
+def trim_heap() -> None:
+    """Hand memory freed by Python or a native library (an ONNX session) back to the OS: glibc keeps
+    it otherwise, and a model loaded next would be counted on top of it. A no-op outside glibc."""
+    libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+    if hasattr(libc, "malloc_trim"):  # glibc (not musl)
+        libc.malloc_trim(0)
 
 
 # ---------------------------------------------------------------- the model's own context
