@@ -8,8 +8,11 @@ traceback, and nothing written outside the case's OUT folder.
     stdin      `generate --json` on a mock OpenAI-compatible server (127.0.0.1) whose answer is
                generated too, so a case is a hostile session and a hostile server at once
     answers    `generate --sessions FILE --out OUT/pred.jsonl` on the mock, the answers generated
+    service    requests to a real `bkd-edge serve --model base` on 127.0.0.1: any method, route,
+               headers and body; never a 5xx, never a traceback in its log, healthy at the end
 
-No model is loaded (the mock stands for the server), so a case takes milliseconds.
+The first three load no model (the mock stands for the server), so a case takes milliseconds; a
+service case that passes validation is a real generation (about a second).
 
     python scripts/fuzz.py [--seconds 60]
 """
@@ -17,8 +20,13 @@ No model is loaded (the mock stands for the server), so a case takes millisecond
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -26,6 +34,7 @@ import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import quote
 
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
@@ -67,9 +76,22 @@ BODY = st.one_of(
     JSON.map(lambda j: json.dumps({"choices": [{"message": {"content": j}}], "usage": j})),
     JSON.map(json.dumps), st.binary(max_size=100).map(lambda b: b.decode("latin-1")),
 )  # fmt: skip
+REQUEST = st.one_of(
+    SESSION.map(json.dumps), st.lists(SESSION, max_size=3).map(lambda s: json.dumps({"sessions": s})),
+    JSON.map(json.dumps), FILE, st.just(b"[" * 100000), st.just(b'{"items": ' * 5000),
+)  # fmt: skip
+ROUTE = st.one_of(st.sampled_from(["/v1/bundles", "/v1/bundles:batch", "/v1/models", "/healthz", "/metrics",
+                                   "/openapi.json", "/docs", "/v1/bundles/", "//v1/bundles", "/v1/%2e%2e/healthz"]),
+                  TEXT.map(lambda t: "/" + quote(t.encode("utf-8", "surrogatepass"))))  # fmt: skip
+HEADERS = st.dictionaries(st.sampled_from(["Content-Type", "Authorization", "Accept", "Content-Encoding",
+                                           "Transfer-Encoding-X", "X-Request-Id"]),
+                          st.one_of(st.sampled_from(["application/json", "text/plain", "gzip", "Bearer fuzz-key",
+                                                     "Bearer wrong", "", "*/*"]),
+                                    st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=30)),
+                          max_size=3)  # fmt: skip
 
 
-# ---------------------------------------------------------------- the mock server
+# ---------------------------------------------------------------- the servers
 
 
 class Mock:
@@ -101,6 +123,44 @@ class Mock:
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+class Served:
+    """A real `bkd-edge serve` of the untuned base (small sessions only) on a free loopback port."""
+
+    KEY = "fuzz-key"
+
+    def __init__(self, work: Path):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.log = work / "serve.log"
+        cmd = [sys.executable, "-m", "bundlekd_edge.cli", "serve", "--model", "base", "--port", str(self.port),
+               "--max-items", "6", "--parallel", "2", "--queue", "8", "--timeout", "60", "--threads", "1",
+               "--api-key-env", "BKD_FUZZ_KEY"]  # fmt: skip
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, "BKD_FUZZ_KEY": self.KEY})  # fmt: skip
+        deadline = time.monotonic() + 300
+        while self.status("GET", "/healthz") != 200:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"fuzz: bkd-edge serve did not start:\n{self.log.read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    def status(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        try:
+            conn.request(method, path, body, headers or {})
+            return conn.getresponse().status
+        except OSError:
+            return 0  # not up (yet)
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=120)
 
 
 # ---------------------------------------------------------------- the checks
@@ -160,6 +220,18 @@ class Fuzz:
                   "--quiet"])  # fmt: skip
 
 
+def request(served: Served, cases: dict, found: dict, method: str, path: str, body, headers: dict) -> None:
+    """One request; a 5xx (or a dropped connection) is a finding."""
+    cases["service"] = cases.get("service", 0) + 1
+    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+    status = served.status(method, path, raw if method in ("POST", "PUT") else None,
+                           {"Authorization": f"Bearer {Served.KEY}", **headers})  # fmt: skip
+    if status == 0 or status >= 500:
+        problem = f"service: status {status or 'no answer'} for {method} {path}"
+        found.setdefault(problem, ([method, path, json.dumps(headers)], {"body": raw}, None))
+        raise AssertionError(problem)
+
+
 def run_for(seconds: float, test) -> None:
     """Run hypothesis on `test` in rounds until `seconds` have passed; a failure is recorded, then go on."""
     end = time.monotonic() + seconds
@@ -179,10 +251,29 @@ def main_(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bkd-fuzz-"))
     fuzz, t0 = Fuzz(work, Mock()), time.monotonic()
     try:
-        share = args.seconds / 3
+        share = args.seconds / 4
         run_for(share, given(FILE, FILE)(fuzz.sessions))
         run_for(share, given(st.one_of(SESSION.map(lambda s: json.dumps(s).encode()), FILE), BODY)(fuzz.stdin))
         run_for(share, given(BODY, st.integers(1, 12))(fuzz.answers))
+        served = Served(work)
+        try:
+            methods = st.sampled_from(["POST", "POST", "POST", "GET", "PUT", "DELETE"])
+            test = given(methods, ROUTE, REQUEST, HEADERS)
+            run_for(
+                share,
+                test(
+                    lambda method, path, body, headers: request(
+                        served, fuzz.cases, fuzz.found, method, path, body, headers
+                    )
+                ),
+            )
+            if served.status("GET", "/healthz") != 200:
+                fuzz.found["service: not healthy after the cases"] = ([], {}, None)
+        finally:
+            served.stop()
+            log = served.log.read_text(errors="replace")
+            if "Traceback" in log or served.proc.returncode != 0:
+                fuzz.found[f"service: exit {served.proc.returncode}; log {log[-1500:]}"] = ([], {}, None)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     total = sum(fuzz.cases.values())

@@ -123,6 +123,8 @@ def test_auth(server):
 BAD = [
     (b"{not json", 400, "body"),
     (b"\xff\xfe", 400, "body"),
+    (b'{"items": ' * 5000, 400, "body"),  # nesting past Python's stack (found by `make fuzz`)
+    (b'{"session_id": ' + b"7" * 5000 + b"}", 400, "body"),  # past Python's 4,300 digits
     ([1, 2], 422, "body"),
     ({"items": "no"}, 422, "items"),
     ({"items": [{"id": "a", "title": "x"}]}, 422, "items"),

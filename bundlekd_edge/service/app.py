@@ -113,6 +113,8 @@ async def read_json(request: Request, max_bytes: int):
         raise ApiError(
             400, f"the body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", "body"
         ) from None
+    except (ValueError, RecursionError):  # a number past Python's 4,300 digits, nesting past its stack
+        raise ApiError(400, "the body is JSON too deeply nested or with a number too long to read", "body") from None
 
 
 def parse_session(obj, where: str, default_id: str, max_items: int) -> Session:
