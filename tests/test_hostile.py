@@ -343,6 +343,20 @@ def test_credentials_in_a_url_are_sent_but_never_shown(mock, tmp_path, data):
     assert "s3cret" not in r.output and "k3y" not in r.output, line
 
 
+def test_a_bench_rows_credentials_reach_its_server_but_no_file(mock, tmp_path, data):
+    gold, _ = data
+    mock.says('{"bundles": [{"items": [1, 2], "intent": "x"}]}')
+    url = mock.url.replace("//", "//alice:s3cret@") + "?api_key=k3y"
+    out = tmp_path / "bench"
+    r = run("bench", "--sessions", gold, "--split", "test", "--engine", f"remote={url}", "--out", out, "--warmup", "0",
+            "--cold", "0", "--throughput-sessions", "0")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "Basic YWxpY2U6czNjcmV0" in [h.get("Authorization") for h in mock.headers]  # alice:s3cret
+    assert json.loads((out / "report.json").read_text())["rows"][0]["status"] == "ok"
+    written = "".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
+    assert "s3cret" not in r.output + written and "k3y" not in r.output + written
+
+
 # ---------------------------------------------------------------- 3. adapters
 
 

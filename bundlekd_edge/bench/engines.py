@@ -22,6 +22,9 @@ from pathlib import Path
 from .. import BkdError
 
 KINDS = ("llama", "http", "baseline")
+# The environment variable that hands a row's model, as given (a URL with its credentials), to its
+# worker process; rows/NAME.spec.json holds it redacted.
+WORKER_MODEL = "BKD_BENCH_MODEL"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from .. import BkdError, __version__
 from ..artifacts import MANIFEST, write_manifest
 from ..files import sha256_file, write_json
 from ..openai_client import redact_url
-from .engines import BenchOptions, EngineSpec
+from .engines import WORKER_MODEL, BenchOptions, EngineSpec
 from .report import RATIO_KEYS, write_report
 
 BENCH_FORMAT = "bkd-bench/1"
@@ -50,13 +50,16 @@ def run_engine(spec: EngineSpec, opt: BenchOptions, rows_dir: Path, resume: bool
             return {**row, "reused": True}
     row_path.unlink(missing_ok=True)
     spec_path = rows_dir / f"{spec.name}.spec.json"
-    write_json(spec_path, {"spec": asdict(spec), "options": asdict(opt), "key": key})
+    # A URL's credentials reach the worker through its environment, never a file on disk.
+    write_json(spec_path, {"spec": {**asdict(spec), "model": redact_url(spec.model)}, "options": asdict(opt),
+                           "key": key})  # fmt: skip
     cmd = [sys.executable, "-m", "bundlekd_edge.bench.worker", str(spec_path), str(row_path)]
+    env = {**os.environ, WORKER_MODEL: spec.model}
     t0 = time.perf_counter()
     error = ""
     with open(log_path, "w") as log:
         try:
-            proc = subprocess.run(cmd, stdout=log, stderr=log, timeout=opt.timeout_s)
+            proc = subprocess.run(cmd, stdout=log, stderr=log, timeout=opt.timeout_s, env=env)
             if proc.returncode != 0:
                 why = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
                 error = f"the engine process failed ({why})"

@@ -10,10 +10,11 @@ Any failure exits non-zero with the reason on stderr; the runner puts it in the 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from ..files import atomic_write, sha256_file, write_json
 from ..metrics import evaluate, load_predictions
 from ..openai_client import redact_url
 from ..runtime.memory import memory_snapshot
-from .engines import BenchOptions, EngineSpec
+from .engines import WORKER_MODEL, BenchOptions, EngineSpec
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -219,6 +220,8 @@ def main(argv: list[str]) -> int:
     spec_path, row_path = Path(argv[0]), Path(argv[1])
     blob = json.loads(spec_path.read_text())
     spec, opt = EngineSpec(**blob["spec"]), BenchOptions(**blob["options"])
+    if redact_url(os.environ.get(WORKER_MODEL, "")) == spec.model:  # the model with its credentials
+        spec = replace(spec, model=os.environ[WORKER_MODEL])
     try:
         row = run_row(spec, opt, row_path)
     except BkdError as e:
