@@ -27,7 +27,7 @@ class Serve:
         env = {**os.environ, "BKD_TEST_KEY": KEY}
         cmd = [bkd_edge(), "serve", "--model", "default:adapter", "--port", str(self.port), "--parallel", "4",
                "--queue", "8", "--timeout", "120", "--api-key-env", "BKD_TEST_KEY", "--max-items", "50",
-               "--threads", "1"]  # fmt: skip
+               "--threads", "1", "--gpu-layers", "all"]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + 300  # seconds on a quiet machine; far more on cores shared with other work
         while time.monotonic() < deadline:
@@ -117,6 +117,7 @@ def test_auth(server):
     assert status == 200 and info["student"] == "smollm2-bundles" and info["answer_format"] == "compact"
     assert len(info["base"]["sha256"]) == 64 and info["runs"]["form"] in ("base + adapter", f"merged {info['quant']}")
     assert [len(a["sha256"]) for a in info["adapters"]] == [64]  # the card's adapter, merged or not
+    assert info["gpu_layers"] == -1 and info["device"] == "CPU"  # all asked for; this CPU build keeps them
     assert KEY not in server.text()  # never logged
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import click
 
-from .generate_cmd import engine_options
+from .generate_cmd import engine_options, gpu_layers_option
 
 
 @click.command()
 @engine_options
+@gpu_layers_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind; anything but loopback needs --api-key-env.")  # fmt: skip
 @click.option("--port", default=8090, show_default=True, type=click.IntRange(0, 65535))
@@ -24,8 +25,8 @@ from .generate_cmd import engine_options
 @click.option(
     "--max-bytes", default=1 << 20, show_default=True, type=click.IntRange(1024), help="Bytes a request may hold."
 )
-def serve(model, pack, adapters, n_ctx, threads, seed, host, port, parallel, queue, timeout_s, api_key_env, max_items,
-          max_bytes):  # fmt: skip
+def serve(model, pack, adapters, n_ctx, threads, seed, gpu_layers, host, port, parallel, queue, timeout_s, api_key_env,
+          max_items, max_bytes):  # fmt: skip
     """Serve bundles over HTTP: POST /v1/bundles, /v1/bundles:batch; GET /v1/models, /healthz, /metrics, /docs.
 
     \b
@@ -40,12 +41,13 @@ def serve(model, pack, adapters, n_ctx, threads, seed, host, port, parallel, que
     from ..service.app import serve as run
 
     config = ServeConfig(model, tuple(adapters), str(pack) if pack else None, n_ctx, threads, seed, host, port,
-                         parallel, queue, timeout_s, api_key_env, max_items, max_bytes)  # fmt: skip
+                         parallel, queue, timeout_s, api_key_env, max_items, max_bytes,
+                         gpu_layers=gpu_layers)  # fmt: skip
 
     def loaded(service):
         info = service.model_info
         click.echo(f"bkd-edge serve: {info['student']} ({info['base']['file']}, {len(info['adapters'])} adapter(s), "
-                   f"pack {info['pack']}) on http://{host}:{port}, {parallel} in parallel, queue {queue}"
-                   + (", API key required" if api_key_env else ""), err=True)  # fmt: skip
+                   f"pack {info['pack']}, on {info['device']}) on http://{host}:{port}, {parallel} in parallel, "
+                   f"queue {queue}" + (", API key required" if api_key_env else ""), err=True)  # fmt: skip
 
     run(config, on_loaded=loaded)

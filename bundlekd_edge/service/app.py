@@ -62,6 +62,7 @@ class ServeConfig:
     max_items: int = 200  # per session
     max_bytes: int = 1 << 20  # per request body
     max_sessions: int = 64  # per batch request
+    gpu_layers: int | None = None  # offloaded to a GPU (-1: all); None: the student card's
 
 
 def api_key(config: ServeConfig) -> str | None:
@@ -205,7 +206,7 @@ class Service:
 
         self.config = config
         self.student = Student.load(config.model, config.adapters, config.pack, config.n_ctx, config.threads,
-                                    config.seed)  # fmt: skip
+                                    config.seed, gpu_layers=config.gpu_layers)  # fmt: skip
         engine = self.student.engine
         prefix = engine.prefix_tokens(self.student.pack.static if self.student.pack else "")
         self.batched = Batched(engine, config.parallel, prefix, max_queue=config.queue)
@@ -327,6 +328,7 @@ def _model_info(student, engine) -> dict:
         "pack": student.pack.folder.name if student.pack else None,
         "answer_format": student.prompt.answer_format,
         "n_ctx": engine.config.n_ctx,
+        **engine.offload(),
     }
 
 
