@@ -49,6 +49,16 @@ def write_manifest(folder: str | os.PathLike, fmt: str, fields: dict, skip: tupl
     return manifest
 
 
+def amend_manifest(folder: str | os.PathLike, manifest: dict, fields: dict, changed: tuple[str, ...] = ()) -> dict:
+    """A finished folder's manifest with `fields` added and the files `changed` since hashed again
+    (the others, a model of hundreds of MB, are not read again); written atomically."""
+    folder = Path(folder)
+    amended = {**manifest, **fields}
+    amended["files"] = {**manifest.get("files", {}), **{name: sha256_file(folder / name) for name in changed}}
+    write_json(folder / MANIFEST, amended)
+    return amended
+
+
 def check_files(folder: str | os.PathLike, digests: dict[str, str], unlisted_ok: tuple[str, ...] = ()) -> list[str]:
     """Problems with a folder against the sha256 its manifest lists: a listed file missing, changed or
     outside the folder, or a file the manifest does not list (`unlisted_problems`)."""

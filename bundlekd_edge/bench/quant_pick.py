@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 from .. import BkdError
+from ..artifacts import amend_manifest
 from ..data import load_sessions, spread, write_sessions
 from ..export.build import model_card
-from ..export.folder import MANIFEST, read_manifest, verify_export
-from ..files import atomic_write, sha256_file, write_json
+from ..export.folder import read_manifest, verify_export
+from ..files import atomic_write
 from .engines import BenchOptions, parse_engine
 from .runner import reproducibility, run_bench
 
@@ -74,12 +75,10 @@ def pick_quant(
         "table": table,
     }
     result["machine"]["cpu"] = {k: v for k, v in result["machine"]["cpu"].items() if k != "flags"}
-    manifest.update(default_quant=choice, quant_pick=result)
-    card = folder / "README.md"
-    with atomic_write(card) as f:  # the model card shows the table and the choice too
-        f.write(model_card(manifest))
-    manifest["files"]["README.md"] = sha256_file(card)
-    write_json(folder / MANIFEST, manifest)
+    fields = {"default_quant": choice, "quant_pick": result}
+    with atomic_write(folder / "README.md") as f:  # the model card shows the table and the choice too
+        f.write(model_card({**manifest, **fields}))
+    amend_manifest(folder, manifest, fields, changed=("README.md",))
     return result
 
 
