@@ -96,7 +96,7 @@ use = ["sft", "sft+icl"]
 def test_sft_cells_train_a_student_on_their_knowledge_once(tmp_path, sample_path, cli):
     pytest.importorskip("torch")
     recipe = tmp_path / "tiny.toml"
-    recipe.write_text('max_steps = 1\nbatch_size = 2\nmax_len = 1024\nlora_r = 4\neval_sessions = 1\n'
+    recipe.write_text('max_steps = 1\nbatch_size = 1\nmax_len = 1024\nlora_r = 4\neval_sessions = 1\n'
                       'eval_max_tokens = 8\ndevice = "cpu"\n')  # fmt: skip
     grid_file = tmp_path / "grid.toml"
     grid_file.write_text(SFT_GRID.format(sessions=sample_path, recipe=recipe))
