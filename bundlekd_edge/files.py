@@ -181,11 +181,23 @@ def write_jsonl(path: str | os.PathLike, rows) -> int:
     return n
 
 
+_DIGESTS: dict[tuple, str] = {}  # this process's digests of large files, by what fstat says of them
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+    """The file's sha256. A large file (a model) already hashed in this process and unchanged since
+    (the same inode, size, mtime and ctime) is not read again: a model is checked at several layers
+    (the merged cache, the base an adapter needs, the prefix cache's key), each in its own words."""
     with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key in _DIGESTS:
+            return _DIGESTS[key]
+        h = hashlib.sha256()
         while block := f.read(chunk):
             h.update(block)
+    if st.st_size >= 1 << 24:
+        _DIGESTS[key] = h.hexdigest()
     return h.hexdigest()
 
 

@@ -130,3 +130,21 @@ def test_title_tree_cuts_are_scipys():
             for item_id, label in zip(session.item_ids(), fcluster(reference, cut, criterion="distance")):
                 groups.setdefault(label, []).append(item_id)
             assert ours == sorted(sorted(g) for g in groups.values() if len(g) >= 2)
+
+
+def test_a_model_is_hashed_once_a_process_but_a_change_is_seen(tmp_path):
+    """sha256_file remembers large files' digests by inode, size, mtime and ctime: the merged cache,
+    the base check and the prefix cache's key do not each read the model again, and an edit in place
+    (same size, same inode) is still hashed anew."""
+    import hashlib
+
+    from bundlekd_edge import files
+
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"\0" * (17 << 20))
+    first = files.sha256_file(model)
+    assert files.sha256_file(model) == first and first in files._DIGESTS.values()
+    with open(model, "r+b") as f:
+        f.seek(5 << 20)
+        f.write(b"\1")
+    assert files.sha256_file(model) == hashlib.sha256(model.read_bytes()).hexdigest() != first

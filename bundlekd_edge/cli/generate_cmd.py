@@ -78,9 +78,10 @@ def engine_options(f=None, *, servers: bool = False):
 
 def gpu_layers_option(f):
     """--gpu-layers N|all: the model's layers llama.cpp puts on a GPU (generate, demo, bench, serve)."""
-    from ..student import parse_gpu_layers
 
     def parse(ctx, param, value):
+        from ..student import parse_gpu_layers  # not at import: `bkd-edge --help` loads no student code
+
         try:
             return None if value is None else parse_gpu_layers(value)
         except BkdError as e:
