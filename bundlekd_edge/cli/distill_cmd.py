@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import click
 
-from .. import BkdError
 from ..knowledge.sampling import STRATEGIES
 
 FORMAT_HELP = "Comma-separated: patterns (Apriori, no teacher), rules (self-reflection), thoughts (rationales)."
@@ -68,112 +66,30 @@ def distill(sessions, out, teacher, teacher_model, api_key_env, formats, samplin
     variable named by --api-key-env and never written anywhere.
     Feed OUT to `bkd-edge pack build OUT --sessions FILE --out PACK`.
     """
-    from ..data import check_split
-    from ..files import sha256_file
-    from ..knowledge import store
-    from ..knowledge.sampling import sample_sessions
+    from ..files import claim_output
+    from ..knowledge import TeacherConfig, store
+    from ..knowledge.distill import DistillConfig, distill_folder
 
     params = click.get_current_context().params
     args = {k: [str(x) for x in v] if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v
             for k, v in params.items()}  # fmt: skip
-    wanted = [f.strip() for f in formats.split(",") if f.strip()]
-    unknown = [f for f in wanted if f not in store.FORMATS]
-    if unknown or not wanted:
-        raise BkdError(f"--formats {formats!r}: choose from {', '.join(store.FORMATS)}")
-    needs_teacher = [f for f in wanted if f != "patterns"]
-    if needs_teacher and not teacher:
-        raise BkdError(f"--formats {','.join(needs_teacher)} needs a --teacher (URL, gguf:PATH or gguf:qwen1.5b)")
-    check_split(split)
-    from ..files import claim_output
-
     click.get_current_context().with_resource(claim_output(out, sessions, exists_ok=True))
-    rows = _load_domains(sessions, split)
-    t0 = time.perf_counter()
-
-    client = None
-    if needs_teacher:
-        from ..knowledge import TeacherConfig, make_teacher
-
-        cache_dir = cache or out / store.CACHE_DIR
-        config = TeacherConfig(model=teacher_model, api_key_env=api_key_env, timeout_s=timeout, retries=retries,
-                               concurrency=concurrency, cache_dir=cache_dir, n_ctx=n_ctx)  # fmt: skip
-        client = make_teacher(teacher, config)
-    if sampling == "difficulty" and client is None:
-        raise BkdError("--sampling difficulty needs a --teacher: its per-session error ranks the sessions")
-    picked = sample_sessions(rows, sampling, ratio, seed, embed=_embed, error=_errors(client, attempts, quiet))
-
-    from ..knowledge.distill import DistillConfig
-    from ..knowledge.distill import distill as distill_sessions
-
+    teacher_config = TeacherConfig(model=teacher_model, api_key_env=api_key_env, timeout_s=timeout, retries=retries,
+                                   concurrency=concurrency, cache_dir=cache or out / store.CACHE_DIR,
+                                   n_ctx=n_ctx)  # fmt: skip
     config = DistillConfig(min_support, min_confidence, batch_size, rules_per_batch, rule_chars, why_chars, attempts)
-    made = distill_sessions(
-        client, picked, wanted, config, progress=lambda stage, total=None: _bar(quiet, stage, total)
-    )
-    counts = {fmt: len(records) for fmt, records in made.records.items()}
-    failures = made.failures
+    run = distill_folder(
+        list(sessions), out, [f.strip() for f in formats.split(",") if f.strip()], teacher, teacher_config, sampling,
+        ratio, seed, split, config, args, progress=lambda stage, total=None: _bar(quiet, stage, total),
+    )  # fmt: skip
+    summary = ", ".join(f"{n} {fmt}" for fmt, n in run["counts"].items())
+    found = run["sessions"]
+    line = f"distilled {summary} from {found['sampled']} of {found['available']} {split} sessions -> {out}"
+    if run["calls"]:
+        from ..knowledge.cache import CallStats
 
-    # Written only now: a run stopped by a dead teacher leaves the folder as it was (its finished
-    # calls are in the cache, so the rerun picks up from there).
-    for fmt, records in made.records.items():
-        store.write_records(out, fmt, records)
-
-    stats = client.stats if client else None
-    run = {
-        "command": "distill",
-        "args": args,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(time.perf_counter() - t0, 3),
-        "sessions": {
-            "files": [str(p) for p in sessions],
-            "sha256": [sha256_file(p) for p in sessions],
-            "split": split,
-            "available": len(rows),
-            "sampled": len(picked),
-            "ids": [s.session_id for s in picked],
-        },  # fmt: skip
-        "teacher": client.describe() if client else None,
-        "counts": counts,
-        "calls": stats.to_dict() if stats else None,
-        "failures": failures,
-        **made.extra,
-    }
-    store.write_manifest(out, run)
-    summary = ", ".join(f"{n} {fmt}" for fmt, n in counts.items())
-    line = f"distilled {summary} from {len(picked)} of {len(rows)} {split} sessions -> {out}"
-    if stats:
-        line += f"; {stats.summary()}; {len(failures)} answer(s) failed validation"
+        line += f"; {CallStats.from_dict(run['calls']).summary()}; {len(run['failures'])} answer(s) failed validation"
     click.echo(line)
-
-
-def _load_domains(paths, split):
-    """Sessions of several files (domains), one list; a session id may appear only once."""
-    from ..data import load_sessions
-
-    rows, seen = [], {}
-    for path in paths:
-        for s in load_sessions(path, split=split):
-            if s.session_id in seen:
-                raise BkdError(f"{path}: session {s.session_id!r} is also in {seen[s.session_id]} (ids must be unique)")
-            seen[s.session_id] = path
-            rows.append(s)
-    return rows
-
-
-def _embed(sessions):
-    from ..embeddings import TextEncoder, default_encoder_dir
-    from ..packs import query_text
-
-    return TextEncoder(default_encoder_dir()).encode([query_text(s) for s in sessions])
-
-
-def _errors(client, attempts, quiet):
-    def errors(sessions):
-        from ..knowledge.rules import teacher_errors
-
-        with _bar(quiet, "difficulty", total=len(sessions)) as bar:
-            return teacher_errors(client, sessions, attempts, progress=bar)
-
-    return errors
 
 
 class _bar:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..files import write_json
@@ -48,6 +48,11 @@ class CallStats:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "tokens": self.tokens}
+
+    @classmethod
+    def from_dict(cls, counts: dict) -> CallStats:
+        """The stats `to_dict` wrote (a run's manifest record)."""
+        return cls(**{f.name: counts[f.name] for f in fields(cls)})
 
     def summary(self) -> str:
         return (

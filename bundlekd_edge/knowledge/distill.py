@@ -4,14 +4,18 @@
     rules      the teacher reflects on batches of sessions and writes rules for finding bundles
     thoughts   the teacher explains each session's bundles (rationales)
 
-`bkd-edge distill` is this plus sampling, the teacher client, the store and its manifest.
+`distill_folder` is the stage `bkd-edge distill` runs: this plus sampling, the teacher client, the
+store and its manifest.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from .. import BkdError
 from ..data import Session
 from .store import FORMATS, Record
 
@@ -76,3 +80,92 @@ def distill(client, sessions: list[Session], formats: list[str], config: Distill
             out.failures += failed
         out.records[fmt] = records
     return out
+
+
+def distill_folder(
+    sessions: list[Path], out: Path, formats: list[str], teacher: str | None = None, teacher_config=None,
+    sampling: str = "random", ratio: float = 1.0, seed: int = 0, split: str = "train",
+    config: DistillConfig = DistillConfig(), args: dict | None = None, progress=_no_progress,
+) -> dict:  # fmt: skip
+    """The stage: knowledge of `formats` distilled from the `sampling`/`ratio` share of the `split`
+    sessions of `sessions` (several files: several domains, ids unique) into the knowledge folder
+    `out`, with the teacher `teacher` (URL, gguf:PATH, gguf:qwen1.5b; `teacher_config`, its calls
+    cached). Returns the run's record, also appended to OUT/manifest.json (`args`: how it was asked).
+    Records are written only at the end: a run stopped by a dead teacher leaves the folder as it
+    was, its finished calls in the cache for the rerun."""
+    from ..data import check_split
+    from ..files import sha256_file
+    from . import store
+    from .sampling import sample_sessions
+
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise BkdError(f"--formats {','.join(formats)!r}: choose from {', '.join(FORMATS)}")
+    needs_teacher = [f for f in formats if f != "patterns"]
+    if needs_teacher and not teacher:
+        raise BkdError(f"--formats {','.join(needs_teacher)} needs a --teacher (URL, gguf:PATH or gguf:qwen1.5b)")
+    check_split(split)
+    rows = load_domains(sessions, split)
+    t0 = time.perf_counter()
+    client = None
+    if needs_teacher:
+        from .teachers import TeacherConfig, make_teacher
+
+        client = make_teacher(teacher, teacher_config or TeacherConfig(cache_dir=Path(out) / store.CACHE_DIR))
+    if sampling == "difficulty" and client is None:
+        raise BkdError("--sampling difficulty needs a --teacher: its per-session error ranks the sessions")
+
+    def errors(picked):  # difficulty: the teacher's per-session error ranks the sessions
+        from .rules import teacher_errors
+
+        with progress("difficulty", len(picked)) as bar:
+            return teacher_errors(client, picked, config.attempts, progress=bar)
+
+    picked = sample_sessions(rows, sampling, ratio, seed, embed=embed_sessions, error=errors)
+    made = distill(client, picked, formats, config, progress=progress)
+    for fmt, records in made.records.items():
+        store.write_records(out, fmt, records)
+    stats = client.stats if client else None
+    run = {
+        "command": "distill",
+        "args": args or {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "sessions": {
+            "files": [str(p) for p in sessions],
+            "sha256": [sha256_file(p) for p in sessions],
+            "split": split,
+            "available": len(rows),
+            "sampled": len(picked),
+            "ids": [s.session_id for s in picked],
+        },  # fmt: skip
+        "teacher": client.describe() if client else None,
+        "counts": {fmt: len(records) for fmt, records in made.records.items()},
+        "calls": stats.to_dict() if stats else None,
+        "failures": made.failures,
+        **made.extra,
+    }
+    store.write_manifest(out, run)
+    return run
+
+
+def load_domains(paths: list[Path], split: str) -> list[Session]:
+    """Sessions of several files (domains), one list; a session id may appear only once."""
+    from ..data import load_sessions
+
+    rows, seen = [], {}
+    for path in paths:
+        for s in load_sessions(path, split=split):
+            if s.session_id in seen:
+                raise BkdError(f"{path}: session {s.session_id!r} is also in {seen[s.session_id]} (ids must be unique)")
+            seen[s.session_id] = path
+            rows.append(s)
+    return rows
+
+
+def embed_sessions(sessions: list[Session]):
+    """The retrieval encoder's vectors of the sessions (diversity sampling)."""
+    from ..embeddings import TextEncoder, default_encoder_dir
+    from ..packs import query_text
+
+    return TextEncoder(default_encoder_dir()).encode([query_text(s) for s in sessions])
