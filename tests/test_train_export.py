@@ -713,6 +713,23 @@ def test_training_time_candidate_scores_match_the_runtime(gguf_tok, engine, samp
     engine._eval_prompt(prompt)
     assert engine.partition_logprobs(lines) == pytest.approx(batched, rel=0.05)
 
+    # and the checkpoint is scored by the pack's calibrated rule, as the runtime chooses (the shipped
+    # pack's rule is `choice`: the cut counts alone, whatever the model's probabilities)
+    from bundlekd_edge.prompts import candidate_lines
+    from bundlekd_edge.runtime.choice import choose_first_line
+    from bundlekd_edge.student import resolve_student
+    from bundlekd_edge.train.model import score_model
+    from bundlekd_edge.train.sft import PromptMaker
+
+    student = resolve_student("default")
+    sessions = load_sessions(sample_path, split="val")
+    raw = score_model(model, gguf_tok, PromptMaker("knowledge", student.prompt, student.pack), sessions)["raw"]
+    for s in sessions:
+        candidates = student.pack.candidates(s)
+        assert len(candidate_lines(candidates)[0]) > 1  # a real choice
+        never = lambda lines: pytest.fail("the `choice` rule asks no probabilities")  # noqa: E731
+        assert raw[s.session_id] == choose_first_line(candidates, student.pack.choice, student.prompt, never)
+
 
 def test_a_real_distill_output_trains_a_student_on_its_thoughts(tmp_path, cli, sample_path):
     """distill (patterns, rules, thoughts from an in-process teacher) -> train in thoughts mode

@@ -9,11 +9,13 @@ cross-validation on that catalogue's train split: `bundlekd_edge.calibration`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..metrics import session_strict_f1
+from ..prompts import PromptConfig, candidate_lines
 
 # Candidate probabilities are taken to the power 1/T before the expected F1. Chosen on Electronic val
 # (90 sessions, shipped student): T 0.5 / 1 / 2 / 3 -> strict F1 0.615 / 0.638 / 0.669 / 0.664.
@@ -72,3 +74,21 @@ def choose_partition(
     p /= p.sum()
     gain = [sum(pj * session_strict_f1(gi, gj) for pj, gj in zip(p, groups)) for gi in groups]
     return lines[int(np.argmax(gain))]
+
+
+def choose_first_line(
+    candidates: list[list[list[int]]] | None,
+    choice: ChoiceRule,
+    prompt: PromptConfig,
+    score: Callable[[list[str]], list[float]],
+) -> str | None:
+    """A compact answer's first line chosen among `candidates` by the pack's `choice` rule, with
+    `score(lines)` the student's log-probabilities of the lines after the prompt (asked for only
+    when the rule uses them); None when there is nothing to choose (a JSON answer, no candidates)."""
+    if not candidates or prompt.answer_format != "compact":
+        return None
+    texts, counts = candidate_lines(candidates)
+    if not texts:
+        return None
+    scores = score(texts) if choice.uses_student and len(texts) > 1 else None
+    return choose_partition(texts, scores, counts, choice.temperature)

@@ -28,7 +28,7 @@ the engine's own context.
 
 Decoding is the engine's: the same prompt tokens, greedy, constrained by the same per-session
 GBNF grammar, stopped at an end-of-generation token or `max_answer_tokens`; a compact student's
-first line is chosen among the pack's candidates by the same rule (`engine.choose_first_line`),
+first line is chosen among the pack's candidates by the same rule (`choice.choose_first_line`),
 the candidates scored in the session's own sequence as the engine scores them. With the same
 chunking of every prompt, outputs equal `Engine.generate`'s: on this CPU build, decoding one
 token or several in a step gave bit-identical logits (12 of 12 sample answers identical at 1, 2,
@@ -50,8 +50,8 @@ import numpy as np
 from .. import BkdError
 from ..data import Session
 from ..prompts import intents_grammar, max_answer_tokens, output_grammar
-from .choice import ChoiceRule
-from .engine import Engine, _log_softmax, choose_first_line
+from .choice import ChoiceRule, choose_first_line
+from .engine import Engine, _log_softmax
 from .generation import Generation, Timing, answer_generation, skipped_generation
 from .llamacpp import GrammarGreedy, SequenceContext
 

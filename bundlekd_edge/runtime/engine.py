@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from ..files import sha256_file
 from ..prompts import (
     PromptConfig,
     build_messages,
-    candidate_lines,
     intents_grammar,
     max_answer_tokens,
     output_grammar,
@@ -34,7 +32,7 @@ from ..prompts import (
 from . import llamacpp
 from .adapters import AdapterSpec, check_adapter
 from .chat import ChatTokenizer
-from .choice import ChoiceRule, choose_partition
+from .choice import ChoiceRule, choose_first_line
 from .generation import Generation, Timing, answer_generation, skipped_generation
 from .llamacpp import GrammarGreedy
 from .memory import memory_snapshot
@@ -56,24 +54,6 @@ class EngineConfig:
     # longer match a llama.cpp server or `create_completion` byte for byte. Several sessions decoded
     # at once (runtime/concurrent.py) step one token each, without it.
     jump_forward: bool = False
-
-
-def choose_first_line(
-    candidates: list[list[list[int]]] | None,
-    choice: ChoiceRule,
-    prompt: PromptConfig,
-    score: Callable[[list[str]], list[float]],
-) -> str | None:
-    """A compact answer's first line chosen among `candidates` by the pack's `choice` rule, with
-    `score(lines)` the student's log-probabilities of the lines after the prompt (asked for only
-    when the rule uses them); None when there is nothing to choose (a JSON answer, no candidates)."""
-    if not candidates or prompt.answer_format != "compact":
-        return None
-    texts, counts = candidate_lines(candidates)
-    if not texts:
-        return None
-    scores = score(texts) if choice.uses_student and len(texts) > 1 else None
-    return choose_partition(texts, scores, counts, choice.temperature)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -155,8 +155,7 @@ def score_model(
     """Answer each session as the runtime does and score it (strict F1 ...): greedy under no
     grammar, or, for a compact student with a pack that offers candidate partitions, the candidate
     with the highest expected strict F1 under the model (the bundles only: no intents)."""
-    from ..prompts import candidate_lines
-    from ..runtime.choice import choose_partition
+    from ..runtime.choice import choose_first_line
 
     was_training = model.training
     model.eval()
@@ -164,12 +163,12 @@ def score_model(
     preds, raws = {}, {}
     for s in sessions:
         prompt_ids = tok.prompt_ids(maker.messages(s))
-        candidates = maker.pack.candidates(s) if maker.pack and config.answer_format == "compact" else []
-        if candidates:
-            lines, counts = candidate_lines(candidates)
-            scores = line_logprobs(model, prompt_ids, [tok.text_ids(line + "\n") for line in lines])
-            raw = choose_partition(lines, scores, counts)
-        else:
+        candidates = maker.pack.candidates(s) if maker.pack else []
+        raw = choose_first_line(  # the runtime's choice, by the pack's rule
+            candidates, maker.pack.choice if maker.pack else None, config,
+            lambda lines, ids=prompt_ids: line_logprobs(model, ids, [tok.text_ids(line + "\n") for line in lines]),
+        )  # fmt: skip
+        if raw is None:
             cap = max_answer_tokens(len(s.items), config)
             raw = generate_answer(model, tok, prompt_ids, min(cap, max_tokens or cap), synced)
         parsed = parse_answer(answer_part(raw, config), s, config)
