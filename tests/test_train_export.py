@@ -249,11 +249,16 @@ def test_run_folder_is_complete_and_was_resumed(trained_run):
         check_run_dir(trained_run, resume=True)
 
 
-def test_two_processes_take_the_step_one_process_takes(tmp_path, sample_path):
+def test_two_processes_take_the_step_one_process_takes(tmp_path):
     """`accelerate launch` with the CPU backend (gloo): 2 processes with one row each make the same
     optimizer step as 1 process with both rows in one batch, and end with the same adapter."""
     from safetensors.numpy import load_file
 
+    from tests.conftest import session, write_lines
+
+    # short sessions: the step and the evaluation are what is compared, not what is learnt
+    sessions = write_lines(tmp_path / "short.jsonl", [session("t1", 4, split="train"), session("t2", 3, split="train"),
+                                                       session("v1", 3, split="val")])  # fmt: skip
     runs = {}
     # --multi_gpu is accelerate's torchrun path; on a machine without CUDA each process runs on the CPU (gloo)
     accelerate = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -261,7 +266,7 @@ def test_two_processes_take_the_step_one_process_takes(tmp_path, sample_path):
     for name, batch, launch in (("one", 2, []), ("two", 1, accelerate)):
         recipe = {
             **TINY,
-            "sessions": str(sample_path),
+            "sessions": str(sessions),
             "limit_train": 2,
             "packing": False,
             "batch_size": batch,
