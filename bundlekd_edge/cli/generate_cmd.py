@@ -99,21 +99,9 @@ def load_student(model, adapters=(), pack=None):
 
 
 def load_engine(
-    models,
-    student_name,
-    adapters,
-    pack,
-    n_ctx,
-    threads,
-    seed,
-    constraint,
-    api_key_env,
-    retries,
-    jump_forward=False,
-    timeout=120.0,
-    sessions=(),
-    gpu_layers=None,
-):
+    models, student_name, adapters, pack, n_ctx, threads, seed, constraint, api_key_env, retries, jump_forward=False,
+    timeout=120.0, sessions=(), gpu_layers=None,
+):  # fmt: skip
     """(student, engine): in this process (`sessions`' pack hints made before the model loads), or on
     the servers --model names."""
     urls = [m for m in models if m.startswith(("http://", "https://"))]

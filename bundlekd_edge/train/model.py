@@ -163,7 +163,7 @@ def score_model(
     preds, raws = {}, {}
     for s in sessions:
         prompt_ids = tok.prompt_ids(maker.messages(s))
-        candidates = maker.pack.candidates(s) if maker.pack else []
+        candidates = maker.pack.candidates(s) if maker.pack and config.answer_format == "compact" else []
         raw = choose_first_line(  # the runtime's choice, by the pack's rule
             candidates, maker.pack.choice if maker.pack else None, config,
             lambda lines, ids=prompt_ids: line_logprobs(model, ids, [tok.text_ids(line + "\n") for line in lines]),
