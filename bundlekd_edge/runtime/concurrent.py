@@ -15,9 +15,11 @@ each gets a future; one worker thread owns the llama.cpp context. `bkd-edge serv
 
 The token prefix every prompt shares (the system message and a pack's static knowledge: ~40% of
 a prompt) is evaluated once and kept as a sequence state (its KV cells, a few MiB); an admitted
-session's sequence starts as a copy of it, cut where its prompt leaves the prefix. This is what
-the sequential engine gets from llama-cpp-python's prefix cache; without it every session would
-pay its full prompt again.
+session's sequence starts as a copy of it, cut where its prompt leaves the prefix. A finished
+session leaves its prompt's cells in its sequence, and the next session there keeps as many of
+them as its prompt shares (the template after the pack's knowledge, ~8% of a prompt), as the
+sequential engine keeps llama-cpp-python's cache from one session to the next; sequences are
+handed out most recently freed first, so one session at a time always reuses the last one's.
 
 Why not a unified KV cache, where `llama_memory_seq_cp` shares the prefix cells for free? There
 the cells of the sequences interleave in one buffer and attention sums each row over all of
@@ -112,6 +114,7 @@ class Batched:
         self.queue: deque[_Job] = deque()
         self.slots: dict[int, _Slot] = {}  # seq_id -> the session decoding in it
         self.free_seqs = list(range(n_seq - 1, -1, -1))  # a stack: pop() hands out 0, 1, ...
+        self.kept: dict[int, list[int]] = {}  # a free sequence -> the prompt whose cells it still holds
         self._cv = threading.Condition()
         self._closing = False
         self._admitting = 0
@@ -250,11 +253,14 @@ class Batched:
             return
         prompt, session, config = job.prompt, job.session, self.config.prompt
         n_items = len(session.items)
-        shared = _shared_len(self.prefix, prompt)
-        if shared:
+        shared, kept = _shared_len(self.prefix, prompt), _shared_len(self.kept.pop(seq, []), prompt)
+        if kept >= shared:  # the last prompt in this sequence shares at least the prefix: keep its cells
+            shared = kept
+        elif shared:
+            self.ctx.remove(seq)
             if not self.ctx.restore(self.prefix_state, seq):
                 raise BkdError(f"llama.cpp could not restore the shared prompt prefix into sequence {seq}")
-            self.ctx.remove(seq, shared)  # the cells past where this prompt leaves the prefix
+        self.ctx.remove(seq, shared)  # the cells past where this prompt leaves what is kept
         started = time.perf_counter()
         try:
             slot = _Slot(job, seq, max_answer_tokens(n_items, config), None, started, shared, n_past=shared)
@@ -328,8 +334,11 @@ class Batched:
             slot.job.future.set_result(_generation(slot, finish, now, self.config.prompt))
 
     def _free(self, slot: _Slot) -> None:
-        """Free the sequence's KV cells and its sampler, and hand the sequence id to the next session."""
-        self.ctx.remove(slot.seq_id)
+        """Free the sequence's answer cells and its sampler, and hand the sequence id to the next
+        session; the prompt's cells stay for it to keep what its prompt shares."""
+        prompt = slot.job.prompt
+        self.ctx.remove(slot.seq_id, len(prompt))
+        self.kept[slot.seq_id] = prompt
         slot.sampler.free()
         del self.slots[slot.seq_id]
         self.free_seqs.append(slot.seq_id)
