@@ -3,7 +3,9 @@
 # --gpu-layers all on Mesa's lavapipe (a Vulkan device that runs on the CPU), against the CPU build
 # on the same sessions: the same partitions for >= 9 of 10, and the device llama.cpp reports is Vulkan.
 #   scripts/check_offload.sh [SESSIONS.jsonl] [N]        (default: the built-in sample, 10 sessions)
-# Needs (Debian/Ubuntu): apt-get install libvulkan-dev glslc mesa-vulkan-drivers vulkan-tools
+# Needs (Debian/Ubuntu): apt-get install libvulkan-dev spirv-headers glslc mesa-vulkan-drivers vulkan-tools
+# (where the Vulkan headers are older than llama.cpp needs, as on Debian 12, scripts/vulkan_headers.sh
+# fetches newer ones for the build).
 # The Vulkan build goes into its own venv, build/venv-vulkan (`make setup GPU=vulkan` would replace
 # .venv's CPU build), with the wheel cached as scripts/setup.sh caches it: the first run compiles
 # llama.cpp's shaders and takes long on 2 cores (see README.md, "GPU"); later runs take a minute.
@@ -19,6 +21,10 @@ t0=$SECONDS
 [ -x .venv/bin/bkd-edge ] || { echo "check_offload: run make setup first (the CPU side)" >&2; exit 1; }
 if [ ! -x "$VK_VENV/bin/bkd-edge" ] || [ "$(cat "$VK_VENV/.gpu" 2>/dev/null)" != vulkan ]; then
     t=$SECONDS
+    if [ -z "${VULKAN_INCLUDE:-}" ] && ! grep -q VK_EXT_layer_settings /usr/include/vulkan/vulkan_core.h 2>/dev/null; then
+        bash scripts/vulkan_headers.sh  # the system's Vulkan headers are too old for llama.cpp (Debian 12)
+        export VULKAN_INCLUDE=build/vulkan-headers/include
+    fi
     VENV=$VK_VENV GPU=vulkan EXTRAS=dev bash scripts/setup.sh
     echo "set up $VK_VENV (llama.cpp for Vulkan) in $((SECONDS - t)) s"
 fi

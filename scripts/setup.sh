@@ -33,8 +33,15 @@ case "$GPU" in
     cpu) ;;
     vulkan)
         command -v glslc >/dev/null && { [ -e /usr/include/vulkan/vulkan.h ] || pkg-config --exists vulkan 2>/dev/null; } \
-            || fail "GPU=vulkan needs the Vulkan headers and the glslc shader compiler (Debian/Ubuntu: apt-get install libvulkan-dev glslc)"
-        LLAMA_CMAKE_ARGS+=" -DGGML_VULKAN=ON" ;;
+            && { [ -e /usr/include/spirv/unified1/spirv.hpp ] || pkg-config --exists SPIRV-Headers 2>/dev/null; } \
+            || fail "GPU=vulkan needs the Vulkan and SPIR-V headers and the glslc shader compiler (Debian/Ubuntu: apt-get install libvulkan-dev spirv-headers glslc)"
+        # llama.cpp's Vulkan backend uses VK_EXT_layer_settings (Vulkan headers 1.3.272 or newer); Debian 12
+        # ships 1.3.239. VULKAN_INCLUDE=DIR builds against newer ones (scripts/vulkan_headers.sh fetches them).
+        vk_include=${VULKAN_INCLUDE:-/usr/include}
+        grep -q VK_EXT_layer_settings "$vk_include/vulkan/vulkan_core.h" 2>/dev/null \
+            || fail "GPU=vulkan: the Vulkan headers in $vk_include lack VK_EXT_layer_settings, which llama.cpp needs (headers 1.3.272 or newer). Install newer ones, or run scripts/vulkan_headers.sh and set up with VULKAN_INCLUDE=build/vulkan-headers/include"
+        LLAMA_CMAKE_ARGS+=" -DGGML_VULKAN=ON"
+        [ -z "${VULKAN_INCLUDE:-}" ] || LLAMA_CMAKE_ARGS+=" -DVulkan_INCLUDE_DIR=$(cd "$VULKAN_INCLUDE" && pwd)" ;;
     cuda)
         command -v nvcc >/dev/null \
             || fail "GPU=cuda needs the CUDA toolkit's compiler, nvcc, on PATH, and none was found: install the CUDA toolkit (or use GPU=vulkan, which NVIDIA's driver runs too)"
