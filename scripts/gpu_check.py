@@ -97,8 +97,9 @@ def train_one(args) -> dict:
     recipe = ExportRecipe(quants=["Q8_0"], golden=args.golden, gen_max_tokens=args.gen_max_tokens, gate=gate)
     manifest = export_run(out / "run", out / "export", recipe, log=lambda *a: None)
     row["export_s"] = round(time.perf_counter() - t, 1)
-    row["parity"] = {r["stage"]: {"top1": r["top1_agreement"], "bundles": r.get("identical_bundles"),
-                                  "passed": r["passed"]} for r in manifest["parity"]["stages"]}  # fmt: skip
+    row["parity"] = {r["stage"]: {"top1": r["top1_agreement"], "top1_all": r["top1_all"], "positions": r["positions"],
+                                  "near_ties": r["near_ties"], "bundles": r["identical_bundles"], "passed": r["passed"]}
+                     for r in manifest["parity"]["stages"]}  # fmt: skip
     return row
 
 

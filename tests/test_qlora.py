@@ -15,11 +15,8 @@ pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
 
-# Opt-in: ~13 minutes on 2 cores, and it fails today at the export's F16 parity gate (top-1 agreement
-# 0.93 on 28 positions, gate 0.97; issue 36), probably because the adapter trained over the NF4 weights
-# is merged into the GGUF base dequantised. BKD_QLORA_CHECK=1 runs it.
+# ~70 s on 2 cores: the base dequantised into an HF folder and loaded in NF4 (~35 s), one step, export.
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("BKD_QLORA_CHECK") != "1", reason="opt-in (BKD_QLORA_CHECK=1): ~13 min")
 def test_gpu_check_cpu_form_trains_qlora_exports_and_passes_parity(tmp_path):
     out = tmp_path / "check"
     cmd = ["bash", "scripts/gpu_check.sh", "--device", "cpu", "--precision", "fp32", "--steps", "1", "--modes",
@@ -33,7 +30,9 @@ def test_gpu_check_cpu_form_trains_qlora_exports_and_passes_parity(tmp_path):
     assert row["steps"] == 1 and row["device"] == "cpu" and row["tokens_per_s"] > 0 and row["peak_rss_mib"] > 0
     assert row["layers_4bit"] == 30 * 7  # every targeted linear layer of SmolLM2-135M's 30 blocks in NF4
     assert list(row["parity"]) == ["F16", "Q8_0"] and all(s["passed"] for s in row["parity"].values())
-    assert row["parity"]["F16"]["top1"] >= 0.97
+    f16 = row["parity"]["F16"]
+    # agreement where the reference decides (most positions); its near-ties are rounding, set apart
+    assert f16["top1"] >= 0.97 and f16["positions"] > f16["near_ties"]
     run = json.loads((out / "qlora/run/run.json").read_text())
     assert json.loads((out / "qlora/run/recipe.json").read_text())["qlora"] is True and run["steps"] == 1
     manifest = json.loads((out / "qlora/export/manifest.json").read_text())

@@ -96,7 +96,8 @@ bkd-edge generate --model {manifest["name"]}:Q8_0 --sessions S.jsonl --out pred.
 
 Parity against the adapter over its base (llama.cpp, what `--adapter` runs) on
 {manifest["parity"]["golden_sessions"]} golden val sessions (top-1 token agreement teacher-forced
-over the golden answers; identical parsed bundles under greedy decoding):
+over the golden answers, where the reference's best token leads by at least
+{manifest["parity"]["gate"].get("tie_logits", 0)} logits; identical parsed bundles under greedy decoding):
 
 | stage | top-1 agreement | identical bundles | gate |
 |---|---|---|---|
@@ -205,7 +206,7 @@ def read_source(run_dir: Path, golden: int, gen_max_tokens: int) -> Source:
     return Source(run_dir, run, recipe, base, chat_template, pack, tok, gold)
 
 
-def reference(src: Source, adapter: Path, threads: int, log) -> tuple:
+def reference(src: Source, adapter: Path, threads: int, log):
     """What every merged file is compared with: the adapter over the very base GGUF it was trained
     on, in llama.cpp (what `--adapter` and a shipped student run): teacher-forced top-1 and greedy
     answers on the golden sessions."""
@@ -248,14 +249,14 @@ def check_parity(src: Source, folder: Path, models: dict, ref: tuple, gate: Gate
     the export instead (`--quant auto` tries candidates), its stage kept in the record."""
     from . import parity
 
-    ref_top1, ref_texts = ref
     stages = []
     files = [("F16", folder / "model-F16.gguf")] + [(q, folder / m["file"]) for q, m in models.items() if q != "F16"]
     t = time.perf_counter()
     for stage, path in files:
-        top1, texts = parity.gguf_top1_and_generate(path, src.gold, threads)
-        stages.append(r := parity.compare(stage, src.gold, ref_top1, ref_texts, top1, texts, gate))
-        log(f"parity {stage}: top-1 {r['top1_agreement']:.3f}, identical bundles {r['identical_bundles']:.3f} "
+        got = parity.gguf_top1_and_generate(path, src.gold, threads)
+        stages.append(r := parity.compare(stage, src.gold, ref, got, gate))
+        log(f"parity {stage}: top-1 {r['top1_agreement']:.3f} ({r['near_ties']} near-ties apart; all "
+            f"{r['top1_all']:.3f}), identical bundles {r['identical_bundles']:.3f} "
             f"({time.perf_counter() - t:.0f} s)")  # fmt: skip
     for r in stages:
         if drop_failing and not r["passed"] and r["stage"] in models and r["stage"] != "F16":

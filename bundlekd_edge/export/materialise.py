@@ -173,8 +173,7 @@ def _pick(quants, files, speed, gold, ref, bar) -> dict:
     stages = []
     for q in sorted(quants, key=lambda q: speed[q]):
         bar.set_postfix_str(f"parity {q}")
-        top1, texts = _answers(files[q], gold)
-        stages.append(stage := parity.compare(q, gold, *ref, top1, texts, GATE))
+        stages.append(stage := parity.compare(q, gold, ref, _answers(files[q], gold), GATE))
         bar.update()
         if stage["passed"]:
             return {"quant": q, "file": files[q].name, "parity": stages, "latency_p50_s": speed}
