@@ -502,6 +502,29 @@ def test_the_gguf_merge_equals_peft_merging_the_trained_model(trained_run, expor
     assert np.abs(merged["blk.0.attn_q.weight"] - before).max() > 1e-3  # the adapter moved the weights
 
 
+def test_parity_sets_the_reference_near_ties_apart_and_fails_a_decided_flip(sample_path):
+    """A flip where the reference's top two tokens are within rounding does not fail a file; a flip
+    where the reference decides does; with no position decided, every position counts."""
+    from bundlekd_edge.export.parity import Answers, Gate, Golden, compare
+    from bundlekd_edge.prompts import PromptConfig
+
+    golden = [Golden(load_sessions(sample_path)[0], [], [], 8, PromptConfig())]
+    ref = Answers([np.arange(40)], [np.r_[np.full(39, 2.0), 0.1]], ["same"])  # the last position: a near-tie
+
+    def got(flipped):
+        top1 = np.arange(40)
+        top1[flipped] = 99
+        return Answers([top1], [np.ones(40)], ["same"])
+
+    tie = compare("F16", golden, ref, got([39]), Gate())
+    assert tie["passed"] and tie["top1_agreement"] == 1.0 and tie["top1_all"] == 0.975
+    assert (tie["positions"], tie["near_ties"]) == (39, 1)
+    decided = compare("F16", golden, ref, got([0, 1]), Gate())
+    assert not decided["passed"] and decided["top1_agreement"] == round(37 / 39, 4)
+    undecided = Answers([np.arange(40)], [np.zeros(40)], ["same"])
+    assert compare("F16", golden, undecided, got([0, 1]), Gate())["top1_agreement"] == 0.95
+
+
 def test_export_folder_with_a_changed_file_is_refused(tmp_path):
     from bundlekd_edge.export.folder import EXPORT_FORMAT, resolve_export
     from bundlekd_edge.student import resolve_student

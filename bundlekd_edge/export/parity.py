@@ -152,9 +152,10 @@ def compare(stage: str, golden, ref: Answers, got: Answers, gate: Gate) -> dict:
     every position (`top1_all`); identical bundle sets and texts of the greedy answers."""
     same = np.concatenate([a == b for a, b in zip(ref.top1, got.top1)]) if ref.top1 else np.zeros(0, bool)
     decides = np.concatenate(ref.margins) >= gate.tie_logits if ref.margins else np.zeros(0, bool)
+    counted = same[decides] if decides.any() else same  # nothing decided: every position counts
     result = {
         "stage": stage,
-        "top1_agreement": round(float(same[decides].mean()), 4) if decides.any() else 1.0,
+        "top1_agreement": round(float(counted.mean()), 4) if len(counted) else 1.0,
         "positions": int(decides.sum()),
         "near_ties": int((~decides).sum()),
         "top1_all": round(float(same.mean()), 4) if len(same) else 1.0,
