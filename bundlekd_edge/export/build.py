@@ -21,7 +21,7 @@ from ..prompts import system_text
 from ..train.run_folder import read_run
 from .folder import ADAPTER_FILE, DEFAULT_QUANT, EXPORT_FORMAT
 from .lora_gguf import write_lora_gguf
-from .parity import Gate
+from .parity import Answers, Gate
 from .quantize import describe_gguf, quantize
 from .recipe import ExportRecipe
 
@@ -206,7 +206,7 @@ def read_source(run_dir: Path, golden: int, gen_max_tokens: int) -> Source:
     return Source(run_dir, run, recipe, base, chat_template, pack, tok, gold)
 
 
-def reference(src: Source, adapter: Path, threads: int, log):
+def reference(src: Source, adapter: Path, threads: int, log) -> Answers:
     """What every merged file is compared with: the adapter over the very base GGUF it was trained
     on, in llama.cpp (what `--adapter` and a shipped student run): teacher-forced top-1 and greedy
     answers on the golden sessions."""
@@ -242,7 +242,7 @@ def quantise(f16: Path, quants: list[str], keep_f16: bool, threads: int, log) ->
     return models
 
 
-def check_parity(src: Source, folder: Path, models: dict, ref: tuple, gate: Gate, threads: int, log,
+def check_parity(src: Source, folder: Path, models: dict, ref: Answers, gate: Gate, threads: int, log,
                  drop_failing: bool = False) -> list[dict]:  # fmt: skip
     """Each merged file (F16, every quant) against the reference (the adapter over its base);
     raises when one falls below the gate. `drop_failing`: a quant below the gate is removed from

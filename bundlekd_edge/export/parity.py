@@ -105,18 +105,17 @@ def gguf_top1_and_generate(path, golden: list[Golden], threads: int = 0, adapter
         for seq, g in enumerate(golden):
             tokens, first = g.prompt_ids + g.answer_ids, len(g.prompt_ids) - 1
             wanted = range(first, first + len(g.answer_ids))
-            rows = []
+            best, margin = [], []
             for start in range(0, len(tokens), n_batch):
                 piece = tokens[start : start + n_batch]
                 chunk = [(seq, start + k, t, start + k in wanted) for k, t in enumerate(piece)]
                 ctx.decode(chunk)
-                for k, entry in enumerate(chunk):
-                    if entry[3]:
-                        row = ctx.logits(k)
-                        second, best = np.partition(row, -2)[-2:]
-                        rows.append((int(row.argmax()), float(best - second)))
-            top1.append(np.asarray([t for t, _ in rows], dtype=np.int64))
-            margins.append(np.asarray([m for _, m in rows]))
+                for row in (ctx.logits(k) for k, entry in enumerate(chunk) if entry[3]):
+                    second, top = np.partition(row, -2)[-2:]
+                    best.append(int(row.argmax()))
+                    margin.append(float(top - second))
+            top1.append(np.asarray(best, dtype=np.int64))
+            margins.append(np.asarray(margin))
             ctx.remove(seq, len(g.prompt_ids))  # generation starts after the prompt
         answers = {seq: [] for seq in range(len(golden))}
         # the first answer token is the argmax after the prompt: the first teacher-forced position
