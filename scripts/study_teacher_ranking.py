@@ -12,6 +12,13 @@ nothing decoded), and the runtime's rule picks the line of highest expected stri
     few       the same, after the --shots nearest train sessions (MiniLM over titles, as `Pack.nearest`)
               with their compact answers
 
+`--student-adapter` scores another student adapter in the `student` row instead of the shipped one
+(a GGUF adapter over the default base, or a training run folder: its adapter/ is written as GGUF
+first), e.g. the shipped student trained on to rank (`train/cpu-smollm2-rank.toml`); its log is
+OUT/SPLIT-student-NAME.jsonl. Beside strict F1, each model row has `rank_nll`: the mean of
+-log p(the candidate closest to the truth) under the runtime's weighing (T=2, cut counts), over the
+sessions with candidates that differ in strict F1 (what `train/model.rank_loss` minimises).
+
 Each mode's per-session log-probabilities go to OUT/SPLIT-MODE.jsonl as they are made
 (`files.RecordLog`), so a killed run continues where it stopped; rerunning only re-scores.
 
@@ -49,6 +56,7 @@ from bundlekd_edge.files import RecordLog
 from bundlekd_edge.metrics import Prediction, bootstrap_strict_f1, evaluate, session_strict_f1, strict_by_session
 from bundlekd_edge.packs import Pack, example_text, query_text
 from bundlekd_edge.prompts import PromptConfig, candidate_lines, render_answer, session_text
+from bundlekd_edge.runtime.adapters import AdapterSpec
 from bundlekd_edge.runtime.choice import CHOICE_TEMPERATURE, choose_partition
 
 PACK = "models/smollm2-bundles/pack"
@@ -83,7 +91,9 @@ def score(modes, sessions, pack, args) -> dict[str, dict[str, dict]]:
     for mode in modes:
         settings = {"mode": mode, "sessions": str(args.sessions), "split": args.split, "pack": PACK,
                     "teacher": args.teacher, "shots": args.shots if mode == "few" else 0}  # fmt: skip
-        logs[mode] = RecordLog(args.out / f"{args.split}-{mode}.jsonl", settings, resume=True)
+        if mode == "student":
+            settings["adapter"] = str(args.student_adapter or "shipped")
+        logs[mode] = RecordLog(log_path(args, mode), settings, resume=True)
     few = FewShot(pack, load_sessions(args.sessions, "train"), args.shots) if "few" in modes else None
     rankers = {"student": [m for m in modes if m == "student"], "teacher": [m for m in modes if m != "student"]}
     for ranker, ranker_modes in rankers.items():
@@ -91,9 +101,10 @@ def score(modes, sessions, pack, args) -> dict[str, dict[str, dict]]:
         if not todo:
             continue
         if ranker == "student":
-            engine = resolve_student("default:adapter", pack="none").load_engine(
-                n_ctx=pack.n_ctx(), threads=args.threads
-            )
+            student = resolve_student("default:adapter", pack="none")
+            if args.student_adapter:
+                student.adapters = (AdapterSpec(student_gguf(args.student_adapter), 1.0),)
+            engine = student.load_engine(n_ctx=pack.n_ctx(), threads=args.threads)
         else:
             engine = Engine(args.teacher, EngineConfig(n_ctx=4096, n_threads=args.threads, prompt=TEACHER_PROMPT))
         for s in tqdm(todo, desc=ranker, unit="session", dynamic_ncols=True):
@@ -119,6 +130,40 @@ def score(modes, sessions, pack, args) -> dict[str, dict[str, dict]]:
     for log in logs.values():
         log.close(complete=True)
     return {mode: read_records(log.path) for mode, log in logs.items()}
+
+
+def log_path(args, mode: str) -> Path:
+    tag = f"-{Path(args.student_adapter).stem}" if mode == "student" and args.student_adapter else ""
+    return args.out / f"{args.split}-{mode}{tag}.jsonl"
+
+
+def student_gguf(adapter: Path) -> Path:
+    """A GGUF adapter as given, or a training run's adapter/ written as one (RUN/adapter.gguf)."""
+    if not adapter.is_dir():
+        return adapter
+    from bundlekd_edge.export.lora_gguf import write_lora_gguf
+    from bundlekd_edge.runtime import default_model_path
+
+    out = adapter / "adapter.gguf"
+    if not out.exists():
+        write_lora_gguf(default_model_path(), adapter / "adapter", out)
+    return out
+
+
+def rank_nll(sessions, records: dict) -> float | None:
+    """Mean -log p(the candidate of highest strict F1) at the runtime's weighing, over the sessions
+    whose candidates differ in strict F1."""
+    losses = []
+    for s in sessions:
+        r = records[s.session_id]
+        gold = [frozenset(b.items) for b in s.bundles]
+        parts = [[frozenset(g) for g in bundles_of(s, line) if len(g) >= 2] for line in r["lines"]]
+        f1 = [session_strict_f1(part, gold) for part in parts]
+        if len(set(f1)) < 2:
+            continue
+        z = np.asarray(r["logprobs"]) / CHOICE_TEMPERATURE + np.log(r["counts"])
+        losses.append(-(z[int(np.argmax(f1))] - np.logaddexp.reduce(z)))
+    return round(float(np.mean(losses)), 4) if losses else None
 
 
 def read_records(path: Path) -> dict[str, dict]:
@@ -191,6 +236,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("runs/teacher-ranking"))
+    ap.add_argument("--student-adapter", type=Path, help="the student row's adapter: a GGUF, or a training run folder")
     args = ap.parse_args()
     modes = [m for m in args.modes if not (m == "student" and args.split == "train")]
     pack = Pack(PACK)
@@ -198,7 +244,7 @@ def main() -> None:
     random.Random(0).shuffle(sessions)  # a run stopped early has scored a random subsample
     sessions = sessions[: args.limit or None]
     if args.report_only:
-        records = {m: read_records(args.out / f"{args.split}-{m}.jsonl") for m in modes}
+        records = {m: read_records(log_path(args, m)) for m in modes}
     else:
         records = score(modes, sessions, pack, args)
     if args.score_only:
@@ -226,6 +272,7 @@ def main() -> None:
 
     table = {
         m: {"strict_f1": round(v["strict_f1"], 4), "exact": round(v["exact_match"], 4), **cost(m),
+            **({"rank_nll": rank_nll(sessions, records[m])} if m in records else {}),
             "minus_rule_95ci": [round(x, 4) for x in bootstrap_strict_f1(per_session[m], per_session["rule"])]}
         for m, v in rows.items()
     }  # fmt: skip

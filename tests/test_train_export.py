@@ -161,6 +161,24 @@ def test_closest_candidate_target_is_the_candidate_a_ranking_student_should_choo
         recipe_from_dict({"target": "best"})
 
 
+def test_recombined_sessions_are_train_bundles_and_loose_items_with_known_partitions(sample_path):
+    from bundlekd_edge.train.sft import recombined_sessions
+
+    train = load_sessions(sample_path, split="train")
+    bundle_of = {(b.items, b.intent): s.session_id for s in train for b in s.bundles}
+    source = {it.id: s.session_id for s in train for it in s.items}
+    made = recombined_sessions(train, 40, seed=1, max_items=8)
+    assert len(made) == 40 and made == recombined_sessions(train, 40, seed=1, max_items=8)  # seeded
+    assert len({s.session_id for s in made}) == 40 and not {s.session_id for s in made} & set(source)
+    for s in made:
+        ids = s.item_ids()
+        assert 2 <= len(ids) == len(set(ids)) <= 8 and all(i in source for i in ids)  # train items, each once
+        origins = [bundle_of[(b.items, b.intent)] for b in s.bundles]  # each bundle is a train bundle, whole
+        assert len(origins) == len(set(origins))  # from different sessions
+        loose = set(ids) - {x for b in s.bundles for x in b.items}
+        assert not {source[i] for i in loose} & set(origins)  # distractors come from yet other sessions
+
+
 def test_packing_masks_the_prompt_and_keeps_attention_within_an_example():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -757,6 +775,47 @@ def test_training_time_candidate_scores_match_the_runtime(gguf_tok, engine, samp
         assert len(candidate_lines(candidates)[0]) > 1  # a real choice
         never = lambda lines: pytest.fail("the `choice` rule asks no probabilities")  # noqa: E731
         assert raw[s.session_id] == choose_first_line(candidates, student.pack.choice, student.prompt, never)
+
+
+def test_training_starts_from_the_shipped_adapter_and_the_ranking_loss_trains_the_choice(gguf_tok, sample_path):
+    """A GGUF adapter read back for training scores candidates as llama.cpp does with it; the
+    listwise loss is the runtime's choice weighing of those scores, and a few steps on it move
+    the probability towards the candidate closest to the truth."""
+    from peft import LoraConfig, get_peft_model
+
+    from bundlekd_edge.runtime import Engine, EngineConfig, default_model_path
+    from bundlekd_edge.student import resolve_student
+    from bundlekd_edge.train.model import Base, line_logprobs, load_adapter, load_base_model, rank_loss
+    from bundlekd_edge.train.recipe import Recipe
+    from bundlekd_edge.train.sft import PromptMaker, build_rank_examples
+
+    student = resolve_student("default:adapter")
+    base, (adapter,) = Base("gguf", default_model_path()), student.adapters
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(Recipe().target_modules))
+    model = get_peft_model(load_base_model(base, torch.float32), lora)
+    assert load_adapter(model, adapter.path, base, 16) == 420
+    with pytest.raises(BkdError, match="alpha is 16, the recipe's lora_alpha 32"):
+        load_adapter(model, adapter.path, base, 32)
+
+    maker = PromptMaker("knowledge", student.prompt, student.pack)
+    examples, stats = build_rank_examples(load_sessions(sample_path, split="train"), gguf_tok, maker, 1024)
+    assert examples and stats["rank_examples"] == len(examples)
+    ex = min((e for e in examples if len(e.lines_ids) >= 3), key=lambda e: len(e.prompt_ids))  # a short one
+    engine = Engine(base.path, EngineConfig(prompt=student.prompt, adapters=student.adapters))
+    engine._eval_prompt(ex.prompt_ids)
+    lines = [gguf_tok.decode(ids).rstrip("\n") for ids in ex.lines_ids]
+    scores = line_logprobs(model.eval(), ex.prompt_ids, ex.lines_ids)
+    assert engine.partition_logprobs(lines) == pytest.approx(scores, rel=0.05, abs=0.05)  # q/k permuted back
+
+    z = np.array(scores) / 2 + np.log(ex.counts)
+    loss = rank_loss(model, ex, 2.0)
+    assert loss.item() == pytest.approx(-(z[ex.best] - np.log(np.exp(z).sum())), abs=1e-3)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(2):
+        optimizer.zero_grad()
+        rank_loss(model, ex, 2.0).backward()
+        optimizer.step()
+    assert rank_loss(model, ex, 2.0).item() < loss.item()
 
 
 def test_a_real_distill_output_trains_a_student_on_its_thoughts(tmp_path, cli, sample_path):

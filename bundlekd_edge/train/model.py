@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .. import BkdError
 from ..data import Session
@@ -100,6 +103,61 @@ def _from_pretrained(base: Base, name: Path, **kwargs):
         raise BkdError(f"{name}: transformers could not load this base ({type(e).__name__}: {e})") from None
 
 
+def load_adapter(model, path: str | Path, base: Base, alpha: float) -> int:
+    """Start a peft model from an adapter: a peft folder, or a GGUF adapter over `base` (what an
+    export ships, checked against the base as the runtime checks it, q/k permuted back to HF's
+    layout). Its alpha must be the recipe's (the same delta); returns how many tensors were set."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    path = Path(path)
+    if path.is_dir():
+        from safetensors.torch import load_file
+
+        config = json.loads((path / "adapter_config.json").read_text())
+        given, found = float(config["lora_alpha"]), load_file(str(path / "adapter_model.safetensors"))
+    else:
+        given, found = _gguf_adapter(path, base, list(get_peft_model_state_dict(model)))
+    if given != alpha:
+        raise BkdError(f"init_adapter {path}: its alpha is {given:g}, the recipe's lora_alpha {alpha:g}")
+    wanted = get_peft_model_state_dict(model)
+    if set(found) != set(wanted) or any(found[k].shape != wanted[k].shape for k in wanted):
+        raise BkdError(f"init_adapter {path}: its tensors do not match the recipe's LoRA (rank, target_modules)")
+    set_peft_model_state_dict(model, found)
+    return len(found)
+
+
+def _gguf_adapter(path: Path, base: Base, keys: list[str]) -> tuple[float, dict]:
+    """(alpha, peft state dict) of a GGUF LoRA adapter over the GGUF `base`."""
+    import gguf
+    import torch
+
+    from ..runtime.adapters import check_adapter
+    from ..runtime.model_file import gguf_field
+
+    if base.kind != "gguf":
+        raise BkdError(f"init_adapter {path}: a GGUF adapter needs a GGUF base (the recipe's base is {base.path})")
+    alpha = check_adapter(path, base.path)["alpha"]
+    reader = gguf.GGUFReader(path)
+    arrays = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
+    meta = gguf.GGUFReader(base.path)
+    arch = gguf_field(meta, "general.architecture")
+    n_head = int(gguf_field(meta, f"{arch}.attention.head_count"))
+    n_kv = int(gguf_field(meta, f"{arch}.attention.head_count_kv") or n_head)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(gguf_field(meta, f"{arch}.block_count")))
+    out = {}
+    for key in keys:  # base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
+        hf_name, part = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
+        name = f"{names.get_name(hf_name + '.weight', try_suffixes=('.weight',))}.lora_{part[0].lower()}"
+        if name not in arrays:
+            raise BkdError(f"init_adapter {path}: no tensor {name} for {key}")
+        w = arrays[name]
+        heads = n_head if ".attn_q." in name else n_kv if ".attn_k." in name else 0
+        if heads and part[0] == "B":  # llama.cpp's interleaved rotary rows back to HF's rotate-half
+            w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
+        out[key] = torch.from_numpy(np.ascontiguousarray(w))
+    return alpha, out
+
+
 def set_threads(n: int) -> None:
     import torch
 
@@ -132,21 +190,44 @@ def generate_answer(model, tok, prompt_ids: list[int], max_new_tokens: int, sync
 
 
 def line_logprobs(model, prompt_ids: list[int], lines_ids: list[list[int]]) -> list[float]:
-    """log P(line | prompt) for each tokenized line, one batched forward pass (the runtime's
-    `Engine.partition_logprobs`, in torch)."""
+    """log P(line | prompt) for each tokenized line (the runtime's `Engine.partition_logprobs`, in torch)."""
+    import torch
+
+    with torch.no_grad():
+        return lines_logprob(model, prompt_ids, lines_ids).tolist()
+
+
+def lines_logprob(model, prompt_ids: list[int], lines_ids: list[list[int]]):
+    """log P(line | prompt) for each tokenized line, as a tensor that gradients flow through: the
+    prompt is run once and its keys and values shared by every line (a prompt is ~15x a line)."""
     import torch
 
     device = next(model.parameters()).device
-    n = len(prompt_ids)
-    width = n + max(len(ids) for ids in lines_ids)
-    batch = torch.zeros((len(lines_ids), width), dtype=torch.long, device=device)
-    mask = torch.zeros_like(batch)
+    k, width = len(lines_ids), max(len(ids) for ids in lines_ids)
+    out = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(k)
+    lines = torch.zeros((k, width), dtype=torch.long, device=device)
+    mask = torch.zeros((k, len(prompt_ids) + width), dtype=torch.long, device=device)
     for i, ids in enumerate(lines_ids):
-        batch[i, : n + len(ids)] = torch.tensor(prompt_ids + ids)
-        mask[i, : n + len(ids)] = 1
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(input_ids=batch, attention_mask=mask).logits.float(), dim=-1)
-    return [float(sum(logprobs[i, n - 1 + j, t] for j, t in enumerate(ids))) for i, ids in enumerate(lines_ids)]
+        lines[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(prompt_ids) + len(ids)] = 1
+    logits = model(input_ids=lines, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    # the prompt's last position predicts each line's first token; line position j predicts token j+1
+    logprobs = torch.cat([out.logits[:, -1:].expand(k, 1, -1), logits[:, :-1]], dim=1).float().log_softmax(-1)
+    picked = logprobs.gather(-1, lines[..., None])[..., 0]
+    return (picked * (mask[:, len(prompt_ids) :] > 0)).sum(-1)
+
+
+def rank_loss(model, example, temperature: float):
+    """The listwise loss of one ranking example: cross-entropy of the candidate closest to the
+    truth under the runtime's own weighing (the student's probabilities at `temperature`, times
+    how many cuts gave each line: `runtime/choice.py`)."""
+    import torch
+
+    scores = lines_logprob(model, example.prompt_ids, example.lines_ids) / temperature
+    scores = scores + torch.log(torch.tensor(example.counts, dtype=scores.dtype, device=scores.device))
+    return -scores.log_softmax(-1)[example.best]
 
 
 def score_model(

@@ -31,6 +31,13 @@ class Recipe:
     # truth: learn the true bundles; closest_candidate: learn the pack's candidate partition closest to
     # them (train/sft.py), for a compact student whose runtime ranks those candidates
     target: str = "truth"
+    recombined: int = 0  # more training sessions made from train bundles and loose items (sft.recombined_sessions)
+    # > 0: add the listwise loss over the pack's candidate partitions (train/model.rank_loss), this
+    # much per ranking example, `rank_per_step` examples a step, at the runtime's temperature `rank_temperature`
+    rank_weight: float = 0.0
+    rank_per_step: int = 4
+    rank_temperature: float = 2.0
+    init_adapter: str = ""  # start from this adapter: a peft folder, or a GGUF adapter over the same base
 
     # LoRA
     lora_r: int = 16
@@ -83,6 +90,10 @@ def recipe_from_dict(obj: dict, where: str = "recipe") -> Recipe:
         raise BkdError(f"{where}: target {recipe.target!r} is not one of {', '.join(TARGETS)}")
     if recipe.target == "closest_candidate" and (recipe.mode != "knowledge" or recipe.answer_format != "compact"):
         raise BkdError(f"{where}: target 'closest_candidate' needs mode 'knowledge' and answer_format 'compact'")
+    if recipe.rank_weight and (recipe.mode != "knowledge" or recipe.answer_format != "compact"):
+        raise BkdError(f"{where}: rank_weight needs mode 'knowledge' and answer_format 'compact' (candidates to rank)")
+    if recipe.rank_weight < 0 or recipe.recombined < 0 or recipe.rank_temperature <= 0:
+        raise BkdError(f"{where}: rank_weight and recombined must be >= 0, rank_temperature > 0")
     if recipe.device not in ("auto", "cpu", "cuda"):
         raise BkdError(f"{where}: device {recipe.device!r} is not one of auto, cpu, cuda")
     if recipe.precision not in ("auto", "bf16", "fp32"):
@@ -91,7 +102,7 @@ def recipe_from_dict(obj: dict, where: str = "recipe") -> Recipe:
         recipe.prompt_config()
     except BkdError as e:
         raise BkdError(f"{where}: {e}") from None
-    for key in ("max_len", "batch_size", "grad_accum", "epochs", "lora_r", "title_chars"):
+    for key in ("max_len", "batch_size", "grad_accum", "epochs", "lora_r", "title_chars", "rank_per_step"):
         if getattr(recipe, key) < 1:
             raise BkdError(f"{where}: {key} must be >= 1")
     return recipe

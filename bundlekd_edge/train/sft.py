@@ -146,6 +146,86 @@ def with_shuffled_copies(sessions: list[Session], copies: int, seed: int = 0) ->
     return out
 
 
+def recombined_sessions(sessions: list[Session], n: int, seed: int = 0, max_items: int = 10) -> list[Session]:
+    """`n` new sessions with known partitions, made only from `sessions` (train): each joins as
+    many bundles, drawn from different sessions, as a real session has (its bundle count drawn from
+    theirs), and as many unbundled items of yet other sessions as a real session has besides its
+    bundles; items shuffled, at most `max_items`. The truth of a made session is its bundles, so
+    every one is a new ranking example for the hint's candidates: more than 623 sessions give.
+    """
+    if n <= 0:
+        return []
+    rng = random.Random(seed)
+    bundles = [(s, b) for s in sessions for b in s.bundles if len(b.items) >= 2]
+    loose = [(s, it) for s in sessions for it in s.items if not any(it.id in b.items for b in s.bundles)]
+    shapes = [(len(s.bundles), len(s.items) - len({x for b in s.bundles for x in b.items})) for s in sessions]
+    if not bundles:
+        raise BkdError("recombined sessions need training sessions with bundles")
+    out: list[Session] = []
+    while len(out) < n:
+        n_bundles, n_loose = rng.choice(shapes)
+        items, kept, sources = {}, [], set()
+        for s, b in rng.sample(bundles, min(len(bundles), 4 * n_bundles)):
+            by_id = {it.id: it for it in s.items}
+            if len(kept) == n_bundles or s.session_id in sources or len(items) + len(b.items) > max_items:
+                continue
+            if any(x in items for x in b.items):
+                continue  # an item in two drawn bundles: the truth would be ambiguous
+            items.update((x, by_id[x]) for x in b.items)
+            kept.append(b)
+            sources.add(s.session_id)
+        for s, it in rng.sample(loose, min(len(loose), 4 * n_loose)):
+            if n_loose <= 0 or len(items) >= max_items:
+                break
+            if s.session_id not in sources and it.id not in items:
+                items[it.id] = it
+                n_loose -= 1
+        if not kept or len(items) < 2:
+            continue
+        order = list(items.values())
+        rng.shuffle(order)
+        out.append(Session(f"recombined-{seed}-{len(out)}", order, kept, "train", {"recombined": True}))
+    return out
+
+
+@dataclass
+class RankExample:
+    """A session's prompt and the hint's candidate first lines (tokenized as the runtime scores
+    them), how many cuts gave each, and which one is closest to the truth (strict F1)."""
+
+    session_id: str
+    prompt_ids: list[int]
+    lines_ids: list[list[int]]
+    counts: list[int]
+    best: int
+
+
+def build_rank_examples(
+    sessions: list[Session], tok, maker: PromptMaker, max_len: int
+) -> tuple[list[RankExample], dict]:
+    """Ranking examples for the sessions whose candidates differ in strict F1 (a tie teaches
+    nothing about the choice); those longer than max_len are dropped."""
+    from ..prompts import candidate_lines
+
+    out, ties, dropped = [], 0, 0
+    for s in sessions:
+        lines, counts = candidate_lines(maker.pack.candidates(s))
+        ids = s.item_ids()
+        gold = [frozenset(b.items) for b in s.bundles]
+        parts = [[frozenset(ids[int(n) - 1] for n in g.split()) for g in line.split(" | ")] for line in lines]
+        scores = [session_strict_f1([g for g in part if len(g) >= 2], gold) for part in parts]
+        if len(set(scores)) < 2:
+            ties += 1
+            continue
+        prompt = tok.prompt_ids(maker.messages(s))
+        lines_ids = [tok.text_ids(line + "\n") for line in lines]
+        if len(prompt) + max(map(len, lines_ids)) > max_len:
+            dropped += 1
+            continue
+        out.append(RankExample(s.session_id, prompt, lines_ids, counts, scores.index(max(scores))))
+    return out, {"rank_examples": len(out), "rank_ties": ties, "rank_dropped_too_long": dropped}
+
+
 def with_closest_candidate(session: Session, candidates: list[list[list[int]]]) -> Session:
     """The session with its bundles replaced by the candidate partition (item numbers, as
     `Pack.candidates` gives them) of the highest strict F1 against its true bundles, each candidate

@@ -26,17 +26,19 @@ from .. import BkdError, __version__
 from ..artifacts import building, write_manifest
 from ..data import load_sessions, spread
 from ..files import atomic_write, sha256_file, write_json
-from .model import load_base_model, pick_device, resolve_base, score_model, set_threads
+from .model import load_adapter, load_base_model, pick_device, rank_loss, resolve_base, score_model, set_threads
 from .recipe import Recipe
 from .run_folder import RUN_FORMAT, RUN_SCRATCH, is_finished
 from .sft import (
     IGNORE,
     PromptMaker,
     build_examples,
+    build_rank_examples,
     collate,
     dump_examples,
     load_thoughts,
     make_rows,
+    recombined_sessions,
     with_closest_candidate,
     with_shuffled_copies,
 )
@@ -187,7 +189,15 @@ class Training:
             pack = Pack(recipe.pack)
         self.maker = PromptMaker(recipe.mode, recipe.prompt_config(), pack=pack)
         thoughts = load_thoughts(recipe.thoughts) if recipe.thoughts else None
+        train_sessions += recombined_sessions(train_sessions, recipe.recombined, recipe.seed)
         train_sessions = with_shuffled_copies(train_sessions, recipe.shuffled_copies, recipe.seed)
+        self.rank_examples, rank_stats = [], {}
+        if recipe.rank_weight:
+            if not pack.candidates(train_sessions[0]):
+                raise BkdError(f"{recipe.pack}: rank_weight needs a pack with the similar-items hint (candidates)")
+            self.rank_examples, rank_stats = build_rank_examples(train_sessions, self.tok, self.maker, recipe.max_len)
+            if not self.rank_examples:
+                raise BkdError("rank_weight: no training session has candidates that differ in strict F1")
         if recipe.target == "closest_candidate":
             if not pack.candidates(train_sessions[0]):
                 raise BkdError(f"{recipe.pack}: target 'closest_candidate' needs a pack with the similar-items hint")
@@ -195,6 +205,7 @@ class Training:
         self.examples, self.data_stats = build_examples(train_sessions, self.tok, self.maker, recipe.max_len, thoughts)
         if not self.examples:
             raise BkdError(f"no training example fits max_len {recipe.max_len} tokens (raise max_len)")
+        self.data_stats.update(rank_stats, recombined=recipe.recombined)
         self.rows = make_rows(self.examples, recipe.max_len, recipe.packing, recipe.seed)
 
     # -- model ----------------------------------------------------------------------------
@@ -235,6 +246,8 @@ class Training:
         except ValueError as e:
             raise BkdError(f"recipe target_modules {recipe.target_modules}: {e}") from None
         model.base_model.model.name_or_path = str(self.base.path)  # recorded in adapter_config.json
+        if recipe.init_adapter:
+            load_adapter(model, recipe.init_adapter, self.base, recipe.lora_alpha)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
 
@@ -345,7 +358,7 @@ class Training:
             for g, group in enumerate(self.groups(epoch)):
                 if g < skip:
                     continue  # resumed mid-epoch: these steps were done before the checkpoint
-                loss_sum, answer_tokens, step_tokens = 0.0, 0, 0
+                loss_sum, answer_tokens, step_tokens, rank_sum = 0.0, 0, 0, 0.0
                 # Every predicted answer token of the step weighs the same, however the rows fall on
                 # micro-batches and processes: the loss is summed and divided by the step's token count
                 # (times the processes, whose gradients data parallelism averages).
@@ -358,6 +371,10 @@ class Training:
                     sync = m == len(group) - 1
                     with contextlib.nullcontext() if sync else acc.no_sync(model):
                         loss = model(**batch, use_cache=False, num_items_in_batch=n_items).loss * self.world
+                        if sync and self.rank_examples:
+                            rank = self.rank_term(step)
+                            rank_sum = rank.item()
+                            loss = loss + rank * self.world
                         acc.backward(loss)
                     loss_sum += loss.item()
                     answer_tokens += int((batch["labels"] != -100).sum())
@@ -380,6 +397,8 @@ class Training:
                     lr = self.scheduler.get_last_lr()[0]
                     row = {"step": step, "epoch": epoch, "loss": round(loss_sum, 5), "lr": lr,
                            "tokens_per_s": round(tps, 1), "answer_tokens": answer_tokens}  # fmt: skip
+                    if self.rank_examples:
+                        row["rank_loss"] = round(rank_sum / self.recipe.rank_weight, 5)
                     _append_metrics(self.metrics_path, row)
                 end_of_epoch = step % self.steps_per_epoch == 0
                 due = step % recipe.eval_every == 0 if recipe.eval_every else end_of_epoch
@@ -398,6 +417,20 @@ class Training:
                     bar.total = self.total_steps
             epoch, skip = epoch + 1, 0
         bar.close()
+
+    def rank_term(self, step: int):
+        """The ranking loss of step `step`: the mean listwise loss of its `rank_per_step` examples
+        (this process's share, in a seeded order per pass over them, so a resumed run takes the
+        same ones), times `rank_weight`."""
+        recipe, pool = self.recipe, self.rank_examples[self.accelerator.process_index :: self.world]
+        n = recipe.rank_per_step
+        first = step * n
+        order = list(range(len(pool)))
+        random.Random(recipe.seed * 1000 + first // len(pool)).shuffle(order)
+        picked = [pool[order[(first + i) % len(pool)]] for i in range(n)]
+        model = self.accelerator.unwrap_model(self.model)
+        loss = sum(rank_loss(model, ex, recipe.rank_temperature) for ex in picked) / n
+        return recipe.rank_weight * loss
 
     def checkpoint(self, step: int, tokens: int, seconds: float) -> None:
         """Everything `--resume` needs to continue after `step`."""
