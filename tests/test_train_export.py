@@ -805,7 +805,9 @@ def test_training_starts_from_the_shipped_adapter_and_the_ranking_loss_trains_th
     engine._eval_prompt(ex.prompt_ids)
     lines = [gguf_tok.decode(ids).rstrip("\n") for ids in ex.lines_ids]
     scores = line_logprobs(model.eval(), ex.prompt_ids, ex.lines_ids)
-    assert engine.partition_logprobs(lines) == pytest.approx(scores, rel=0.05, abs=0.05)  # q/k permuted back
+    # llama.cpp runs the adapter beside 8-bit activations over Q4_1: up to ~0.1 nats apart (measured
+    # 0.09; with q/k's B left in llama.cpp's row order, 0.33). The exact check is the weights, below.
+    assert engine.partition_logprobs(lines) == pytest.approx(scores, abs=0.15)
 
     z = np.array(scores) / 2 + np.log(ex.counts)
     loss = rank_loss(model, ex, 2.0)
@@ -816,6 +818,21 @@ def test_training_starts_from_the_shipped_adapter_and_the_ranking_loss_trains_th
         rank_loss(model, ex, 2.0).backward()
         optimizer.step()
     assert rank_loss(model, ex, 2.0).item() < loss.item()
+
+    # the adapter as read back, merged by peft, is the shipped GGUF adapter merged on GGUF tensors
+    import gguf
+
+    from bundlekd_edge.export.gguf_write import merged_tensors, permute
+
+    load_adapter(model, adapter.path, base, 16)
+    state, cfg = model.merge_and_unload().state_dict(), model.config
+    merged = merged_tensors(base.path, adapter.path)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    for module, heads in (("self_attn.q_proj", cfg.num_attention_heads), ("self_attn.k_proj", cfg.num_key_value_heads)):
+        hf_name = f"model.layers.0.{module}.weight"
+        want = permute(state[hf_name].float().numpy(), heads)
+        got = merged[names.get_name(hf_name, try_suffixes=(".weight",))].astype(np.float32)
+        assert np.abs(got - want).max() < 2e-3 * max(1.0, np.abs(want).max())
 
 
 def test_a_real_distill_output_trains_a_student_on_its_thoughts(tmp_path, cli, sample_path):
