@@ -109,17 +109,16 @@ def load_adapter(model, path: str | Path, base: Base, alpha: float) -> int:
     layout). Its alpha must be the recipe's (the same delta); returns how many tensors were set."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    path = Path(path)
+    path, wanted = Path(path), get_peft_model_state_dict(model)
     if path.is_dir():
         from safetensors.torch import load_file
 
         config = json.loads((path / "adapter_config.json").read_text())
         given, found = float(config["lora_alpha"]), load_file(str(path / "adapter_model.safetensors"))
     else:
-        given, found = _gguf_adapter(path, base, list(get_peft_model_state_dict(model)))
+        given, found = _gguf_adapter(path, base, list(wanted))
     if given != alpha:
         raise BkdError(f"init_adapter {path}: its alpha is {given:g}, the recipe's lora_alpha {alpha:g}")
-    wanted = get_peft_model_state_dict(model)
     if set(found) != set(wanted) or any(found[k].shape != wanted[k].shape for k in wanted):
         raise BkdError(f"init_adapter {path}: its tensors do not match the recipe's LoRA (rank, target_modules)")
     set_peft_model_state_dict(model, found)
@@ -136,11 +135,10 @@ def _gguf_adapter(path: Path, base: Base, keys: list[str]) -> tuple[float, dict]
 
     if base.kind != "gguf":
         raise BkdError(f"init_adapter {path}: a GGUF adapter needs a GGUF base (the recipe's base is {base.path})")
-    alpha = check_adapter(path, base.path)["alpha"]
-    reader = gguf.GGUFReader(path)
-    arrays = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
-    meta = gguf.GGUFReader(base.path)
+    meta = gguf.GGUFReader(base.path)  # read once (a 49k vocabulary takes seconds); shapes are checked below
     arch = gguf_field(meta, "general.architecture")
+    alpha = check_adapter(path, base.path, model_arch=arch, shapes=False)["alpha"]
+    arrays = {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
     n_head = int(gguf_field(meta, f"{arch}.attention.head_count"))
     n_kv = int(gguf_field(meta, f"{arch}.attention.head_count_kv") or n_head)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(gguf_field(meta, f"{arch}.block_count")))

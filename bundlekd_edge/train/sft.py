@@ -210,10 +210,7 @@ def build_rank_examples(
     out, ties, dropped = [], 0, 0
     for s in sessions:
         lines, counts = candidate_lines(maker.pack.candidates(s))
-        ids = s.item_ids()
-        gold = [frozenset(b.items) for b in s.bundles]
-        parts = [[frozenset(ids[int(n) - 1] for n in g.split()) for g in line.split(" | ")] for line in lines]
-        scores = [session_strict_f1([g for g in part if len(g) >= 2], gold) for part in parts]
+        scores = candidate_f1s(s, [[[int(n) for n in g.split()] for g in line.split(" | ")] for line in lines])
         if len(set(scores)) < 2:
             ties += 1
             continue
@@ -224,6 +221,13 @@ def build_rank_examples(
             continue
         out.append(RankExample(s.session_id, prompt, lines_ids, counts, scores.index(max(scores))))
     return out, {"rank_examples": len(out), "rank_ties": ties, "rank_dropped_too_long": dropped}
+
+
+def candidate_f1s(session: Session, candidates: list[list[list[int]]]) -> list[float]:
+    """Each candidate partition's (item numbers) strict F1 against the session's true bundles."""
+    ids = session.item_ids()
+    gold = [frozenset(b.items) for b in session.bundles]
+    return [session_strict_f1([frozenset(ids[n - 1] for n in g) for g in c if len(g) >= 2], gold) for c in candidates]
 
 
 def with_closest_candidate(session: Session, candidates: list[list[list[int]]]) -> Session:
@@ -237,9 +241,8 @@ def with_closest_candidate(session: Session, candidates: list[list[list[int]]]) 
     every candidate (val: best candidate strict F1 0.76), and then it only blurs the ranking.
     """
     ids = session.item_ids()
-    gold = [frozenset(b.items) for b in session.bundles]
     parts = [[frozenset(ids[n - 1] for n in group) for group in c] for c in candidates]
-    scores = [session_strict_f1([g for g in p if len(g) >= 2], gold) for p in parts]
+    scores = candidate_f1s(session, candidates)
     if not scores or max(scores) == 0:
         return session
     best = parts[scores.index(max(scores))]

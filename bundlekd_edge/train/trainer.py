@@ -423,13 +423,13 @@ class Training:
         (this process's share, in a seeded order per pass over them, so a resumed run takes the
         same ones), times `rank_weight`."""
         recipe, pool = self.recipe, self.rank_examples[self.accelerator.process_index :: self.world]
-        n = recipe.rank_per_step
-        first = step * n
-        order = list(range(len(pool)))
-        random.Random(recipe.seed * 1000 + first // len(pool)).shuffle(order)
-        picked = [pool[order[(first + i) % len(pool)]] for i in range(n)]
+        picked = []
+        for j in range(step * recipe.rank_per_step, (step + 1) * recipe.rank_per_step):
+            order = list(range(len(pool)))
+            random.Random(recipe.seed * 1000 + j // len(pool)).shuffle(order)  # pass j // len(pool)'s order
+            picked.append(pool[order[j % len(pool)]])
         model = self.accelerator.unwrap_model(self.model)
-        loss = sum(rank_loss(model, ex, recipe.rank_temperature) for ex in picked) / n
+        loss = sum(rank_loss(model, ex, recipe.rank_temperature) for ex in picked) / len(picked)
         return recipe.rank_weight * loss
 
     def checkpoint(self, step: int, tokens: int, seconds: float) -> None:
