@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -233,6 +234,7 @@ class Pack:
         self._encoder = None
         self._clusters = None
         self._baseline = None
+        self.prepared_s: dict[str, float] = {}  # session id -> seconds its hint took in `prepare`
 
     def n_ctx(self, floor: int = 2048) -> int:
         """A context window for this pack: its static part, k examples of mean length and a
@@ -264,9 +266,12 @@ class Pack:
         each prompt's nearest examples query it). A session not prepared loads it again."""
         if not self.similar_items or (self.examples and self.k):
             return
+        self.encode([])  # the encoder's load is a load cost, like the model's, not a session's
         for s in sessions:
+            t0 = time.perf_counter()
             self.similar_items_text(s)
             self.candidates(s)
+            self.prepared_s[s.session_id] = time.perf_counter() - t0
         if self._encoder is not None:
             self._encoder.close()
             self._encoder = None

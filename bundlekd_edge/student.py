@@ -77,11 +77,12 @@ class Student:
         student.engine = student.load_engine(n_ctx, threads, seed, jump_forward, sessions, gpu_layers)
         return student
 
-    def inputs(self, session: Session) -> dict:
-        """What the engine takes besides the session: the pack's knowledge, examples and candidates."""
-        from .runtime.batch import session_inputs
+    def inputs(self, session: Session) -> tuple[dict, float]:
+        """What the engine takes besides the session (the pack's knowledge, examples and candidates)
+        and the seconds they took (`Generation.with_prepare` counts them into its timing)."""
+        from .runtime.batch import timed_inputs
 
-        return session_inputs(self._loaded(), session, self.pack)
+        return timed_inputs(self._loaded(), session, self.pack)
 
     def generate(self, session: Session | dict) -> dict:
         """The prediction record for one session (a `Session`, or a dict as `generate --json` reads)."""
@@ -92,7 +93,7 @@ class Student:
         (`runtime.concurrent.Batched`). Every prompt is checked against the context first."""
         engine = self._loaded()
         sessions = [as_session(s, f"session {i}") for i, s in enumerate(sessions)]
-        parts = [self.inputs(s) for s in sessions]
+        parts, prepare_s = zip(*[self.inputs(s) for s in sessions]) if sessions else ((), ())
         for s, p in zip(sessions, parts):
             if len(s.items) >= 2:
                 engine.check_prompt(s, p["knowledge"], p["examples"])
@@ -103,14 +104,14 @@ class Student:
             if self.pack and not self._warm:  # the static prefix in the KV cache (or restored), once
                 engine.warm_prefix(self.pack.static, self.pack.state_dir)
                 self._warm = True
-            for s, p in zip(sessions, parts):
-                yield engine.generate(s, **p).to_record()
+            for s, p, seconds in zip(sessions, parts, prepare_s):
+                yield engine.generate(s, **p).with_prepare(seconds).to_record()
             return
         prefix = engine.prefix_tokens(self.pack.static if self.pack else "")
         with Batched(engine, min(concurrency, max(len(sessions), 1)), prefix) as batched:
             futures = [batched.submit(s, **p) for s, p in zip(sessions, parts)]
-            for f in futures:
-                yield f.result().to_record()
+            for f, seconds in zip(futures, prepare_s):
+                yield f.result().with_prepare(seconds).to_record()
 
     def close(self) -> None:
         """Free the model (llama.cpp frees its memory with the last reference)."""

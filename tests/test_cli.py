@@ -20,6 +20,8 @@ def test_generate_then_eval_writes_machine_readable_scores(tmp_path, cli, sample
     rows = [json.loads(line) for line in pred.read_text().splitlines()]
     assert [row["session_id"] for row in rows] == ["sample-17", "sample-18", "sample-19", "sample-20"]
     assert all(row["valid"] and row["timing"]["total_s"] > 0 for row in rows)
+    # the hint computed ahead of the run (the pack's `prepare`) is counted in each session's latency
+    assert all(0 < row["timing"]["prepare_s"] < row["timing"]["total_s"] for row in rows)
     assert json.loads(summary.read_text())["latency_p50_s"] > 0
 
     r = cli("eval", "--gold", sample_path, "--pred", pred, "--split", "test", "--out", scores)

@@ -101,6 +101,8 @@ def test_concurrent_requests_equal_the_library(server, short):
         assert (record["session_id"], record["bundles"], record["raw"]) == (
             want["session_id"], want["bundles"], want["raw"])  # fmt: skip
         assert record["valid"] and record["timing"]["prompt_tokens"] == want["timing"]["prompt_tokens"]
+        for timing in (record["timing"], want["timing"]):  # the hint's time is in the latency served
+            assert 0 < timing["prepare_s"] < timing["total_s"]
     status, batch, _ = server.call("POST", "/v1/bundles:batch", {"sessions": short[:2]})
     assert status == 200 and [r["bundles"] for r in batch["predictions"]] == [w["bundles"] for w in expected[:2]]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -30,6 +31,7 @@ class Pack(Protocol):
     def candidates(self, session: Session) -> list[list[list[int]]]: ...
 
     choice: ChoiceRule  # how its candidates are chosen among (its calibration)
+    prepared_s: dict[str, float]  # session id -> seconds its hint took ahead of the run (`prepare`)
 
 
 def run_sessions(
@@ -48,9 +50,9 @@ def run_sessions(
     """
     todo = [s for s in sessions if not log or s.session_id not in log.done]
     knowledge = pack.static if pack else ""
-    parts = {}
+    parts, prepare_s = {}, {}
     for s in todo:
-        parts[s.session_id] = session_inputs(engine, s, pack)
+        parts[s.session_id], prepare_s[s.session_id] = timed_inputs(engine, s, pack)
         if len(s.items) >= 2:  # raises with the reason if it does not fit
             engine.check_prompt(s, parts[s.session_id]["knowledge"], parts[s.session_id]["examples"])
     if pack and todo:
@@ -60,6 +62,7 @@ def run_sessions(
                dynamic_ncols=True)  # fmt: skip
 
     def finished(g: Generation) -> None:
+        g = g.with_prepare(prepare_s[g.session_id])
         gens.append(g)
         if log:
             log.append(g.to_record())
@@ -83,6 +86,14 @@ def session_inputs(engine: Engine, session: Session, pack: Pack | None) -> dict:
     if engine.config.prompt.answer_format != "compact":
         return {"knowledge": knowledge, "examples": examples, "candidates": None}
     return {"knowledge": knowledge, "examples": examples, "candidates": pack.candidates(session), "choice": pack.choice}
+
+
+def timed_inputs(engine: Engine, session: Session, pack: Pack | None) -> tuple[dict, float]:
+    """`session_inputs` and the seconds this session's inputs took: now, and in the pack's
+    `prepare` where its hint was computed ahead (`Generation.with_prepare` counts them in)."""
+    t0 = time.perf_counter()
+    inputs = session_inputs(engine, session, pack)
+    return inputs, time.perf_counter() - t0 + (pack.prepared_s.pop(session.session_id, 0.0) if pack else 0.0)
 
 
 def _pct(values, q) -> float:

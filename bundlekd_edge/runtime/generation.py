@@ -11,7 +11,7 @@ becomes a record.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +33,7 @@ class Timing:
     chosen_tokens: int = 0  # of completion_tokens, placed by the candidate choice (scored, not decoded)
     forced_tokens: int = 0  # of completion_tokens, forced by the grammar: evaluated in batches, not one by one
     choose_s: float = 0.0  # scoring the candidates and evaluating the chosen line, wall clock
+    prepare_s: float = 0.0  # its pack inputs before the model (hint vectors, retrieval, candidates): in total_s
 
     @property
     def decoded_tokens(self) -> int:
@@ -70,6 +71,11 @@ class Generation:
             "raw": self.raw,
             "timing": asdict(self.timing),
         }
+
+    def with_prepare(self, seconds: float) -> Generation:
+        """This generation with the time its inputs took before the model counted in (`batch.timed_inputs`)."""
+        t = self.timing
+        return replace(self, timing=replace(t, prepare_s=t.prepare_s + seconds, total_s=t.total_s + seconds))
 
     @classmethod
     def from_record(cls, record: dict) -> Generation:

@@ -228,11 +228,11 @@ class Service:
         self.ready = False
         warm = [s for s in _sample() if len(s.items) >= 2][:1]
         for s in warm:  # pages the weights in, builds the grammar caches: /healthz says ready after it
-            self.batched.submit(s, **self.student.inputs(s)).result()
+            self.batched.submit(s, **self.student.inputs(s)[0]).result()
         self.ready = True
         self.model_info = _model_info(self.student, engine)
 
-    def inputs(self, session: Session) -> dict:
+    def inputs(self, session: Session) -> tuple[dict, float]:
         return self.student.inputs(session)
 
     def check(self, session: Session, inputs: dict) -> None:
@@ -261,9 +261,10 @@ class Service:
             raise ApiError(503, "the server is shutting down") from None
         return futures
 
-    async def wait(self, request: Request, futures: list[Future]) -> list[dict]:
-        """The records, in order. Past the timeout: 504; a client gone: its sessions cancelled (499).
-        Either way their sequences are freed."""
+    async def wait(self, request: Request, futures: list[Future], prepare_s: list[float]) -> list[dict]:
+        """The records, in order, each with the seconds its inputs took (`prepare_s`) in its timing.
+        Past the timeout: 504; a client gone: its sessions cancelled (499). Either way their
+        sequences are freed."""
         loop = asyncio.get_running_loop()
         waiting = [asyncio.wrap_future(f) for f in futures]
         for w in waiting:
@@ -282,7 +283,7 @@ class Service:
                     raise ApiError(499, "the client closed the connection")
                 raise ApiError(504, f"no answer within {self.config.timeout_s:g} s (the session was cancelled)")
         try:
-            gens = [f.result() for f in futures]
+            gens = [f.result().with_prepare(seconds) for f, seconds in zip(futures, prepare_s)]
         except BkdError as e:  # what this session could not do (e.g. a candidate answer too long for the context)
             raise ApiError(422, str(e), "items") from None
         for g in gens:
@@ -375,14 +376,14 @@ def create_app(service: Service, key: str | None) -> FastAPI:
         return {"predictions": await _answer(request, sessions)}
 
     async def _answer(request: Request, sessions: list[Session]) -> list[dict]:
-        def prepare():  # retrieval and tokenizing: off the event loop
-            inputs = [service.inputs(s) for s in sessions]
+        def prepare():  # the hint, retrieval and tokenizing: off the event loop
+            inputs, seconds = zip(*[service.inputs(s) for s in sessions])
             for s, p in zip(sessions, inputs):
                 service.check(s, p)
-            return inputs
+            return inputs, seconds
 
-        inputs = await run_in_threadpool(prepare)
-        return await service.wait(request, service.submit(sessions, inputs))
+        inputs, seconds = await run_in_threadpool(prepare)
+        return await service.wait(request, service.submit(sessions, inputs), seconds)
 
     @app.get("/v1/models", summary="The student this server runs")
     async def models():
