@@ -11,7 +11,9 @@ cross-validation on the pack's split, each rule it could use:
     choice             expected F1 over the candidates with the cut counts alone (no model)
     student T=5 .. 1   the same with the student's probabilities to the power 1/T
 
-and keeps the best, ties (within `TIE` strict F1) to the simpler, in that order. The student is run
+and keeps the simplest rule not clearly below the best: within `TIE` strict F1 of it, or within one
+standard error of its fold-by-fold difference from it (a lead smaller than its own noise across
+folds is what choosing among six rules on a few hundred sessions finds by chance). The student is run
 once over the split (a prefill and one batch per distinct candidate, nothing decoded); the rules
 are then compared offline. Every rule's CV score, the winner and an honest estimate of the whole
 procedure (the rule picked on the other folds, scored on each held-out fold) go in the manifest.
@@ -89,10 +91,21 @@ def strict_f1(rule: ChoiceRule, evidence: list[Evidence]) -> float:
     return evaluate([e.session for e in evidence], preds)["strict_f1"]
 
 
-def pick(scores: list[float]) -> int:
-    """The simplest rule within `TIE` of the best score (rules are in order of simplicity)."""
-    best = max(scores)
-    return next(i for i, s in enumerate(scores) if s >= best - TIE)
+def gaps_from_best(per_fold: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Each rule's mean fold-by-fold shortfall from the rule with the best mean, and the standard
+    error of that paired difference (`per_fold`: each rule's score on each fold)."""
+    scores = np.asarray(per_fold, dtype=float)
+    gaps = scores[scores.mean(axis=1).argmax()] - scores
+    n = scores.shape[1]
+    se = gaps.std(axis=1, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(len(scores))
+    return gaps.mean(axis=1), se
+
+
+def pick(per_fold: list[list[float]]) -> int:
+    """The simplest rule (rules are in order of simplicity) whose mean is below the best's by at
+    most `TIE` or one standard error of their paired difference (the one-standard-error rule)."""
+    gap, se = gaps_from_best(per_fold)
+    return next(i for i in range(len(gap)) if gap[i] <= max(TIE, se[i]))
 
 
 def cross_validate(evidence: list[Evidence], rules=RULES, folds: int = FOLDS, seed: int = 0) -> dict:
@@ -104,18 +117,24 @@ def cross_validate(evidence: list[Evidence], rules=RULES, folds: int = FOLDS, se
     parts = [p for p in parts if p]
     per_fold = [[strict_f1(r, p) for p in parts] for r in rules]
     mean = [float(np.mean(f)) for f in per_fold]
-    honest = []
-    for f, held in enumerate(parts):
-        rest = [e for g, p in enumerate(parts) if g != f for e in p]
-        honest.append(strict_f1(rules[pick([strict_f1(r, rest) for r in rules])], held))
-    winner = pick(mean)
+    honest = []  # the whole procedure, cross-validated: picked on the other folds, scored on this one
+    for f in range(len(parts)):
+        picked = pick([[x for g, x in enumerate(scores) if g != f] for scores in per_fold])
+        honest.append(per_fold[picked][f])
+    winner = pick(per_fold)
+    _, se = gaps_from_best(per_fold)
     return {
         "folds": len(parts),
         "sessions": len(evidence),
         "tie": TIE,
         "rules": [
-            {"rule": r.label, "cv_strict_f1": round(m, 4), "fold_sd": round(float(np.std(f)), 4)}
-            for r, m, f in zip(rules, mean, per_fold)
+            {
+                "rule": r.label,
+                "cv_strict_f1": round(m, 4),
+                "fold_sd": round(float(np.std(f)), 4),
+                "below_best_se": round(float(e), 4),
+            }
+            for r, m, f, e in zip(rules, mean, per_fold, se)
         ],
         "winner": rules[winner].label,
         "calibrated_cv_strict_f1": round(float(np.mean(honest)), 4),
