@@ -11,10 +11,7 @@ cross-validation on the pack's split, each rule it could use:
     choice             expected F1 over the candidates with the cut counts alone (no model)
     student T=5 .. 1   the same with the student's probabilities to the power 1/T
 
-and keeps the best rule without the student (ties within `TIE` strict F1 to the simpler) unless a
-rule with the student beats it by more than `TIE` and by more than one standard error of their
-fold-by-fold difference: a smaller lead is what picking among four temperatures on a few hundred
-sessions finds by chance, and the pack must not fall below the best partition without a model. The student is run
+and keeps the best, ties (within `TIE` strict F1) to the simpler, in that order. The student is run
 once over the split (a prefill and one batch per distinct candidate, nothing decoded); the rules
 are then compared offline. Every rule's CV score, the winner and an honest estimate of the whole
 procedure (the rule picked on the other folds, scored on each held-out fold) go in the manifest.
@@ -92,29 +89,10 @@ def strict_f1(rule: ChoiceRule, evidence: list[Evidence]) -> float:
     return evaluate([e.session for e in evidence], preds)["strict_f1"]
 
 
-def paired_se(a, b) -> float:
-    """Standard error of the mean fold-by-fold difference between two rules' scores."""
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    return float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
-
-
-def best_plain(mean, rules=RULES) -> int:
-    """The simplest rule without the student within `TIE` of the best such rule."""
-    plain = [i for i, r in enumerate(rules) if r.name != "student"]
-    return next(i for i in plain if mean[i] >= max(mean[j] for j in plain) - TIE)
-
-
-def pick(per_fold: list[list[float]], rules=RULES) -> int:
-    """The rule to keep (`per_fold`: each rule's score on each fold; rules in order of simplicity):
-    `best_plain`, unless rules with the student beat it by more than `TIE` and by more than one
-    standard error of their paired difference (a lead within its own noise across folds is what
-    picking among four temperatures finds by chance); then the simplest of those within `TIE` of
-    their best."""
-    mean = [float(np.mean(f)) for f in per_fold]
-    base = best_plain(mean, rules)
-    margin = [max(TIE, paired_se(f, per_fold[base])) for f in per_fold]
-    clear = [i for i, r in enumerate(rules) if r.name == "student" and mean[i] - mean[base] > margin[i]]
-    return next((i for i in clear if mean[i] >= max(mean[j] for j in clear) - TIE), base)
+def pick(scores: list[float]) -> int:
+    """The simplest rule within `TIE` of the best score (rules are in order of simplicity)."""
+    best = max(scores)
+    return next(i for i, s in enumerate(scores) if s >= best - TIE)
 
 
 def cross_validate(evidence: list[Evidence], rules=RULES, folds: int = FOLDS, seed: int = 0) -> dict:
@@ -126,23 +104,17 @@ def cross_validate(evidence: list[Evidence], rules=RULES, folds: int = FOLDS, se
     parts = [p for p in parts if p]
     per_fold = [[strict_f1(r, p) for p in parts] for r in rules]
     mean = [float(np.mean(f)) for f in per_fold]
-    honest = []  # the whole procedure, cross-validated: picked on the other folds, scored on this one
-    for f in range(len(parts)):
-        picked = pick([[x for g, x in enumerate(scores) if g != f] for scores in per_fold], rules)
-        honest.append(per_fold[picked][f])
-    winner = pick(per_fold, rules)
-    base = per_fold[best_plain(mean, rules)]
+    honest = []
+    for f, held in enumerate(parts):
+        rest = [e for g, p in enumerate(parts) if g != f for e in p]
+        honest.append(strict_f1(rules[pick([strict_f1(r, rest) for r in rules])], held))
+    winner = pick(mean)
     return {
         "folds": len(parts),
         "sessions": len(evidence),
         "tie": TIE,
         "rules": [
-            {
-                "rule": r.label,
-                "cv_strict_f1": round(m, 4),
-                "fold_sd": round(float(np.std(f)), 4),
-                "se_vs_plain": round(paired_se(f, base), 4),  # of its lead over the best rule without the student
-            }
+            {"rule": r.label, "cv_strict_f1": round(m, 4), "fold_sd": round(float(np.std(f)), 4)}
             for r, m, f in zip(rules, mean, per_fold)
         ],
         "winner": rules[winner].label,

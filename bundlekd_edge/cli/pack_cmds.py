@@ -73,8 +73,8 @@ def pack():
     show_default=True,
     help="With the three-cut hint: run the --model student over the split once and keep, by 5-fold "
     "cross-validation there, the best way to choose the answer's partition: the cluster baseline's, the "
-    "hint's cut counts alone, or with the student's probabilities (only where they lead by more than one "
-    "standard error). Takes ~0.5 s a session on 2 cores for the shipped student.",
+    "hint's cut counts alone, or with the student's probabilities (ties to the simpler). Takes ~0.5 s a "
+    "session on 2 cores for the shipped student.",
 )
 @click.option(
     "--calibrate-limit",
@@ -140,8 +140,7 @@ def build_cmd(
 def calibration_text(report: dict, split: str) -> str:
     """The calibration table `pack build` prints: each rule's CV strict F1, the winner."""
     rows = "\n".join(
-        f"  {r['rule']:<14} {r['cv_strict_f1']:.4f} (sd {r['fold_sd']:.3f}"
-        + (f", lead's se {r['se_vs_plain']:.3f})" if r["rule"].startswith("student") and "se_vs_plain" in r else ")")
+        f"  {r['rule']:<14} {r['cv_strict_f1']:.4f} (sd {r['fold_sd']:.3f})"
         + ("  <- chosen" if r["rule"] == report["winner"] else "")
         for r in report["rules"]
     )
@@ -151,8 +150,7 @@ def calibration_text(report: dict, split: str) -> str:
     return (
         f"partition choice, {report['folds']}-fold CV strict F1 on {report['sessions']} {split} sessions "
         f"(student {report['student']}, {report['student_s_per_100_sessions']} s per 100 sessions; "
-        f"ties within {report['tie']} go to the simpler rule; the student's must lead the best rule without it "
-        f"by more than that and one standard error):\n{rows}\n"
+        f"ties within {report['tie']} go to the simpler rule):\n{rows}\n"
         f"  calibrating, cross-validated (picked on the other folds): {report['calibrated_cv_strict_f1']:.4f}{note}"
     )
 
