@@ -134,6 +134,11 @@ def run_level(port: int, sessions, concurrency: int) -> dict:
     }
 
 
+def level_sessions(gold, concurrency: int, level_limit: int) -> list:
+    """The sessions a level runs: all at 1 and 8 (the answers are compared there), else the first few."""
+    return gold if concurrency in (1, 8) else gold[:level_limit]
+
+
 def run_generate(args, gold, name: str) -> dict:
     """`generate --model MODEL` over the sessions in a process of its own: its records by session id."""
     out = args.out / f"{name}.jsonl"
@@ -318,8 +323,7 @@ def main() -> int:
         rss_warm = server.rss()
         runs = {}
         for c in levels:
-            subset = gold if c in (1, 8) else gold[: args.level_limit]
-            runs[c] = run_level(server.port, subset, c)
+            runs[c] = run_level(server.port, level_sessions(gold, c, args.level_limit), c)
             print(f"concurrency {c}: {runs[c]['sessions_per_min']:.1f} sessions/min, p50 {runs[c]['p50_s']:.2f} s",
                   file=sys.stderr)  # fmt: skip
         answers = {}
@@ -363,7 +367,7 @@ def main() -> int:
                                   for r in runs_of_generate]  # fmt: skip
     report["generate"]["strict_f1"] = strict_f1(gold, ref)
     for level in report["levels"]:
-        subset = gold if level["concurrency"] in (1, 8) else gold[: args.level_limit]
+        subset = level_sessions(gold, level["concurrency"], args.level_limit)
         level["generate_sessions_per_min"] = generate_rate(timing_ref, subset)  # the same sessions, sequential
 
     write_json(args.out / "report.json", report)
