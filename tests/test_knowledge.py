@@ -184,6 +184,9 @@ def test_answer_checks_reject_invented_items_and_bad_shapes():
     assert check_bundles(s, "{not json")[0] is None
     assert check_rules('{"rules": ["  Keep  a camera with its bag. ", 3, ""]}') == (["Keep a camera with its bag."], "")
     assert check_rules('{"rules": ["MENU_1.1.1.1.1"]}')[0] is None  # not a sentence: rejected, then retried
+    rambling = "Keep cases with their phones, " * 8  # over 200 characters: not one rule, dropped whole
+    assert check_rules(json.dumps({"rules": [rambling, "Keep a lens with its camera."]})) == (
+        ["Keep a lens with its camera."], "")  # fmt: skip
     two = _session("t", ["a", "b", "c", "d"], [(0, 1), (2, 3)])
     a, b = {"bundle": 1, "why": "both serve one camera"}, {"bundle": 2, "why": "both charge one phone"}
 

@@ -44,7 +44,7 @@ FORMAT_HELP = "Comma-separated: patterns (Apriori, no teacher), rules (self-refl
 @click.option("--min-confidence", default=0.3, show_default=True, help="Patterns: association-rule confidence.")
 @click.option("--batch-size", default=5, show_default=True, help="Rules: sessions per reflection.")
 @click.option("--rules-per-batch", default=5, show_default=True, help="Rules: most rules one reflection may write.")
-@click.option("--rule-chars", default=200, show_default=True, help="Rules: longest rule, in characters.")
+@click.option("--rule-chars", default=200, show_default=True, help="Rules: longest rule kept, in characters.")
 @click.option("--why-chars", default=240, show_default=True, help="Thoughts: longest explanation of one bundle.")
 @click.option("--attempts", default=3, show_default=True, help="Asks per teacher answer before it is a failure.")
 @click.option("--concurrency", default=4, show_default=True, help="HTTP teacher calls in flight.")

@@ -30,7 +30,9 @@ from .teachers import Teacher
 class RuleConfig:
     batch_size: int = 5  # sessions the teacher reflects on at once
     rules_per_batch: int = 5
-    rule_chars: int = 200  # one sentence; bounded so a small teacher cannot ramble
+    # One sentence: a longer rule is dropped. The answer's grammar allows twice this, room to end the
+    # sentence; cut at the limit itself, a teacher went on in the next string ("...should be in ", "it is").
+    rule_chars: int = 200
     attempts: int = 3  # per answer, then a failure
     reflect_max_tokens: int = 700
     title_chars: int = 80
@@ -91,7 +93,7 @@ def rules_schema(config: RuleConfig) -> dict:
         "properties": {
             "rules": {
                 "type": "array",
-                "items": {"type": "string", "minLength": 10, "maxLength": config.rule_chars},
+                "items": {"type": "string", "minLength": 10, "maxLength": 2 * config.rule_chars},
                 "minItems": 1,
                 "maxItems": config.rules_per_batch,
             }
@@ -101,7 +103,7 @@ def rules_schema(config: RuleConfig) -> dict:
     }
 
 
-def check_rules(text: str):
+def check_rules(text: str, max_chars: int = RuleConfig.rule_chars):
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -109,7 +111,8 @@ def check_rules(text: str):
     if not isinstance(obj, dict) or not isinstance(obj.get("rules"), list):
         return None, 'expected an object with a "rules" list'
     rules = [" ".join(r.split()) for r in obj["rules"] if isinstance(r, str) and is_prose(r)]
-    return (rules, "") if rules else (None, "no rule in the answer (a rule needs at least 3 words)")
+    rules = [r for r in rules if len(r) <= max_chars]
+    return (rules, "") if rules else (None, f"no rule in the answer (a rule is 3 words to {max_chars} characters)")
 
 
 def is_prose(text: str, words: int = 3) -> bool:
@@ -194,7 +197,11 @@ def distill_rules(
         for batch in batches
     ]
     reflected = ask_checked(
-        teacher, reflect_requests, lambda i, text: check_rules(text), config.attempts, on_done=progress
+        teacher,
+        reflect_requests,
+        lambda i, text: check_rules(text, config.rule_chars),
+        config.attempts,
+        on_done=progress,
     )
     found = []
     for batch, out in zip(batches, reflected):
