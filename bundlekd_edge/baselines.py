@@ -4,8 +4,10 @@
   pairs    adjacent disjoint pairs (1-2, 3-4, ...)
   apriori  item types linked by association rules mined (efficient-apriori) from the training bundles
   cluster  all-MiniLM-L6-v2 title embeddings, average-linkage clustering on cosine distance
-  choice   the runtime's choice among a pack's three-cut title groups and the whole session, without
-           the student (what a compact student's answer is chosen from; `runtime/choice.py`)
+  category items grouped by their catalogue category at a depth (path and depth tuned on train)
+  choice   the runtime's choice among a pack's three-cut title groups, the whole session and the
+           category partitions (the view chosen on train), without the student (what a compact
+           student's answer is chosen from; `runtime/choice.py`)
 
 Each is fitted on the train split (`fit`) and predicts bundles in the shape an engine's
 Generation.bundles has (`predict`: [{"items": [ids in session order], "intent": ""}]), so its output
@@ -20,6 +22,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from . import BkdError
+from .categories import DEPTHS, PATHS, CategoryView, category_partition, views
 from .data import Session
 from .metrics import Prediction, evaluate
 
@@ -345,6 +348,51 @@ class TitleClusters(Baseline):
         }
 
 
+class CategoryGroups(Baseline):
+    """Items grouped by their catalogue category (`categories.category_partition`): which path of
+    an item, how many levels below the root, and the fallback tuned on train by strict F1 (ties to
+    the earlier grid point). Items without categories stay out of every bundle; a catalogue without
+    categories gets nothing (or, with the `whole` fallback, the whole session)."""
+
+    name = "category"
+
+    def __init__(self, paths: Iterable[str] = PATHS, depths: Iterable[int] = DEPTHS):
+        self.grid = (tuple(paths), tuple(depths), ("none", "whole"))
+        self.params: dict = {}
+        self.train_f1 = 0.0
+
+    @staticmethod
+    def _predict(session: Session, params: dict) -> list[dict]:
+        ids = session.item_ids()
+        groups = category_partition(session, params["path"], params["depth"])
+        if not groups and params["fallback"] == "whole":
+            return _whole(session)
+        return [_bundle(ids[n - 1] for n in g) for g in groups]
+
+    def fit(self, train: list[Session]) -> CategoryGroups:
+        _need_train(self.name, train)
+        best = None
+        for path in self.grid[0]:
+            for depth in self.grid[1]:
+                for fallback in self.grid[2]:
+                    params = {"path": path, "depth": depth, "fallback": fallback}
+                    f1 = _strict_f1(train, (self._predict(s, params) for s in train))
+                    if best is None or f1 > best[0]:
+                        best = (f1, params)
+        if best is None:
+            raise BkdError("category baseline: empty tuning grid")
+        self.train_f1, self.params = best
+        return self
+
+    def predict(self, session: Session) -> list[dict]:
+        if not self.params:
+            raise BkdError("category baseline: call fit(train_sessions) before predict")
+        return self._predict(session, self.params)
+
+    def describe(self) -> dict:
+        return {"name": self.name, **self.params, "train_strict_f1": round(self.train_f1, 4)}
+
+
 # ---------------------------------------------------------------- the similar-items hint and its choice rule
 # A pack's hint (packs.py) gives a compact-answer student the session's title groups at three cuts of
 # the same MiniLM tree; the runtime chooses among them and the whole session (runtime/choice.py).
@@ -365,6 +413,12 @@ def hint_levels(clusters: TitleClusters, session: Session, cuts: tuple[float, ..
 def hint_candidates(levels: list[list[list[int]]], n_items: int) -> list[list[list[int]]]:
     """What a compact-answer student chooses among: the hint's partitions, and the whole session."""
     return [p for p in levels if p] + [[list(range(1, n_items + 1))]] if levels else []
+
+
+def with_categories(candidates: list[list[list[int]]], view: CategoryView, session: Session) -> list[list[list[int]]]:
+    """The hint's candidates and, after them, the session's category partitions by `view` (none
+    without the hint, a view or any two items sharing a category: the candidates unchanged)."""
+    return candidates + view.partitions(session) if candidates and view else candidates
 
 
 def chosen_by_counts(session: Session, candidates: list[list[list[int]]]) -> list[dict]:
@@ -404,25 +458,93 @@ def tune_hint_centre(clusters: TitleClusters, sessions: list[Session], spread: f
     return tied[(len(tied) - 1) // 2], best
 
 
+CATEGORY_TIE = 0.005  # strict F1: a category view must beat a simpler one by more than this
+CATEGORY_FOLDS = 5
+
+
+def tune_category_view(
+    sessions: list[Session], candidates: list[list[list[list[int]]]], seed: int = 0
+) -> tuple[CategoryView, dict]:
+    """(view, report): the category partitions added to each session's hint `candidates` (title
+    cuts and whole session, as `hint_candidates` gives them for `sessions`), chosen for the choice
+    rule without the student (`chosen_by_counts`) by `CATEGORY_FOLDS`-fold cross-validation on
+    `sessions`: every view of `categories.views()` (none, one depth, two adjacent depths, for each
+    path) is scored on each held-out fold; the simplest within `CATEGORY_TIE` of the best mean wins,
+    and the report holds each view's mean, the winner, and the honest estimate of choosing (the view
+    picked on the other folds, scored on each held-out fold). A catalogue without categories: none.
+    """
+    import random
+
+    if not any(it.categories for s in sessions for it in s.items):
+        return CategoryView(), {"views": [], "winner": "none", "note": "no item of the split has categories"}
+    order = list(range(len(sessions)))
+    random.Random(seed).shuffle(order)
+    folds = [sorted(order[f::CATEGORY_FOLDS]) for f in range(CATEGORY_FOLDS)]
+    folds = [f for f in folds if f]
+    options = views()
+    scores = []  # [view][fold]
+    for view in options:
+        chosen = [chosen_by_counts(s, with_categories(c, view, s)) for s, c in zip(sessions, candidates)]
+        scores.append([_strict_f1([sessions[i] for i in f], (chosen[i] for i in f)) for f in folds])
+    per_fold = np.array(scores)
+
+    def pick(means: np.ndarray) -> int:
+        return int(np.flatnonzero(means >= means.max() - CATEGORY_TIE)[0])
+
+    winner = pick(per_fold.mean(axis=1))
+    honest = [per_fold[pick(np.delete(per_fold, f, axis=1).mean(axis=1)), f] for f in range(len(folds))]
+    report = {
+        "folds": len(folds),
+        "sessions": len(sessions),
+        "tie": CATEGORY_TIE,
+        "views": [
+            {"view": v.label, "cv_strict_f1": round(float(m), 4), "fold_sd": round(float(sd), 4)}
+            for v, m, sd in zip(options, per_fold.mean(axis=1), per_fold.std(axis=1))
+        ],
+        "winner": options[winner].label,
+        "chosen_cv_strict_f1": round(float(np.mean(honest)), 4),
+    }
+    return options[winner], report
+
+
+def tune_hint_categories(
+    clusters: TitleClusters, sessions: list[Session], centre: float, spread: float
+) -> tuple[CategoryView, dict]:
+    """`tune_category_view` for a pack's hint (centre and spread as tuned) on its split's sessions."""
+    cuts = hint_cuts(centre, spread)
+    candidates = [hint_candidates(hint_levels(clusters, s, cuts), len(s.items)) for s in sessions]
+    return tune_category_view(sessions, candidates)
+
+
 class HintChoice(Baseline):
     """The choice rule alone: what a compact student's runtime picks among the three-cut hint's
-    partitions and the whole session with the student's probabilities left out (centre tuned on
-    train, `tune_hint_centre`). A bench row beside the student shows what the student itself adds."""
+    partitions, the whole session and the category partitions with the student's probabilities
+    left out (centre tuned on train, `tune_hint_centre`; then the category view, `tune_category_view`).
+    A bench row beside the student shows what the student itself adds."""
 
     name = "choice"
     spread = 0.12  # as the shipped student was trained
 
-    def __init__(self):
-        self.clusters = TitleClusters()
+    def __init__(self, encode: Callable[[list[str]], np.ndarray] | None = None):
+        self.clusters = TitleClusters(encode=encode)
         self.params: dict = {}
+        self.view = CategoryView()
+        self.category_report: dict = {}
         self.train_f1 = 0.0
         self.model_bytes = 0
+
+    def _candidates(self, session: Session, view: CategoryView) -> list[list[list[int]]]:
+        levels = hint_levels(self.clusters, session, hint_cuts(self.params["centre"], self.spread))
+        return with_categories(hint_candidates(levels, len(session.items)), view, session)
 
     def fit(self, train: list[Session]) -> HintChoice:
         _need_train(self.name, train)
         self.clusters.fit(train)
         centre, self.train_f1 = tune_hint_centre(self.clusters, train, self.spread)
         self.params = {"centre": centre, "spread": self.spread}
+        self.view, self.category_report = tune_hint_categories(self.clusters, train, centre, self.spread)
+        if self.view:
+            self.train_f1 = _strict_f1(train, (chosen_by_counts(s, self._candidates(s, self.view)) for s in train))
         self.model_bytes = self.clusters.model_bytes
         return self
 
@@ -431,15 +553,20 @@ class HintChoice(Baseline):
             raise BkdError("choice baseline: call fit(train_sessions) before predict")
         if len(session.items) < 2:
             return []
-        levels = hint_levels(self.clusters, session, hint_cuts(self.params["centre"], self.spread))
-        return chosen_by_counts(session, hint_candidates(levels, len(session.items)))
+        return chosen_by_counts(session, self._candidates(session, self.view))
 
     def predict_all(self, sessions: list[Session]) -> dict[str, Prediction]:
         self.clusters._embed([self.clusters._text(it) for s in sessions for it in s.items])
         return super().predict_all(sessions)
 
     def describe(self) -> dict:
-        return {"name": self.name, **self.params, "train_strict_f1": round(self.train_f1, 4)}
+        return {
+            "name": self.name,
+            **self.params,
+            "categories": self.view.label,
+            "categories_cv_strict_f1": self.category_report.get("chosen_cv_strict_f1"),
+            "train_strict_f1": round(self.train_f1, 4),
+        }
 
 
 BASELINES: dict[str, type[Baseline]] = {
@@ -447,6 +574,7 @@ BASELINES: dict[str, type[Baseline]] = {
     "pairs": AdjacentPairs,
     "apriori": AprioriRules,
     "cluster": TitleClusters,
+    "category": CategoryGroups,
     "choice": HintChoice,
 }
 

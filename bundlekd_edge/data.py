@@ -389,7 +389,8 @@ def import_bundlerec(folder: str | Path, seed: int = 0, prefix: str = "") -> tup
 
 
 def stats(sessions: list[Session]) -> dict:
-    """Per split (and 'all'): sessions, items, bundles, bundles/session, mean bundle size, untitled items."""
+    """Per split (and 'all'): sessions, items, bundles, bundles/session, mean bundle size, untitled items,
+    category coverage."""
     groups: dict[str, list[Session]] = defaultdict(list)
     for s in sessions:
         groups[s.split or "(none)"].append(s)
@@ -411,5 +412,20 @@ def stats(sessions: list[Session]) -> dict:
             "mean_bundle_size": round(sum(sizes) / len(sizes), 3) if sizes else 0.0,
             "mean_session_length": round(n_items / len(group), 3),
             "items_without_title": sum(1 for s in group for it in s.items if not it.title.strip()),
+            **category_coverage(group),
         }
     return out
+
+
+def category_coverage(sessions: list[Session]) -> dict:
+    """How much of a catalogue carries category paths: items with any (and their share), paths per
+    such item, mean path depth (levels, the root included)."""
+    items = [it for s in sessions for it in s.items]
+    with_paths = [it for it in items if any(it.categories)]
+    paths = [p for it in with_paths for p in it.categories if p]
+    return {
+        "items_with_categories": len(with_paths),
+        "category_coverage": round(len(with_paths) / len(items), 3) if items else 0.0,
+        "category_paths_per_item": round(len(paths) / len(with_paths), 3) if with_paths else 0.0,
+        "category_mean_depth": round(sum(len(p) for p in paths) / len(paths), 3) if paths else 0.0,
+    }

@@ -17,7 +17,11 @@ are added most-similar first, and the least similar are dropped whole until the 
 A pack may also carry a per-session hint (`similar_items`): which of the session's items have
 similar titles, grouped by the same encoder (average linkage cut at a cosine distance tuned on the
 training sessions, as the `cluster` baseline does). A student fine-tuned with it learns when to
-follow the grouping and when not to.
+follow the grouping and when not to. A pack built on a catalogue with category paths may also add
+the session's category partitions (`config.categories`: which path, which depths, chosen on the
+pack's split, `baselines.tune_category_view`) to the candidates its answer is chosen among; the
+prompt's text does not change. A pack without that key (built before it, or on a catalogue without
+categories) chooses among exactly what it did before.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 
 from . import BkdError
 from .artifacts import building, verify_folder, write_manifest
+from .categories import CategoryView
 from .data import Session
 from .files import write_jsonl
 from .prompts import item_title, render_answer, session_text
@@ -53,6 +58,8 @@ class PackConfig:
     with_thoughts: bool = True  # show a training session's thought under its bundles
     similar_items: float = 0.0  # cosine-distance cut of the "similar titles" hint; 0: no hint
     similar_spread: float = 0.0  # > 0: the hint gives the groups at three cuts, cut -/+ spread too
+    categories: CategoryView = CategoryView()  # category partitions added to the hint's candidates
+    categories_report: dict | None = None  # how the view was chosen (tune_category_view), for the manifest
 
 
 def query_text(session: Session) -> str:
@@ -136,6 +143,10 @@ def build_pack(
                 "example_max": max(example_tokens, default=0),
             },
         }
+        if config.categories:  # only then: a pack without the view keeps the manifest it always had
+            fields["config"]["categories"] = config.categories.to_dict()
+        if config.categories_report:
+            fields["categories"] = config.categories_report
         manifest = write_manifest(tmp, PACK_FORMAT, fields)
         if calibrate:
             chosen = calibrate(tmp)
@@ -190,6 +201,11 @@ def verify_pack(folder: str | Path) -> list[str]:
             value = config.get(key, 0.0)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 2:
                 problems.append(f'{where}: config "{key}" must be a number from 0 to 2, not {value!r}')
+        if "categories" in config:
+            try:
+                CategoryView.from_dict(config["categories"], 'config "categories"')
+            except BkdError as e:
+                problems.append(f"{where}: {e}")
     state = folder / STATE_DIR
     if state.is_dir() and not state.is_symlink():
         problems += [
@@ -231,6 +247,7 @@ class Pack:
         self.similar_items = float(self.manifest["config"].get("similar_items", 0.0))
         self.similar_spread = float(self.manifest["config"].get("similar_spread", 0.0))
         self.choice, self.cluster_params = choice_config(self.manifest["config"].get("choice"), self.folder)
+        self.category_view = CategoryView.from_dict(self.manifest["config"].get("categories"))
         self._encoder = None
         self._clusters = None
         self._baseline = None
@@ -314,14 +331,17 @@ class Pack:
 
     def candidates(self, session: Session) -> list[list[list[int]]]:
         """Partitions (item numbers) a compact-answer student chooses among: the hint's groups at
-        each of its cuts, and the whole session as one bundle; [] for a pack without the hint.
+        each of its cuts, the whole session as one bundle, and the category partitions of the
+        pack's category view (none for a pack without one); [] for a pack without the hint.
         A pack calibrated to the `cluster` rule offers one: the baseline's partition at its tuned
         cut, or the whole session where that has no group (a compact answer names a bundle)."""
-        from .baselines import hint_candidates
+        from .baselines import hint_candidates, with_categories
 
         if self.choice.name == "cluster" and self.similar_items:
             return [self.cluster_candidate(session)]
-        return hint_candidates(self._hint_levels(session), len(session.items))
+        return with_categories(
+            hint_candidates(self._hint_levels(session), len(session.items)), self.category_view, session
+        )
 
     def cluster_candidate(self, session: Session) -> list[list[int]]:
         """The `cluster` baseline's partition (item numbers) at its cut tuned on the pack's split,

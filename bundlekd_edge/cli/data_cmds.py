@@ -60,7 +60,8 @@ def import_bundlerec_cmd(folder, out, seed, prefix, force, as_json):
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def stats_cmd(file, as_json):
-    """Per split: sessions, items, bundles, bundles/session, mean bundle size, items without a title."""
+    """Per split: sessions, items, bundles, bundles/session, mean bundle size, items without a title,
+    the share of items with category paths and their mean depth."""
     result = stats(load_sessions(file))
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -76,6 +77,8 @@ def stats_cmd(file, as_json):
         ("mean_bundle_size", "mean bundle size", ".2f"),
         ("mean_session_length", "items/session", ".2f"),
         ("items_without_title", "items without title", ""),
+        ("category_coverage", "items with categories", ".1%"),
+        ("category_mean_depth", "category depth", ".2f"),
     ]
     click.echo(table(rows, columns))
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from .. import BkdError
+from ..categories import CategoryView
 from ..data import load_sessions
 from ..knowledge.store import read_knowledge
 from ..packs import Pack, PackConfig, build_pack, verify_pack
@@ -68,6 +69,14 @@ def pack():
     "(close / medium / loose), as the shipped student was trained; 0 gives one line.",
 )
 @click.option(
+    "--categories/--no-categories",
+    default=True,
+    show_default=True,
+    help="With the three-cut hint: also offer the answer's choice the session's items grouped by their "
+    "catalogue category (which path, which depths: chosen by 5-fold cross-validation on the split; none "
+    "where it does not help, or the catalogue has no categories). The prompt's text does not change.",
+)
+@click.option(
     "--calibrate/--no-calibrate",
     default=True,
     show_default=True,
@@ -85,7 +94,7 @@ def pack():
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="New pack folder.")
 def build_cmd(
     knowledge, sessions, split, model, k, static_budget, no_thoughts, formats, similar_items, similar_spread,
-    calibrate, calibrate_limit, out,
+    categories, calibrate, calibrate_limit, out,
 ):  # fmt: skip
     """Build a pack from a KNOWLEDGE folder (from `bkd-edge distill`) and a sessions file.
 
@@ -100,21 +109,25 @@ def build_cmd(
     lines, thoughts = read_knowledge(knowledge, picked)
     examples = load_sessions(sessions, split=split)
     encoder = default_encoder_dir()
-    cut, tuned = 0.0, ""
+    cut, tuned, view, view_report = 0.0, "", CategoryView(), None
     if similar_items:
-        from ..baselines import TitleClusters, tune_hint_centre
+        from ..baselines import TitleClusters, tune_hint_categories, tune_hint_centre
 
         clusters = TitleClusters().fit(examples)
         cut = cluster_cut = clusters.params["threshold"]
         if similar_spread:
             cut, f1 = tune_hint_centre(clusters, examples, similar_spread)
             tuned = f" (tuned for the choice among its cuts, {split} strict F1 {f1:.3f}; cluster cut {cluster_cut})"
+            if categories:
+                view, view_report = tune_hint_categories(clusters, examples, cut, similar_spread)
     config = PackConfig(
         k=k,
         static_budget=static_budget,
         with_thoughts=not no_thoughts,
         similar_items=cut,
         similar_spread=similar_spread if cut else 0.0,
+        categories=view,
+        categories_report=view_report,
     )
     recipe = {"knowledge": str(knowledge) if knowledge else None, "formats": picked, "sessions": str(sessions),
               "split": split}  # fmt: skip
@@ -133,8 +146,27 @@ def build_cmd(
         f"by the budget), {c['examples']} examples (~{t['example_mean']:.0f} tokens each, k={k}), "
         f"{c['thoughts']} with thoughts" + (f"; similar-items hint at cosine distance {cut}{tuned}" if cut else "")
     )
+    if view_report:
+        click.echo(categories_text(view_report, split))
     if "calibration" in manifest:
         click.echo(calibration_text(manifest["calibration"], split))
+
+
+def categories_text(report: dict, split: str) -> str:
+    """The category views' table `pack build` prints: each view's CV strict F1 (the choice rule
+    without the student), the winner."""
+    if not report.get("views"):
+        return f"category view: none ({report.get('note', '')})"
+    rows = "\n".join(
+        f"  {v['view']:<24} {v['cv_strict_f1']:.4f} (sd {v['fold_sd']:.3f})"
+        + ("  <- chosen" if v["view"] == report["winner"] else "")
+        for v in report["views"]
+    )
+    return (
+        f"category view, {report['folds']}-fold CV strict F1 on {report['sessions']} {split} sessions (the "
+        f"choice rule without the student; ties within {report['tie']} go to the simpler view):\n{rows}\n"
+        f"  choosing the view, cross-validated (picked on the other folds): {report['chosen_cv_strict_f1']:.4f}"
+    )
 
 
 def calibration_text(report: dict, split: str) -> str:
@@ -179,6 +211,8 @@ def show_cmd(folder, as_json):
     click.echo(f"recipe: {json.dumps(m.get('recipe'))}")  # what the manifest says, whatever it holds
     click.echo(f"counts: {json.dumps(m.get('counts'))}")
     click.echo(f"tokens: {json.dumps(m.get('tokens'))}, k={p.k}")
+    if m.get("categories"):
+        click.echo(categories_text(m["categories"], (m.get("recipe") or {}).get("split", "train")))
     if m.get("calibration"):
         click.echo(calibration_text(m["calibration"], (m.get("recipe") or {}).get("split", "train")))
     click.echo("static knowledge:\n" + (p.static or "(none)"))

@@ -1,6 +1,7 @@
 """`bkd-edge serve`: one loaded student behind HTTP (FastAPI on uvicorn).
 
-    POST /v1/bundles         one session {"items": [{"id", "title"}, ...], "session_id"?} -> its prediction record
+    POST /v1/bundles         one session {"items": [{"id", "title", "categories"?}, ...], "session_id"?}
+                             -> its prediction record
     POST /v1/bundles:batch   {"sessions": [...]} -> {"predictions": [...]}, in input order
     GET  /v1/models          the student: base and adapter sha256, pack, quant, answer format
     GET  /healthz            200 once the model is loaded and a warm-up session has run
@@ -165,7 +166,15 @@ SESSION_SCHEMA = {
             "items": {
                 "type": "object",
                 "required": ["id"],
-                "properties": {"id": {"type": ["string", "integer"]}, "title": {"type": "string"}},
+                "properties": {
+                    "id": {"type": ["string", "integer"]},
+                    "title": {"type": "string"},
+                    "categories": {
+                        "type": "array",
+                        "description": 'category paths, root first, e.g. [["Electronics", "Camera & Photo"]]',
+                        "items": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
             },
         },
     },
