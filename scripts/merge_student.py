@@ -1,12 +1,12 @@
 """A shipped student with its adapter merged into the base, as a new student folder (no training run).
 
-What the card of `models/smollm2-bundles` compares with the adapter at run time: the base GGUF is
+What the card of `bundlekd_edge/students/smollm2-bundles` compares with the adapter at run time: the base GGUF is
 dequantised, the LoRA delta added (`export/gguf_write.merged_tensors`, no torch), written f16 and
 quantised by llama.cpp to QUANT. The folder holds the merged GGUF, a copy of the student's pack and
 a card naming that file as its base and no adapter, so `generate --model OUT` and `bench --engine
 NAME=OUT` run it with the student's own prompt settings.
 
-    python scripts/merge_student.py [--student models/smollm2-bundles] --quant Q8_0 --out merged-q8_0
+    python scripts/merge_student.py [--student bundlekd_edge/students/smollm2-bundles] --quant Q8_0 --out merged-q8_0
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ from bundlekd_edge.prompts import PromptConfig, candidate_lines, render_answer, 
 from bundlekd_edge.runtime.adapters import AdapterSpec
 from bundlekd_edge.runtime.choice import CHOICE_TEMPERATURE, choose_partition
 
-PACK = "models/smollm2-bundles/pack"
+PACK = "bundlekd_edge/students/smollm2-bundles/pack"
 TEACHER_PROMPT = PromptConfig(answer_format="compact", instructions=True, title_chars=60)  # the student's titles
 TEMPERATURES = (0.5, 1.0, 2.0, 3.0, 5.0)
 MODES = ("student", "zero", "few")

