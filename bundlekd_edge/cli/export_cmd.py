@@ -17,8 +17,16 @@ def _exit_on_sigterm() -> None:
 
 
 @click.command()
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Export folder to create.")
+@click.option("--base", help="Instead of RUN_DIR: the base model, an HF model folder or a .gguf file ('default': "
+              "SmolLM2-135M-Instruct).")  # fmt: skip
+@click.option("--adapter", type=click.Path(file_okay=False, path_type=Path),
+              help="With --base: a peft LoRA folder (adapter_config.json + adapter_model.safetensors, as peft, "
+              "Unsloth and LLaMA-Factory write it) or a run folder.")  # fmt: skip
+@click.option("--sessions", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --base: sessions whose val (else test) split is the parity check's golden set "
+              "[the built-in sample].")  # fmt: skip
 @click.option(
     "--recipe",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -49,11 +57,17 @@ def _exit_on_sigterm() -> None:
     help="With --promote: the training data's origin and licence, for the card.",
 )
 def export(
-    run_dir, out, recipe, quants, golden, gen_max_tokens, min_top1, min_bundles, keep_f16, no_ollama, threads,
-    promote, data_licence,
+    run_dir, out, base, adapter, sessions, recipe, quants, golden, gen_max_tokens, min_top1, min_bundles, keep_f16,
+    no_ollama, threads, promote, data_licence,
 ):  # fmt: skip
     """Merge the run's LoRA into its base, write GGUF f16, quantise, check parity, package.
 
+    \b
+      bkd-edge export RUN_DIR --out OUT                       a run of `bkd-edge train`
+      bkd-edge export --base BASE --adapter DIR --out OUT     any peft adapter over its base
+    BASE is an HF model folder (merged shard by shard, converted by llama.cpp's own converter,
+    judged against the merged model in torch) or a GGUF file of any architecture gguf-py knows
+    (merged tensor by tensor, judged against the adapter over it in llama.cpp).
     \b
     The result is one folder: model-<QUANT>.gguf files, manifest.json (sha256 of every file,
     base, adapter, recipe, parity), adapter.gguf (the LoRA alone, over the base GGUF), a model card
@@ -63,15 +77,19 @@ def export(
     """
     from ..files import claim_output
 
-    click.get_current_context().with_resource(claim_output(out, [run_dir, recipe], exists_ok=True))
-    from ..export.build import export_run  # torch loads only for this command
+    if (run_dir is None) == (base is None) or (base is None) != (adapter is None) or (sessions and not base):
+        raise click.UsageError("give RUN_DIR, or --base with --adapter (and optionally --sessions)")
+    if promote and run_dir is None:
+        raise click.UsageError("--promote installs a student trained by `bkd-edge train`: give its RUN_DIR")
+    click.get_current_context().with_resource(claim_output(out, [run_dir or adapter, recipe], exists_ok=True))
+    from ..export.build import export_adapter, export_run
     from ..export.recipe import ExportRecipe, load_export_recipe, with_auto_quants
 
-    base = load_export_recipe(recipe) if recipe else ExportRecipe()
+    defaults = load_export_recipe(recipe) if recipe else ExportRecipe()
     auto = quants is not None and quants.strip().lower() == "auto"
     if auto:
-        base, quants = with_auto_quants(base), None
-    gate = replace(base.gate, **{k: v for k, v in (("quant_top1", min_top1), ("quant_bundles", min_bundles))
+        defaults, quants = with_auto_quants(defaults), None
+    gate = replace(defaults.gate, **{k: v for k, v in (("quant_top1", min_top1), ("quant_bundles", min_bundles))
                                  if v is not None})  # fmt: skip
     given = {
         "quants": [q for q in quants.split(",") if q.strip()] if quants is not None else None,
@@ -80,9 +98,12 @@ def export(
         "keep_f16": True if keep_f16 else None,  # flags turn a recipe's setting on, never off
         "ollama": False if no_ollama else None,
     }
-    recipe = replace(base, gate=gate, **{k: v for k, v in given.items() if v is not None})  # validated again
+    recipe = replace(defaults, gate=gate, **{k: v for k, v in given.items() if v is not None})  # validated again
     _exit_on_sigterm()
-    manifest = export_run(run_dir, out, recipe, threads=threads, log=click.echo)
+    if run_dir is not None:
+        manifest = export_run(run_dir, out, recipe, threads=threads, log=click.echo)
+    else:
+        manifest = export_adapter(base, adapter, out, sessions, recipe, threads=threads, log=click.echo)
     sizes = ", ".join(f"{q} {m['bytes'] / 2**20:.0f} MiB" for q, m in manifest["models"].items())
     click.echo(f"{out}: {sizes}; parity passed; {manifest['timings']['total_s']:.0f} s")
     if auto:

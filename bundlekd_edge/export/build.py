@@ -71,7 +71,8 @@ Quant chosen on {machine["cpu"].get("model", "this machine")} ({machine["threads
 def _card_head(manifest: dict, run: dict, f1, rows: str, parity: str) -> str:
     return f"""# {manifest["name"]}: a bundle-generation student
 
-LoRA-fine-tuned from `{Path(manifest["base"]["path"]).name}` (mode `{manifest["recipe"]["mode"]}`,
+LoRA-fine-tuned from `{Path(manifest["base"]["path"]).name}` ({manifest["base"]["arch"]},
+mode `{manifest["recipe"]["mode"]}`,
 {run.get("steps")} steps, best val strict F1 {f1 if f1 is None else round(f1, 3)} at step {run.get("best_step")}),
 merged and quantised by bundlekd-edge {manifest["bkd_edge"]}.
 
@@ -83,7 +84,7 @@ bkd-edge generate --model {manifest["name"]} --sessions S.jsonl --out pred.jsonl
 bkd-edge generate --model {manifest["name"]}:Q8_0 --sessions S.jsonl --out pred.jsonl  # another quant
 ```
 
-`adapter.gguf` is the same student as a LoRA adapter over the base GGUF it was trained on
+`adapter.gguf` is the same student as a LoRA adapter over the base GGUF (or the GGUF llama.cpp converts from the base)
 ({manifest["adapter"]["gguf"]["bytes"] / 2**20:.1f} MiB, rank {manifest["adapter"]["gguf"]["rank"]}):
 `bkd-edge generate --model base --adapter adapter.gguf ...`, or `ollama create -f Modelfile.adapter`.
 `bkd-edge export RUN --out EXPORT --promote NAME` installs it as a shipped student (models/NAME).
@@ -125,105 +126,179 @@ PARAMETER temperature 0
 
 @dataclass
 class Source:
-    """What an export is made from: the run, its recipe, the base GGUF, and the golden sessions."""
+    """What an export is made from: a base (GGUF file or HF folder), a peft adapter folder, how the
+    student is prompted, and the golden sessions; from a run folder (`read_source`) or given
+    directly (`source_from`: an adapter from another trainer)."""
 
-    run_dir: Path
-    run: dict
-    recipe: object  # train.recipe.Recipe
     base: object  # train.model.Base
-    chat_template: str
+    adapter_dir: Path
+    prompt: object  # prompts.PromptConfig
+    mode: str  # sft | knowledge | thoughts (how the prompt is built)
     pack: object  # packs.Pack | None
-    tok: object  # the base's tokenizer (llama.cpp's, with the GGUF's chat template)
-    gold: list  # parity.Golden
+    sessions: Path  # the golden sessions come from its val (else test) split
+    run_dir: Path | None = None
+    run: dict | None = None
+    recipe: object = None  # train.recipe.Recipe | None
 
 
 def export_run(run_dir: str | Path, out: str | Path, recipe: ExportRecipe | None = None, threads: int = 0,
                log=print) -> dict:  # fmt: skip
-    """Adapter GGUF, reference answers, merge into GGUF f16, quantise, check parity, package;
-    returns the manifest. Neither torch nor transformers: everything is GGUF and llama.cpp."""
-    run_dir, out, recipe = Path(run_dir), Path(out), recipe or ExportRecipe()
+    """`bkd-edge export RUN_DIR`: the run's adapter over the base it was trained on."""
+    return export_source(read_source(Path(run_dir)), out, recipe, threads, log)
+
+
+def export_adapter(base: str | Path, adapter: str | Path, out: str | Path, sessions: str | Path | None = None,
+                   recipe: ExportRecipe | None = None, threads: int = 0, log=print) -> dict:  # fmt: skip
+    """`bkd-edge export --base BASE --adapter ADAPTER`: a peft adapter (from any trainer) or a run folder
+    over an HF model folder or a GGUF file."""
+    return export_source(source_from(base, adapter, sessions), out, recipe, threads, log)
+
+
+def export_source(src: Source, out: str | Path, recipe: ExportRecipe | None = None, threads: int = 0,
+                  log=print) -> dict:  # fmt: skip
+    """Adapter GGUF, reference answers, merged GGUF f16, quantise, check parity, package; returns the
+    manifest. A GGUF base needs neither torch nor transformers (the merge is gguf-py's, the reference
+    llama.cpp's); an HF base is merged shard by shard, converted by llama.cpp's own converter and
+    judged against the merged model in torch."""
+    out, recipe = Path(out), recipe or ExportRecipe()
     if out.exists():
         raise BkdError(f"{out}: already exists; choose another --out (an export is never overwritten in place)")
     t0 = time.perf_counter()
-    src = read_source(run_dir, recipe.golden, recipe.gen_max_tokens)
-    timings = {"read_source_s": round(time.perf_counter() - t0, 2)}
-    gate = recipe.gate
+    timings: dict = {}
     try:
         with building(out) as tmp:
-            adapter = write_lora_gguf(src.base.path, src.run_dir / "adapter", tmp / ADAPTER_FILE)
-            log(f"wrote {ADAPTER_FILE} ({adapter['bytes'] / 2**20:.1f} MiB, rank {adapter['rank']})")
-            t = time.perf_counter()
-            ref = reference(src, tmp / ADAPTER_FILE, threads, log)
-            timings["reference_s"] = round(time.perf_counter() - t, 2)
             f16 = tmp / "model-F16.gguf"
-            timings |= write_f16(src, tmp / ADAPTER_FILE, f16, log)
+            if src.base.kind == "gguf":
+                adapter, gold, ref, checks = _from_gguf_base(src, tmp, f16, recipe, threads, timings, log)
+            else:
+                adapter, gold, ref, checks = _from_hf_base(src, tmp, f16, recipe, timings, log)
             models = quantise(f16, recipe.quants, recipe.keep_f16, threads, log)
             t = time.perf_counter()
-            stages = check_parity(src, tmp, models, ref, gate, threads, log, recipe.drop_failing_quants)
+            stages = check_parity(gold, tmp, models, ref, recipe.gate, threads, log, recipe.drop_failing_quants)
             timings["parity_s"] = round(time.perf_counter() - t, 2)
             if "F16" not in models:
                 f16.unlink()
             timings["total_s"] = round(time.perf_counter() - t0, 2)
-            return package(src, tmp, out.name, models, adapter, stages, recipe, timings)
+            return package(src, tmp, out.name, models, adapter, stages, gold, checks, recipe, timings)
     except OSError as e:
         raise BkdError(f"export to {out} failed while writing ({e}); nothing was left behind") from None
 
 
-def read_source(run_dir: Path, golden: int, gen_max_tokens: int) -> Source:
-    """The run, its recipe and base (checked against what it was trained on) and the golden sessions."""
-    from ..data import load_sessions
-    from ..train.model import resolve_base, tokenizer_for
-    from ..train.recipe import recipe_from_dict
-    from ..train.sft import PromptMaker
+def _from_gguf_base(src: Source, tmp: Path, f16: Path, recipe: ExportRecipe, threads: int, timings: dict, log):
+    """The adapter GGUF over the base, its answers in llama.cpp (the reference: what `--adapter` and
+    a shipped student run), then the merge into an f16 twin of the base."""
+    from ..train.model import tokenizer_for
     from . import parity
-    from .gguf_write import check_base
+    from .gguf_write import iter_merged, write_gguf_f16
+
+    t = time.perf_counter()
+    adapter = write_lora_gguf(src.base.path, src.adapter_dir, tmp / ADAPTER_FILE)
+    log(f"wrote {ADAPTER_FILE} ({adapter['bytes'] / 2**20:.1f} MiB, rank {adapter['rank']}, {adapter['arch']})")
+    gold = golden(src, tokenizer_for(src.base), recipe)
+    timings["read_source_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    ref = parity.gguf_top1_and_generate(src.base.path, gold, threads, adapter=tmp / ADAPTER_FILE)
+    log(f"reference answers: {src.base.path.name} + {ADAPTER_FILE} on {len(gold)} golden sessions")
+    timings["reference_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    write_gguf_f16(src.base.path, iter_merged(src.base.path, tmp / ADAPTER_FILE), f16)
+    log(f"merged into {f16.name} ({f16.stat().st_size / 2**20:.0f} MiB)")
+    timings["merge_f16_s"] = round(time.perf_counter() - t, 2)
+    return adapter, gold, ref, {}
+
+
+def _from_hf_base(src: Source, tmp: Path, f16: Path, recipe: ExportRecipe, timings: dict, log):
+    """Merge into the HF folder shard by shard, convert it with llama.cpp's converter, check the
+    tokenizer survived, and take the reference from the merged model in torch, on the very tokens
+    the runtime will feed (the converted GGUF's tokenizer and chat template)."""
+    from ..train.sft import gguf_chat_tokenizer
+    from . import parity
+    from .convert import hf_to_gguf, lora_to_gguf
+    from .hf_merge import merge_hf
+    from .quantize import describe_gguf
+
+    merged = tmp / ".merged-hf"
+    t = time.perf_counter()
+    merge_hf(src.base.path, src.adapter_dir, merged)
+    timings["merge_hf_s"] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
+    hf_to_gguf(merged, f16, log)
+    timings["convert_s"] = round(time.perf_counter() - t, 2)
+    log(f"merged and converted into {f16.name} ({f16.stat().st_size / 2**20:.0f} MiB) by llama.cpp's converter")
+    lora_to_gguf(src.adapter_dir, src.base.path, tmp / ADAPTER_FILE, log)
+    adapter = {"file": ADAPTER_FILE, "bytes": (tmp / ADAPTER_FILE).stat().st_size, **_adapter_info(src.adapter_dir)}
+    tok = gguf_chat_tokenizer(f16)
+    checks = {"tokenizer": parity.check_tokenizer(src.base.path, tok, f16)}
+    gold = golden(src, tok, recipe)
+    t = time.perf_counter()
+    ref = parity.torch_top1_and_generate(merged, gold, tok)
+    log(f"reference answers: the merged model in torch on {len(gold)} golden sessions")
+    timings["reference_s"] = round(time.perf_counter() - t, 2)
+    shutil.rmtree(merged)
+    adapter["arch"] = describe_gguf(f16).get("arch") or ""
+    return adapter, gold, ref, checks
+
+
+def _adapter_info(adapter_dir: Path) -> dict:
+    from .model_folder import lora_pairs, lora_scaling, read_adapter_config
+
+    config = read_adapter_config(adapter_dir)
+    modules = sorted({name.rsplit(".", 2)[-2] for name in lora_pairs(adapter_dir)})
+    return {"rank": config["r"], "alpha": lora_scaling(config) * config["r"], "target_modules": modules,
+            "tensor_type": "f16"}  # fmt: skip
+
+
+def read_source(run_dir: Path) -> Source:
+    """A finished run: its adapter, recipe and base (checked against what it was trained on)."""
+    from ..train.model import resolve_base
+    from ..train.recipe import recipe_from_dict
 
     run, recipe_dict = read_run(run_dir)
     recipe = recipe_from_dict(recipe_dict, str(run_dir / "recipe.json"))
     base = resolve_base(run["base"]["path"])
-    if base.kind != "gguf":
-        raise BkdError(f"{base.path}: export needs a GGUF base (its tokenizer and metadata are copied); "
-                       "this run was trained from an HF folder")  # fmt: skip
-    if run["base"].get("sha256") and sha256_file(base.path) != run["base"]["sha256"]:
+    if base.kind == "gguf" and run["base"].get("sha256") and sha256_file(base.path) != run["base"]["sha256"]:
         raise BkdError(f"{base.path}: the base model changed since training (sha256 differs from run.json)")
-    field = check_base(base.path).fields.get("tokenizer.chat_template")
-    chat_template = str(field.contents()) if field is not None else ""
-
-    # golden sessions: the val split (the run never trained on it), else test
-    sessions = load_sessions(recipe.sessions, split="val", empty_split_ok=True) or load_sessions(
-        recipe.sessions, split="test", empty_split_ok=True
-    )
-    if not sessions:
-        raise BkdError(f"{recipe.sessions}: no val or test sessions for the parity check")
-    tok = tokenizer_for(base)
     pack = None
     if recipe.mode == "knowledge":
         from ..packs import Pack
 
         pack = Pack(recipe.pack)
-    maker = PromptMaker(recipe.mode, recipe.prompt_config(), pack=pack)
-    gold = parity.golden_set(sessions, tok, maker, golden, gen_max_tokens)
-    return Source(run_dir, run, recipe, base, chat_template, pack, tok, gold)
+    return Source(base, run_dir / "adapter", recipe.prompt_config(), recipe.mode, pack, Path(recipe.sessions),
+                  run_dir, run, recipe)  # fmt: skip
 
 
-def reference(src: Source, adapter: Path, threads: int, log) -> Answers:
-    """What every merged file is compared with: the adapter over the very base GGUF it was trained
-    on, in llama.cpp (what `--adapter` and a shipped student run): teacher-forced top-1 and greedy
-    answers on the golden sessions."""
+def source_from(base: str | Path, adapter: str | Path, sessions: str | Path | None = None) -> Source:
+    """`--base --adapter`: ADAPTER a peft folder (prompted as our `sft` mode with the default prompt)
+    or one of our run folders (its own prompt settings and pack)."""
+    from ..prompts import PromptConfig
+    from ..train.model import resolve_base
+
+    adapter = Path(adapter)
+    if (adapter / "run.json").is_file():
+        src = read_source(adapter)
+        src.base = resolve_base(str(base))
+        src.sessions = Path(sessions) if sessions else src.sessions
+        return src
+    if sessions is None:
+        from ..data import sample_sessions_path
+
+        sessions = sample_sessions_path()
+    return Source(resolve_base(str(base)), adapter, PromptConfig(), "sft", None, Path(sessions))
+
+
+def golden(src: Source, tok, recipe: ExportRecipe) -> list:
+    """The golden sessions: the val split (a run never trained on it), else test."""
+    from ..data import load_sessions
+    from ..train.sft import PromptMaker
     from . import parity
 
-    ref = parity.gguf_top1_and_generate(src.base.path, src.gold, threads, adapter=adapter)
-    log(f"reference answers: {src.base.path.name} + {adapter.name} on {len(src.gold)} golden sessions")
-    return ref
-
-
-def write_f16(src: Source, adapter: Path, f16: Path, log) -> dict:
-    from .gguf_write import merged_tensors, write_gguf_f16
-
-    t = time.perf_counter()
-    write_gguf_f16(src.base.path, merged_tensors(src.base.path, adapter), f16)
-    log(f"merged into {f16.name} ({f16.stat().st_size / 2**20:.0f} MiB)")
-    return {"merge_f16_s": round(time.perf_counter() - t, 2)}
+    sessions = load_sessions(src.sessions, split="val", empty_split_ok=True) or load_sessions(
+        src.sessions, split="test", empty_split_ok=True
+    )
+    if not sessions:
+        raise BkdError(f"{src.sessions}: no val or test sessions for the parity check")
+    maker = PromptMaker(src.mode, src.prompt, pack=src.pack)
+    return parity.golden_set(sessions, tok, maker, recipe.golden, recipe.gen_max_tokens)
 
 
 def quantise(f16: Path, quants: list[str], keep_f16: bool, threads: int, log) -> dict:
@@ -242,7 +317,7 @@ def quantise(f16: Path, quants: list[str], keep_f16: bool, threads: int, log) ->
     return models
 
 
-def check_parity(src: Source, folder: Path, models: dict, ref: Answers, gate: Gate, threads: int, log,
+def check_parity(gold: list, folder: Path, models: dict, ref: Answers, gate: Gate, threads: int, log,
                  drop_failing: bool = False) -> list[dict]:  # fmt: skip
     """Each merged file (F16, every quant) against the reference (the adapter over its base);
     raises when one falls below the gate. `drop_failing`: a quant below the gate is removed from
@@ -253,8 +328,8 @@ def check_parity(src: Source, folder: Path, models: dict, ref: Answers, gate: Ga
     files = [("F16", folder / "model-F16.gguf")] + [(q, folder / m["file"]) for q, m in models.items() if q != "F16"]
     t = time.perf_counter()
     for stage, path in files:
-        got = parity.gguf_top1_and_generate(path, src.gold, threads)
-        stages.append(r := parity.compare(stage, src.gold, ref, got, gate))
+        got = parity.gguf_top1_and_generate(path, gold, threads)
+        stages.append(r := parity.compare(stage, gold, ref, got, gate))
         log(f"parity {stage}: top-1 {r['top1_agreement']:.3f} ({r['near_ties']} near-ties apart; all "
             f"{r['top1_all']:.3f}), identical bundles {r['identical_bundles']:.3f} "
             f"({time.perf_counter() - t:.0f} s)")  # fmt: skip
@@ -267,38 +342,46 @@ def check_parity(src: Source, folder: Path, models: dict, ref: Answers, gate: Ga
     return stages
 
 
-def package(src: Source, folder: Path, name: str, models: dict, adapter: dict, stages: list,
-            recipe: ExportRecipe, timings: dict) -> dict:  # fmt: skip
+def package(src: Source, folder: Path, name: str, models: dict, adapter: dict, stages: list, gold: list,
+            checks: dict, recipe: ExportRecipe, timings: dict) -> dict:  # fmt: skip
     """The pack, model card, Modelfiles and manifest around the checked models."""
+    from .gguf_write import check_base, field_value
+
     default = DEFAULT_QUANT if DEFAULT_QUANT in models else next(iter(models))
     if src.pack is not None:
         shutil.copytree(src.pack.folder, folder / "pack", ignore=shutil.ignore_patterns("state"))
-    adapter_files = sorted(p for p in (src.run_dir / "adapter").iterdir() if p.is_file())
-    run = src.run
+    adapter_files = sorted(p for p in src.adapter_dir.iterdir() if p.is_file())
+    run = src.run or {}
+    base_sha = (run.get("base") or {}).get("sha256") or (
+        sha256_file(src.base.path) if src.base.kind == "gguf" else None
+    )
     fields = {
         "name": name,
-        "base": {"path": str(src.base.path), "sha256": run["base"].get("sha256"), "arch": "llama"},
+        "base": {"path": str(src.base.path), "kind": src.base.kind, "sha256": base_sha, "arch": adapter["arch"]},
         "adapter": {
-            "run_dir": str(src.run_dir.resolve()),
+            "run_dir": str(src.run_dir.resolve()) if src.run_dir else None,
+            "dir": str(src.adapter_dir.resolve()),
             "files": {p.name: sha256_file(p) for p in adapter_files},
             "gguf": adapter,
         },
-        "prompt": asdict(src.recipe.prompt_config()),
-        "recipe": src.recipe.to_dict(),
+        "prompt": asdict(src.prompt),
+        "recipe": src.recipe.to_dict() if src.recipe else {"mode": src.mode},
         "run": {k: run.get(k) for k in ("steps", "best_step", "best_val_strict_f1", "train_s", "tokens_per_s")},
-        "data": _run_data(src.run_dir),
+        "data": _run_data(src.run_dir) if src.run_dir else {},
         "default_quant": default,
         "models": models,
         "pack": "pack" if src.pack is not None else None,
-        "parity": {"golden_sessions": len(src.gold), "gate": asdict(recipe.gate), "stages": stages},
+        "parity": {"golden_sessions": len(gold), "gate": asdict(recipe.gate), "stages": stages, **checks},
         "export_recipe": recipe.to_dict(),
         "timings": timings,
     }
     with atomic_write(folder / "README.md") as f:
         f.write(model_card({**fields, "bkd_edge": __version__}))
-    system = system_text(src.recipe.prompt_config())
-    for file, source in (("Modelfile", f"./{models[default]['file']}"), ("Modelfile.adapter", str(src.base.path))):
-        text = modelfile(source, src.chat_template, system, ADAPTER_FILE if file.endswith("adapter") else None)
+    system = system_text(src.prompt)
+    template = str(field_value(check_base(folder / models[default]["file"]), "tokenizer.chat_template") or "")
+    base_gguf = str(src.base.path) if src.base.kind == "gguf" else None
+    for file, source in (("Modelfile", f"./{models[default]['file']}"), ("Modelfile.adapter", base_gguf)):
+        text = source and modelfile(source, template, system, ADAPTER_FILE if file.endswith("adapter") else None)
         if recipe.ollama and text:
             with atomic_write(folder / file) as f:
                 f.write(text)

@@ -77,7 +77,9 @@ def describe_gguf(path: str | Path, quant: str = "") -> dict:
         for t in reader.tensors:
             if len(t.shape) >= 2 and not t.tensor_type.name.endswith("_K") and t.tensor_type.name not in ("F32", "F16"):
                 fallbacks[t.tensor_type.name] += 1
+    arch = reader.fields.get("general.architecture")
     return {
+        "arch": arch.contents() if arch is not None else None,
         "bytes": Path(path).stat().st_size,
         "bits_per_weight": round(8 * n_bytes / n_elements, 3),
         "tensor_types": dict(sorted(types.items())),

@@ -34,8 +34,9 @@ def resolve_base(base: str) -> Base:
 
         return Base("gguf", check_gguf_magic(path))
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise BkdError(f"{path}: not an HF model folder (no config.json)")
+        from ..export.model_folder import read_model_config
+
+        read_model_config(path)  # untrusted: safetensors only, no custom code, sizes bounded
         return Base("hf", path)
     raise BkdError(f"{base}: no such base model ('default', a .gguf file or an HF model folder)")
 
@@ -95,7 +96,7 @@ def _from_pretrained(base: Base, name: Path, **kwargs):
     """transformers' model for the base; `name` is the base as the user gave it (for errors)."""
     from transformers import AutoModelForCausalLM
 
-    gguf = {"gguf_file": base.path.name} if base.kind == "gguf" else {}
+    gguf = {"gguf_file": base.path.name} if base.kind == "gguf" else {"use_safetensors": True}
     folder = base.path.parent if base.kind == "gguf" else base.path
     try:
         return AutoModelForCausalLM.from_pretrained(str(folder), **gguf, **kwargs)
@@ -130,27 +131,27 @@ def _gguf_adapter(path: Path, base: Base, keys: list[str]) -> tuple[float, dict]
     import gguf
     import torch
 
+    from ..export.gguf_write import PERMUTED_QK, arch_shape
+    from ..export.lora_gguf import gguf_name, gguf_names
     from ..runtime.adapters import check_adapter
-    from ..runtime.model_file import gguf_field
 
     if base.kind != "gguf":
         raise BkdError(f"init_adapter {path}: a GGUF adapter needs a GGUF base (the recipe's base is {base.path})")
-    meta = gguf.GGUFReader(base.path)  # read once (a 49k vocabulary takes seconds); shapes are checked below
-    arch = gguf_field(meta, "general.architecture")
+
+    meta = arch_shape(gguf.GGUFReader(base.path), base.path)  # read once (a 49k vocabulary takes seconds)
+    arch = meta["arch"]
     alpha = check_adapter(path, base.path, model_arch=arch, shapes=False)["alpha"]
     arrays = {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
-    n_head = int(gguf_field(meta, f"{arch}.attention.head_count"))
-    n_kv = int(gguf_field(meta, f"{arch}.attention.head_count_kv") or n_head)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(gguf_field(meta, f"{arch}.block_count")))
+    names = gguf_names(arch, meta["n_blocks"])
     out = {}
     for key in keys:  # base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight
         hf_name, part = key.removeprefix("base_model.model.").rsplit(".lora_", 1)
-        name = f"{names.get_name(hf_name + '.weight', try_suffixes=('.weight',))}.lora_{part[0].lower()}"
+        name = f"{gguf_name(names, hf_name + '.weight')}.lora_{part[0].lower()}"
         if name not in arrays:
             raise BkdError(f"init_adapter {path}: no tensor {name} for {key}")
         w = arrays[name]
-        heads = n_head if ".attn_q." in name else n_kv if ".attn_k." in name else 0
-        if heads and part[0] == "B":  # llama.cpp's interleaved rotary rows back to HF's rotate-half
+        heads = meta["n_head"] if ".attn_q." in name else meta["n_kv"] if ".attn_k." in name else 0
+        if arch in PERMUTED_QK and heads and part[0] == "B":  # llama.cpp's interleaved rotary rows back to HF's
             w = w.reshape(heads, w.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(w.shape)
         out[key] = torch.from_numpy(np.ascontiguousarray(w))
     return alpha, out

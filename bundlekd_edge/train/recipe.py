@@ -11,6 +11,7 @@ from ..prompts import PromptConfig
 
 MODES = ("sft", "knowledge", "thoughts")
 TARGETS = ("truth", "closest_candidate")
+ALL_LINEAR = "all-linear"  # peft's own word for it
 
 
 @dataclass
@@ -43,9 +44,9 @@ class Recipe:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    # ["all-linear"]: every linear layer but the output head, whatever the architecture calls them
+    # (q_proj ... down_proj in Llama/Qwen/Gemma/Mistral, qkv_proj and gate_up_proj in Phi-3); or names
+    target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])
     qlora: bool = False  # 4-bit NF4 base with bitsandbytes (CUDA, or its CPU backend); the LoRA stays float
 
     # optimisation
@@ -94,6 +95,8 @@ def recipe_from_dict(obj: dict, where: str = "recipe") -> Recipe:
         raise BkdError(f"{where}: rank_weight needs mode 'knowledge' and answer_format 'compact' (candidates to rank)")
     if recipe.rank_weight < 0 or recipe.recombined < 0 or recipe.rank_temperature <= 0:
         raise BkdError(f"{where}: rank_weight and recombined must be >= 0, rank_temperature > 0")
+    if ALL_LINEAR in recipe.target_modules and len(recipe.target_modules) > 1:
+        raise BkdError(f"{where}: target_modules: '{ALL_LINEAR}' stands alone, or list module names")
     if recipe.device not in ("auto", "cpu", "cuda"):
         raise BkdError(f"{where}: device {recipe.device!r} is not one of auto, cpu, cuda")
     if recipe.precision not in ("auto", "bf16", "fp32"):
