@@ -10,6 +10,10 @@ cross-validation on the pack's split, each rule it could use:
     cluster            the baseline's partition at its tuned cut (the student only names the bundles)
     choice             expected F1 over the candidates with the cut counts alone (no model)
     student T=5 .. 1   the same with the student's probabilities to the power 1/T
+    learned            a linear score of each candidate's features (`runtime.choice.FEATURES`: the
+                       choice rule's expected F1, how many views agree, bundle sizes, category
+                       purity), fitted on the folds it is not scored on (`fit_weights`)
+    learned+student    the same with the student's log-probability as one more feature
 
 and keeps the best, ties (within `TIE` strict F1) to the simpler, in that order. The student is run
 once over the split (a prefill and one batch per distinct candidate, nothing decoded); the rules
@@ -28,12 +32,17 @@ import numpy as np
 from tqdm import tqdm
 
 from .data import Session
-from .metrics import Prediction, evaluate
+from .metrics import Prediction, evaluate, session_strict_f1
 from .prompts import candidate_lines
-from .runtime.choice import ChoiceRule, choose_partition
+from .runtime.choice import FEATURES, ChoiceRule, candidate_features, fit_weights
 
 TEMPERATURES = (5.0, 3.0, 2.0, 1.0)  # the student's weight 1/T, smallest (simplest) first
-RULES = (ChoiceRule("cluster"), ChoiceRule("choice")) + tuple(ChoiceRule("student", t) for t in TEMPERATURES)
+LEARNED = ("learned", "learned+student")  # fitted on the other folds, by name (their weights come from the data)
+RULES = (
+    (ChoiceRule("cluster"), ChoiceRule("choice"))
+    + tuple(ChoiceRule("student", t) for t in TEMPERATURES)
+    + tuple(ChoiceRule(name, weights=(1.0,) + (0.0,) * (len(FEATURES) - 1)) for name in LEARNED)
+)
 TIE = 0.005  # strict F1: a rule must beat a simpler one by more than this (val moves +-0.02 with item order)
 FOLDS = 5
 
@@ -48,6 +57,15 @@ class Evidence:
     counts: list[int]
     logprobs: list[float]
     cluster: str
+
+    def features(self, student: bool) -> np.ndarray:
+        return candidate_features(self.lines, self.counts, self.logprobs if student else None, self.session)
+
+    def line_f1(self) -> np.ndarray:
+        """Each candidate line's strict F1 against the session's truth (what a learned rule is fitted to)."""
+        number = {x: str(i) for i, x in enumerate(self.session.item_ids(), 1)}
+        gold = [frozenset(number[x] for x in b.items) for b in self.session.bundles]
+        return np.array([session_strict_f1([frozenset(g.split()) for g in x.split(" | ")], gold) for x in self.lines])
 
 
 def gather_evidence(engine, pack, sessions: list[Session], progress: bool = True) -> list[Evidence]:
@@ -76,7 +94,15 @@ def gather_evidence(engine, pack, sessions: list[Session], progress: bool = True
 def chosen_line(rule: ChoiceRule, e: Evidence) -> str:
     if rule.name == "cluster":
         return e.cluster
-    return choose_partition(e.lines, e.logprobs if rule.uses_student else None, e.counts, rule.temperature)
+    return rule.pick(e.lines, e.logprobs, e.counts, e.session)
+
+
+def fitted(rule: ChoiceRule, evidence: list[Evidence]) -> ChoiceRule:
+    """`rule` ready to score: a learned rule with its weights fitted on `evidence`, any other as it is."""
+    if rule.name not in LEARNED:
+        return rule
+    student = rule.uses_student
+    return ChoiceRule(rule.name, weights=fit_weights([(e.features(student), e.line_f1()) for e in evidence], student))
 
 
 def _prediction(e: Evidence, line: str) -> Prediction:
@@ -95,20 +121,38 @@ def pick(scores: list[float]) -> int:
     return next(i for i, s in enumerate(scores) if s >= best - TIE)
 
 
+def _rest(parts: list[list[Evidence]], f: int) -> list[Evidence]:
+    return [e for g, p in enumerate(parts) if g != f for e in p]
+
+
+def _inner_score(rule: ChoiceRule, rest: list[Evidence], folds: int) -> float:
+    """A rule's score on `rest` to pick by: a fixed rule's strict F1 there; a learned rule's mean over
+    an inner cross-validation of `rest` (fitted and scored on the same sessions it would look better
+    than it is)."""
+    if rule.name not in LEARNED:
+        return strict_f1(rule, rest)
+    inner = [rest[f::folds] for f in range(folds) if rest[f::folds]]
+    return float(np.mean([strict_f1(fitted(rule, _rest(inner, f)), held) for f, held in enumerate(inner)]))
+
+
 def cross_validate(evidence: list[Evidence], rules=RULES, folds: int = FOLDS, seed: int = 0) -> dict:
-    """Each rule's strict F1 on each of `folds` held-out folds, the winner, and the CV estimate
-    of calibrating (pick on the other folds, score on the held-out one)."""
+    """Each rule's strict F1 on each of `folds` held-out folds (a learned rule fitted on the other
+    folds), the winner, and the CV estimate of calibrating (pick on the other folds, score on the
+    held-out one). The winner of a learned kind is refitted on all of `evidence`: its weights are
+    in the report."""
     order = list(range(len(evidence)))
     random.Random(seed).shuffle(order)
     parts = [[evidence[i] for i in order[f::folds]] for f in range(folds)]
     parts = [p for p in parts if p]
-    per_fold = [[strict_f1(r, p) for p in parts] for r in rules]
+    per_fold = [[strict_f1(fitted(r, _rest(parts, f)), p) for f, p in enumerate(parts)] for r in rules]
     mean = [float(np.mean(f)) for f in per_fold]
     honest = []
     for f, held in enumerate(parts):
-        rest = [e for g, p in enumerate(parts) if g != f for e in p]
-        honest.append(strict_f1(rules[pick([strict_f1(r, rest) for r in rules])], held))
+        rest = _rest(parts, f)
+        best = rules[pick([_inner_score(r, rest, folds - 1) for r in rules])]
+        honest.append(strict_f1(fitted(best, rest), held))
     winner = pick(mean)
+    chosen = fitted(rules[winner], evidence)
     return {
         "folds": len(parts),
         "sessions": len(evidence),
@@ -118,6 +162,7 @@ def cross_validate(evidence: list[Evidence], rules=RULES, folds: int = FOLDS, se
             for r, m, f in zip(rules, mean, per_fold)
         ],
         "winner": rules[winner].label,
+        "weights": dict(zip(FEATURES, chosen.weights)) if chosen.weights else None,
         "calibrated_cv_strict_f1": round(float(np.mean(honest)), 4),
     }
 
@@ -134,6 +179,8 @@ def calibrate(engine, pack, sessions: list[Session], cluster: dict, progress: bo
     rule = next(r for r in RULES if r.label == report["winner"])
     report["student_s_per_100_sessions"] = round(100 * seconds / max(len(evidence), 1), 1)
     config = {"rule": rule.name, "temperature": rule.temperature, "cluster": dict(cluster)}
+    if report["weights"]:
+        config["weights"] = list(report["weights"].values())
     return {"config": config, "report": report}
 
 

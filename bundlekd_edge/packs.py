@@ -224,7 +224,8 @@ def choice_config(config: dict | None, where: Path) -> tuple[ChoiceRule, dict]:
     if config is None:
         return ChoiceRule(), {}
     try:
-        rule = ChoiceRule(config["rule"], float(config.get("temperature", CHOICE_TEMPERATURE)))
+        weights = tuple(float(w) for w in config.get("weights") or ())
+        rule = ChoiceRule(config["rule"], float(config.get("temperature", CHOICE_TEMPERATURE)), weights)
         cluster = {"threshold": float(config["cluster"]["threshold"]), "fallback": str(config["cluster"]["fallback"])}
     except (KeyError, TypeError, ValueError) as e:
         raise BkdError(f"{where}/manifest.json: config.choice: {e}") from None

@@ -2,12 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from bundlekd_edge.calibration import RULES, TIE, Evidence, cross_validate
 from bundlekd_edge.data import Bundle, Item, Session
 from bundlekd_edge.packs import Pack
-from bundlekd_edge.runtime.choice import ChoiceRule
+from bundlekd_edge.runtime.choice import ChoiceRule, candidate_features
 
 # Four items, truth "1 2 | 3 4". The hint's candidates: the truth, one coarse bundle, one pair.
 TRUTH, COARSE, PAIR = "1 2 | 3 4", "1 2 3 4", "1 2"
@@ -52,6 +53,36 @@ def test_a_choice_rule_outside_its_range_is_refused():
         ChoiceRule("oracle")
     with pytest.raises(ValueError, match=r"not in \[0.1, 100\]"):
         ChoiceRule("student", float("nan"))
+    with pytest.raises(ValueError, match="needs 9 finite weights"):
+        ChoiceRule("learned", weights=(1.0, 2.0))
+    with pytest.raises(ValueError, match="takes no weights"):
+        ChoiceRule("choice", weights=(1.0,) * 9)
+
+
+def test_the_learned_rule_finds_the_candidate_only_the_categories_point_to():
+    """The counts, the student and the cluster all favour the coarse line; the truth is the one line
+    whose bundles are category-pure (the wrong pairing mixes them). Only the learned rule can see
+    that, and cross-validation says so; fitted on all sessions its weight on purity is positive."""
+    wrong = "1 3 | 2 4"
+    out = []
+    for k in range(10):
+        items = [Item(f"s{k}i{j}", f"title {j}", ((("Shop", "Cameras"),) if j <= 2 else (("Shop", "Audio"),)))
+                 for j in range(1, 5)]  # fmt: skip
+        gold = [Bundle((items[0].id, items[1].id), "a"), Bundle((items[2].id, items[3].id), "b")]
+        out.append(Evidence(Session(f"s{k}", items, gold, split="train"), [COARSE, TRUTH, wrong], [3, 1, 1],
+                            [0.0, -9.0, -9.0], COARSE))  # fmt: skip
+    report = cross_validate(out)
+    scores = {r["rule"]: r["cv_strict_f1"] for r in report["rules"]}
+    assert report["winner"] == "learned" and scores["learned"] == pytest.approx(1.0)
+    assert max(scores[r] for r in scores if not r.startswith("learned")) < 0.6
+    assert report["calibrated_cv_strict_f1"] == pytest.approx(1.0)
+    assert report["weights"]["category_purity"] > 0
+    rule = ChoiceRule("learned", weights=tuple(report["weights"].values()))
+    assert rule.pick(out[0].lines, None, out[0].counts, out[0].session) == TRUTH
+    # without the categories the same rule cannot tell the pure line from the mixed one
+    blind = Session("b", [Item(it.id, it.title) for it in out[0].session.items])
+    score = candidate_features(out[0].lines, out[0].counts, None, blind) @ np.asarray(rule.weights)
+    assert score[1] == pytest.approx(score[2])
 
 
 @pytest.fixture(scope="module")

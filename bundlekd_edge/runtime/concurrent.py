@@ -266,7 +266,9 @@ class Batched:
             slot = _Slot(job, seq, max_answer_tokens(n_items, config), None, started, shared, n_past=shared)
             pos = _prefill(self.ctx, seq, prompt, shared, self.n_batch)
             slot.n_past, prefilled = len(prompt), time.perf_counter()
-            line = choose_first_line(job.candidates, job.choice, config, lambda lines: self._score(slot, pos, lines))
+            line = choose_first_line(
+                job.candidates, job.choice, config, lambda lines: self._score(slot, pos, lines), job.session
+            )
             gbnf = output_grammar(n_items, config)
             if line is not None:
                 chosen = self.engine.llm.tokenize((line + "\n").encode("utf-8"), add_bos=False, special=False)

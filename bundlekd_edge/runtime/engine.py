@@ -211,7 +211,7 @@ class Engine:
         chosen: list[int] = []  # answer tokens chosen, not decoded: the compact answer's first line
         chosen_by = ""
         gbnf = output_grammar(n_items, prompt)
-        line = choose_first_line(candidates, choice, prompt, self.partition_logprobs)
+        line = choose_first_line(candidates, choice, prompt, self.partition_logprobs, session)
         if line is not None:
             chosen_by = choice.label
             chosen = self.llm.tokenize((line + "\n").encode("utf-8"), add_bos=False, special=False)

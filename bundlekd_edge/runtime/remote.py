@@ -34,7 +34,7 @@ from ..prompts import (
     output_grammar,
     output_schema,
 )
-from .choice import ChoiceRule, choose_partition
+from .choice import ChoiceRule
 from .generation import Generation, Timing, answer_generation, skipped_generation
 from .memory import memory_snapshot
 
@@ -193,7 +193,7 @@ class RemoteEngine:
 
         With a compact student's `candidates`, each distinct first line is scored first (one short
         request each; the server reuses the prompt's KV cache) and chosen as in-process
-        (`choose_partition`); then the answer is decoded with that line forced.
+        (`ChoiceRule.pick`); then the answer is decoded with that line forced.
         """
         if len(session.items) < 2:
             return skipped_generation(session)
@@ -216,7 +216,7 @@ class RemoteEngine:
             choice = choice or ChoiceRule()
             scored = choice.uses_student and len(lines) > 1
             scores = [self._line_logprob(server, request, x) for x in lines] if scored else None
-            line = choose_partition(lines, scores, counts, choice.temperature)
+            line = choice.pick(lines, scores, counts, session)
             chosen_by = choice.label
             constraint = self._grammar(chosen_line_grammar(line, prompt))
         else:
