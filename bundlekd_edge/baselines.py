@@ -8,6 +8,7 @@
   choice   the runtime's choice among a pack's three-cut title groups, the whole session and the
            category partitions (the view chosen on train), without the student (what a compact
            student's answer is chosen from; `runtime/choice.py`)
+  learned  the same candidates chosen by the learned rule (fitted on train, no student)
 
 Each is fitted on the train split (`fit`) and predicts bundles in the shape an engine's
 Generation.bundles has (`predict`: [{"items": [ids in session order], "intent": ""}]), so its output
@@ -24,7 +25,7 @@ import numpy as np
 from . import BkdError
 from .categories import DEPTHS, PATHS, CategoryView, category_partition, views
 from .data import Session
-from .metrics import Prediction, evaluate
+from .metrics import Prediction, evaluate, session_strict_f1
 
 # Tuning grids. Confidence/threshold grids are coarse on purpose: a finer grid only fits train noise.
 SUPPORT_GRID = (0.002, 0.005, 0.01, 0.02)
@@ -569,6 +570,45 @@ class HintChoice(Baseline):
         }
 
 
+class LearnedChoice(HintChoice):
+    """`choice` with the learned rule in place of the counts (`runtime.choice.fit_weights`, fitted on
+    train over the same candidates, no student): what calibration's `learned` rule does alone."""
+
+    name = "learned"
+
+    def fit(self, train: list[Session]) -> LearnedChoice:
+        from .prompts import candidate_lines
+        from .runtime.choice import ChoiceRule, candidate_features, fit_weights
+
+        super().fit(train)
+        rows = []
+        for s in train:
+            lines, counts = candidate_lines(self._candidates(s, self.view)) if len(s.items) >= 2 else ([], [])
+            if lines:
+                number = {x: str(i) for i, x in enumerate(s.item_ids(), 1)}
+                gold = [frozenset(number[x] for x in b.items) for b in s.bundles]
+                truth = [session_strict_f1([frozenset(g.split()) for g in x.split(" | ")], gold) for x in lines]
+                rows.append((candidate_features(lines, counts, None, s), np.array(truth)))
+        self.rule = ChoiceRule("learned", weights=fit_weights(rows))
+        return self
+
+    def predict(self, session: Session) -> list[dict]:
+        from .prompts import candidate_lines
+
+        if not self.params:
+            raise BkdError("learned baseline: call fit(train_sessions) before predict")
+        if len(session.items) < 2:
+            return []
+        lines, counts = candidate_lines(self._candidates(session, self.view))
+        chosen = self.rule.pick(lines, None, counts, session)
+        return [_bundle(session.items[int(n) - 1].id for n in g.split()) for g in chosen.split(" | ")]
+
+    def describe(self) -> dict:
+        from .runtime.choice import FEATURES
+
+        return {**super().describe(), "name": self.name, "weights": dict(zip(FEATURES, self.rule.weights))}
+
+
 BASELINES: dict[str, type[Baseline]] = {
     "whole": WholeSession,
     "pairs": AdjacentPairs,
@@ -576,6 +616,7 @@ BASELINES: dict[str, type[Baseline]] = {
     "cluster": TitleClusters,
     "category": CategoryGroups,
     "choice": HintChoice,
+    "learned": LearnedChoice,
 }
 
 

@@ -47,6 +47,18 @@ if TYPE_CHECKING:
     from .runtime.choice import ChoiceRule
 
 PACK_FORMAT = "bkd-pack/1"
+# A pack whose answer depends on what an older bkd-edge would not read (a category view, a learned
+# choice rule) says so: an older reader refuses it by name instead of answering otherwise.
+PACK_FORMAT_2 = "bkd-pack/2"
+PACK_FORMATS = (PACK_FORMAT, PACK_FORMAT_2)
+
+
+def pack_format(config: dict) -> str:
+    """The oldest format that holds this config."""
+    learned = bool((config.get("choice") or {}).get("weights"))
+    return PACK_FORMAT_2 if config.get("categories") or learned else PACK_FORMAT
+
+
 STATE_DIR = "state"
 SESSION_ROOM = 1024  # context tokens for a session's items and its longest answer, beside the pack
 
@@ -147,12 +159,12 @@ def build_pack(
             fields["config"]["categories"] = config.categories.to_dict()
         if config.categories_report:
             fields["categories"] = config.categories_report
-        manifest = write_manifest(tmp, PACK_FORMAT, fields)
+        manifest = write_manifest(tmp, pack_format(fields["config"]), fields)
         if calibrate:
             chosen = calibrate(tmp)
             fields["config"]["choice"] = chosen["config"]
             fields["calibration"] = chosen["report"]
-            manifest = write_manifest(tmp, PACK_FORMAT, fields)
+            manifest = write_manifest(tmp, pack_format(fields["config"]), fields)
     return manifest
 
 
@@ -171,7 +183,7 @@ def write_slim_pack(pack: str | Path, out: str | Path) -> dict:
         write_jsonl(tmp / "examples.jsonl", [])
         np.save(tmp / "index.npy", np.zeros((0, np.load(src / "index.npy").shape[1]), np.float32))
         fields.update(encoder="default", counts={**manifest["counts"], "examples": 0})
-        return write_manifest(tmp, PACK_FORMAT, fields)
+        return write_manifest(tmp, manifest["format"], fields)
 
 
 # ---------------------------------------------------------------- verify and load
@@ -186,7 +198,12 @@ def verify_pack(folder: str | Path) -> list[str]:
     """Problems found, empty when the pack is intact: every file of the manifest, byte for byte, the
     files every pack holds listed, a usable config, and under state/ only the prefix cache's files."""
     folder = Path(folder)
-    problems = verify_folder(folder, PACK_FORMAT, "pack", unlisted_ok=(STATE_DIR + "/",))
+    try:
+        fmt = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None  # verify_folder names the problem
+    fmt = fmt if fmt in PACK_FORMATS else PACK_FORMAT
+    problems = verify_folder(folder, fmt, "pack", unlisted_ok=(STATE_DIR + "/",))
     if problems:
         return problems
     where = folder / "manifest.json"

@@ -11,7 +11,8 @@ its categories are degraded into stand-ins (`--standins`):
 
 Per stand-in, every row is fitted on train as `bench` fits it, and scored on `--splits` (val for
 choosing; test once per candidate): `cluster`, `category`, `choice` without the category view
-(today's rule) and with it (the view chosen by 5-fold CV on train), `apriori`, `whole`. The
+(today's rule) and with it (the view chosen by 5-fold CV on train), `learned` (the same candidates
+chosen by the learned rule fitted on train, no student), `apriori`, `whole`. The
 category view's CV table goes in the JSON. MiniLM vectors are cached in runs/ (one ~2 min
 encode of Electronic's titles; later runs ~1 min per stand-in on 2 cores).
 
@@ -25,12 +26,20 @@ import hashlib
 import json
 import random
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from bundlekd_edge.baselines import AprioriRules, CategoryGroups, HintChoice, TitleClusters, WholeSession
+from bundlekd_edge.baselines import (
+    AprioriRules,
+    CategoryGroups,
+    HintChoice,
+    LearnedChoice,
+    TitleClusters,
+    WholeSession,
+)
 from bundlekd_edge.data import load_sessions
 from bundlekd_edge.metrics import evaluate
 
@@ -42,6 +51,8 @@ def cached_encoder(cache: Path):
     """The default MiniLM encoder with its vectors kept in `cache` (an .npz keyed by text hash)."""
     from bundlekd_edge.embeddings import TextEncoder, default_encoder_dir
 
+    folder = default_encoder_dir()
+    cache = cache.with_name(f"{cache.stem}-{folder.name}{cache.suffix}")  # one cache per encoder
     store = dict(np.load(cache)) if cache.exists() else {}
     model = None
 
@@ -50,7 +61,7 @@ def cached_encoder(cache: Path):
         keys = [hashlib.sha256(t.encode()).hexdigest()[:24] for t in texts]
         new = [(k, t) for k, t in dict(zip(keys, texts)).items() if k not in store]
         if new:
-            model = model or TextEncoder(default_encoder_dir())
+            model = model or TextEncoder(folder)
             for (k, _), v in zip(new, model.encode([t for _, t in new])):
                 store[k] = v
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +116,7 @@ def main() -> None:
             "category": CategoryGroups(),
             "choice (today)": today,
             "choice": HintChoice(encode),
+            "learned": LearnedChoice(encode),
         }
         for label, model in rows.items():
             if label != "choice (today)":
@@ -116,6 +128,12 @@ def main() -> None:
                 row[split] = [round(scores["strict_f1"], 4), round(scores["exact_match"], 4)]
             if label == "choice":
                 row["category_cv"] = model.category_report
+            if label == "learned":
+                held = [s for s in sessions if s.split == args.splits[-1] and len(s.items) >= 2]
+                t0 = time.perf_counter()
+                for s in held:
+                    model.predict(s)  # vectors cached: the candidates and the rule's pick
+                row["ms_per_session"] = round(1000 * (time.perf_counter() - t0) / len(held), 2)
             results.append(row)
             cells = "  ".join(f"{split} {row[split][0]:.3f} / {row[split][1]:.3f}" for split in args.splits)
             print(f"{name:<10} {label:<15} {cells}", flush=True)

@@ -113,6 +113,7 @@ def test_a_catalogue_without_categories_gives_todays_outputs_exactly(cli, tmp_pa
     assert "category view: none (no item of the split has categories)" in r.output
     p = Pack(tmp_path / "p")
     assert "categories" not in p.manifest["config"] and not p.category_view
+    assert p.manifest["format"] == "bkd-pack/1"  # what every bkd-edge reads
     for s in sessions:
         assert p.candidates(s) == hint_candidates(p._hint_levels(s), len(s.items))
 
@@ -144,6 +145,7 @@ def test_category_partitions_join_the_choice_and_the_manifest_says_so(cli, tmp_p
     assert r.exit_code == 0, r.output
     p = Pack(tmp_path / "p")
     assert p.manifest["config"]["categories"] == {"path": "first", "depths": [1]}
+    assert p.manifest["format"] == "bkd-pack/2"  # an older bkd-edge refuses it by name, not answering otherwise
     assert p.manifest["categories"]["winner"] == "first path, depth 1" and "<- chosen" in r.output
     disjoint = [
         s for s in labelled if len({x for b in s.bundles for x in b.items}) == sum(len(b.items) for b in s.bundles) > 0

@@ -5,9 +5,9 @@
 MODEL is whatever `bkd-edge generate --model` takes ('default', 'base', a .gguf file, EXPORT_DIR[:QUANT],
 `gguf:qwen1.5b`: the local teacher, labelled as such unless `label` says otherwise),
 an OpenAI-compatible base URL (http://... or https://..., e.g. a teacher endpoint), or
-`baseline:whole|pairs|apriori|cluster|choice` for a non-LLM baseline. An export trained with a pack runs
-with it unless `pack=none`. A URL row asks in the JSON answer format, with the output constraint
-sent as `constraint` says (gbnf: llama.cpp's servers, the default; vllm; json-schema: hosted APIs,
+`baseline:whole|pairs|apriori|cluster|category|choice|learned` for a non-LLM baseline. An export
+trained with a pack runs with it unless `pack=none`. A URL row asks in the JSON answer format, with
+the output constraint sent as `constraint` says (gbnf: llama.cpp's servers, the default; vllm; json-schema: hosted APIs,
 Ollama) and the API key of environment variable `key` (none unless named). `jump=on` runs a local
 model with jump-forward decoding (`generate --jump-forward`).
 """

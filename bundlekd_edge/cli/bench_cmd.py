@@ -36,7 +36,7 @@ def _levels(text: str) -> list[int]:
               metavar="NAME=MODEL[,pack=P][,adapter=FILE[:S]][,label=T]",
               help="An engine row (repeat). MODEL: 'default' (the shipped student), 'base', a .gguf, "
               "EXPORT_DIR[:QUANT], an OpenAI-compatible URL, or "
-              "baseline:whole|pairs|apriori|cluster|choice.")  # fmt: skip
+              "baseline:whole|pairs|apriori|cluster|category|choice|learned.")  # fmt: skip
 @click.option("--teacher", help="Name of the engine the ratios are taken against.")
 @click.option("--compare", multiple=True, metavar="A:B", help="Also give the ratios of engine A against engine B.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Report folder.")
