@@ -290,10 +290,22 @@ def parse_gpu_layers(value, where: str = "--gpu-layers") -> int:
     return n
 
 
+def _gguf_spec(spec: AdapterSpec, model: str) -> AdapterSpec:
+    """A peft adapter folder (from `train` or any peft trainer) as the GGUF adapter llama.cpp loads:
+    converted over this model file once, cached, checked against it (`export/lora_gguf.py`)."""
+    if not spec.path.is_dir():
+        return spec
+    from .export.lora_gguf import cached_gguf_adapter
+
+    base = default_model_path() if model == "default" else Path(model)
+    return AdapterSpec(cached_gguf_adapter(spec.path, base), spec.scale)
+
+
 def resolve_student(model: str | Path = "default", adapters=(), pack: str | Path | None = None) -> Student:
     """What `--model`, `--adapter` (repeatable, FILE[:SCALE]) and `--pack` (a folder, or 'none') name."""
     student = _named(str(model))
-    student.adapters += tuple(a if isinstance(a, AdapterSpec) else parse_adapter(str(a)) for a in adapters)
+    specs = [a if isinstance(a, AdapterSpec) else parse_adapter(str(a)) for a in adapters]
+    student.adapters += tuple(_gguf_spec(a, student.model) for a in specs)
     student.merge = student.merge and not adapters  # only the card's own adapter is merged
     if pack is not None:
         student.pack = None if str(pack) == "none" else Pack(pack)

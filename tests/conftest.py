@@ -10,6 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub (bitsandbytes would try, on import)
+
 import pytest
 from click.testing import CliRunner
 

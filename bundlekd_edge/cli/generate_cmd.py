@@ -59,8 +59,10 @@ def engine_options(f=None, *, servers: bool = False):
         "--adapter",
         "adapters",
         multiple=True,
-        metavar="FILE[:SCALE]",
-        help="A LoRA adapter (llama.cpp GGUF) over the model, scale in (0, 4], default 1; repeatable.",
+        metavar="PATH[:SCALE]",
+        help="A LoRA adapter over the model, scale in (0, 4], default 1; repeatable: a llama.cpp GGUF adapter, or "
+        "a peft folder (adapter_config.json + adapter_model.safetensors, from `train` or any peft trainer), "
+        "converted once over the model and cached.",
     )(f)
     f = click.option(
         "--pack",
