@@ -41,4 +41,4 @@ lint: setup
 	$(BIN)/ruff format --check bundlekd_edge tests scripts
 
 clean:
-	rm -rf $(VENV) demo-out bench-out .pytest_cache
+	rm -rf $(VENV) demo-out bench-out .pytest_cache dist
