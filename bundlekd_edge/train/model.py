@@ -28,6 +28,10 @@ def resolve_base(base: str) -> Base:
         from ..runtime.model_file import default_model_path
 
         return Base("gguf", default_model_path())
+    from ..runtime.teacher_file import TEACHERS, teacher_path
+
+    if base in TEACHERS:  # a pinned local model (qwen0.5b, qwen1.5b), assembled from PyPI once
+        return Base("gguf", teacher_path(base))
     path = Path(base)
     if path.is_file():
         from ..runtime.model_file import check_gguf_magic
