@@ -8,6 +8,7 @@ it was tuned on, they help a little; on two held-out catalogues they pulled the 
 cross-validation on the pack's split, each rule it could use:
 
     cluster            the baseline's partition at its tuned cut (the student only names the bundles)
+    category           the `category` baseline's partition (a catalogue with categories only)
     choice             expected F1 over the candidates with the cut counts alone (no model)
     student T=5 .. 1   the same with the student's probabilities to the power 1/T
     learned            a linear score of each candidate's features (`runtime.choice.FEATURES`: the
@@ -39,7 +40,7 @@ from .runtime.choice import FEATURES, ChoiceRule, candidate_features, fit_weight
 TEMPERATURES = (5.0, 3.0, 2.0, 1.0)  # the student's weight 1/T, smallest (simplest) first
 LEARNED = ("learned", "learned+student")  # fitted on the other folds, by name (their weights come from the data)
 RULES = (
-    (ChoiceRule("cluster"), ChoiceRule("choice"))
+    (ChoiceRule("cluster"), ChoiceRule("category"), ChoiceRule("choice"))
     + tuple(ChoiceRule("student", t) for t in TEMPERATURES)
     + tuple(ChoiceRule(name, weights=(1.0,) + (0.0,) * (len(FEATURES) - 1)) for name in LEARNED)
 )
@@ -50,13 +51,15 @@ FOLDS = 5
 @dataclass
 class Evidence:
     """What the rules choose from, for one session: its candidate first lines, how many cuts gave
-    each, the student's log-probability of each, and the `cluster` baseline's line."""
+    each, the student's log-probability of each, the `cluster` baseline's line and the `category`
+    baseline's ("" for a catalogue without categories)."""
 
     session: Session
     lines: list[str]
     counts: list[int]
     logprobs: list[float]
     cluster: str
+    category: str = ""
 
     def features(self, student: bool) -> np.ndarray:
         return candidate_features(self.lines, self.counts, self.logprobs if student else None, self.session)
@@ -87,13 +90,16 @@ def gather_evidence(engine, pack, sessions: list[Session], progress: bool = True
             engine.candidate_logprobs(s, lines, parts["knowledge"], parts["examples"]) if len(lines) > 1 else [0.0]
         )
         (cluster,), _ = candidate_lines([pack.cluster_candidate(s)])
-        out.append(Evidence(s, lines, counts, logprobs, cluster))
+        (category,), _ = candidate_lines([pack.category_candidate(s)]) if pack.category_params else ([""], [])
+        out.append(Evidence(s, lines, counts, logprobs, cluster, category))
     return out
 
 
 def chosen_line(rule: ChoiceRule, e: Evidence) -> str:
     if rule.name == "cluster":
         return e.cluster
+    if rule.name == "category":
+        return e.category
     return rule.pick(e.lines, e.logprobs, e.counts, e.session)
 
 
@@ -140,6 +146,7 @@ def cross_validate(evidence: list[Evidence], rules=RULES, folds: int = FOLDS, se
     folds), the winner, and the CV estimate of calibrating (pick on the other folds, score on the
     held-out one). The winner of a learned kind is refitted on all of `evidence`: its weights are
     in the report."""
+    rules = tuple(r for r in rules if r.name != "category" or all(e.category for e in evidence))  # has categories
     order = list(range(len(evidence)))
     random.Random(seed).shuffle(order)
     parts = [[evidence[i] for i in order[f::folds]] for f in range(folds)]
@@ -167,11 +174,16 @@ def cross_validate(evidence: list[Evidence], rules=RULES, folds: int = FOLDS, se
     }
 
 
-def calibrate(engine, pack, sessions: list[Session], cluster: dict, progress: bool = True) -> dict:
+def calibrate(
+    engine, pack, sessions: list[Session], cluster: dict, progress: bool = True, category: dict | None = None
+) -> dict:
     """The stage: gather the student's evidence on `sessions` and cross-validate the rules.
     Returns {"config": what the pack's manifest config.choice holds, "report": the CV table}.
-    `cluster` is the `cluster` baseline's fitted parameters (threshold, fallback)."""
+    `cluster` is the `cluster` baseline's fitted parameters (threshold, fallback); `category` the
+    `category` baseline's (path, depth, fallback), None for a catalogue without categories (then the
+    `category` rule is not among the rules)."""
     pack.cluster_params = dict(cluster)
+    pack.category_params = dict(category) if category else {}
     t0 = time.perf_counter()
     evidence = gather_evidence(engine, pack, sessions, progress)
     seconds = time.perf_counter() - t0
@@ -179,12 +191,16 @@ def calibrate(engine, pack, sessions: list[Session], cluster: dict, progress: bo
     rule = next(r for r in RULES if r.label == report["winner"])
     report["student_s_per_100_sessions"] = round(100 * seconds / max(len(evidence), 1), 1)
     config = {"rule": rule.name, "temperature": rule.temperature, "cluster": dict(cluster)}
+    if category:
+        config["category"] = dict(category)
     if report["weights"]:
         config["weights"] = list(report["weights"].values())
     return {"config": config, "report": report}
 
 
-def calibrate_folder(folder, model: str, sessions: list[Session], cluster: dict, progress: bool = True) -> dict:
+def calibrate_folder(
+    folder, model: str, sessions: list[Session], cluster: dict, progress: bool = True, category: dict | None = None
+) -> dict:
     """`calibrate` for the pack being built in `folder`, with the student `model` names (anything
     `--model` takes). The report names the student, and says when it was trained on these very
     sessions (its probabilities there are optimistic: it has seen the answers)."""
@@ -200,7 +216,7 @@ def calibrate_folder(folder, model: str, sessions: list[Session], cluster: dict,
         )
     pack = Pack(folder)
     engine = student.load_engine(n_ctx=pack.n_ctx())
-    result = calibrate(engine, pack, sessions, cluster, progress)
+    result = calibrate(engine, pack, sessions, cluster, progress, category)
     result["report"]["student"] = student.name
     data = student.card.get("data") or {}
     sessions_file = (pack.manifest.get("recipe") or {}).get("sessions")

@@ -47,16 +47,16 @@ if TYPE_CHECKING:
     from .runtime.choice import ChoiceRule
 
 PACK_FORMAT = "bkd-pack/1"
-# A pack whose answer depends on what an older bkd-edge would not read (a category view, a learned
-# choice rule) says so: an older reader refuses it by name instead of answering otherwise.
+# A pack whose answer depends on what an older bkd-edge would not read (a category view, the
+# category or a learned choice rule) says so: an older reader refuses it by name instead of answering otherwise.
 PACK_FORMAT_2 = "bkd-pack/2"
 PACK_FORMATS = (PACK_FORMAT, PACK_FORMAT_2)
 
 
 def pack_format(config: dict) -> str:
     """The oldest format that holds this config."""
-    learned = bool((config.get("choice") or {}).get("weights"))
-    return PACK_FORMAT_2 if config.get("categories") or learned else PACK_FORMAT
+    new_rule = (config.get("choice") or {}).get("rule") in ("category", "learned", "learned+student")
+    return PACK_FORMAT_2 if config.get("categories") or new_rule else PACK_FORMAT
 
 
 STATE_DIR = "state"
@@ -233,20 +233,28 @@ def verify_pack(folder: str | Path) -> list[str]:
     return problems
 
 
-def choice_config(config: dict | None, where: Path) -> tuple[ChoiceRule, dict]:
-    """The pack's calibrated choice rule and the `cluster` baseline's fitted parameters (a pack
-    built before calibration: the student's rule at the default temperature)."""
+def choice_config(config: dict | None, where: Path) -> tuple[ChoiceRule, dict, dict]:
+    """The pack's calibrated choice rule and the `cluster` and `category` baselines' fitted
+    parameters (a pack built before calibration: the student's rule at the default temperature;
+    one on a catalogue without categories: no `category` parameters)."""
     from .runtime.choice import CHOICE_TEMPERATURE, ChoiceRule
 
     if config is None:
-        return ChoiceRule(), {}
+        return ChoiceRule(), {}, {}
     try:
         weights = tuple(float(w) for w in config.get("weights") or ())
         rule = ChoiceRule(config["rule"], float(config.get("temperature", CHOICE_TEMPERATURE)), weights)
         cluster = {"threshold": float(config["cluster"]["threshold"]), "fallback": str(config["cluster"]["fallback"])}
-    except (KeyError, TypeError, ValueError) as e:
+        category = {}
+        if config.get("category") is not None:
+            c = config["category"]
+            CategoryView.from_dict({"path": c["path"], "depths": [c["depth"]]}, "category")
+            category = {"path": str(c["path"]), "depth": int(c["depth"]), "fallback": str(c["fallback"])}
+        if rule.name == "category" and not category:
+            raise ValueError("the category rule needs the category baseline's parameters")
+    except (KeyError, TypeError, ValueError, BkdError) as e:
         raise BkdError(f"{where}/manifest.json: config.choice: {e}") from None
-    return rule, cluster
+    return rule, cluster, category
 
 
 class Pack:
@@ -264,7 +272,9 @@ class Pack:
         self.index = np.load(self.folder / "index.npy")
         self.similar_items = float(self.manifest["config"].get("similar_items", 0.0))
         self.similar_spread = float(self.manifest["config"].get("similar_spread", 0.0))
-        self.choice, self.cluster_params = choice_config(self.manifest["config"].get("choice"), self.folder)
+        self.choice, self.cluster_params, self.category_params = choice_config(
+            self.manifest["config"].get("choice"), self.folder
+        )
         self.category_view = CategoryView.from_dict(self.manifest["config"].get("categories"))
         self._encoder = None
         self._clusters = None
@@ -357,6 +367,8 @@ class Pack:
 
         if self.choice.name == "cluster" and self.similar_items:
             return [self.cluster_candidate(session)]
+        if self.choice.name == "category" and self.similar_items:
+            return [self.category_candidate(session)]
         return with_categories(
             hint_candidates(self._hint_levels(session), len(session.items)), self.category_view, session
         )
@@ -367,6 +379,14 @@ class Pack:
         number = {item_id: i for i, item_id in enumerate(session.item_ids(), 1)}
         groups = [[number[x] for x in b["items"]] for b in self._cluster_baseline().predict(session)]
         return groups or [list(range(1, len(session.items) + 1))]
+
+    def category_candidate(self, session: Session) -> list[list[int]]:
+        """The `category` baseline's partition (item numbers) with its parameters fitted on the pack's
+        split, or the whole session where that has no group."""
+        from .categories import category_partition
+
+        p = self.category_params
+        return category_partition(session, p["path"], p["depth"]) or [list(range(1, len(session.items) + 1))]
 
     def _cluster_baseline(self):
         """The `cluster` baseline as fitted on the pack's split (its cut and fallback), this pack's encoder."""

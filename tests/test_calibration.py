@@ -14,13 +14,13 @@ from bundlekd_edge.runtime.choice import ChoiceRule, candidate_features
 TRUTH, COARSE, PAIR = "1 2 | 3 4", "1 2 3 4", "1 2"
 
 
-def evidence(n: int, logprobs: list[float], counts: list[int], cluster: str) -> list[Evidence]:
+def evidence(n: int, logprobs: list[float], counts: list[int], cluster: str, category: str = "") -> list[Evidence]:
     out = []
     for k in range(n):
         items = [Item(f"s{k}i{j}", f"title {j}") for j in range(1, 5)]
         gold = [Bundle((items[0].id, items[1].id), "a"), Bundle((items[2].id, items[3].id), "b")]
         s = Session(f"s{k}", items, gold, split="train")
-        out.append(Evidence(s, [TRUTH, COARSE, PAIR], counts, logprobs, cluster))
+        out.append(Evidence(s, [TRUTH, COARSE, PAIR], counts, logprobs, cluster, category))
     return out
 
 
@@ -42,10 +42,19 @@ def test_calibration_picks_the_known_best_rule(case, logprobs, counts, cluster, 
     report = cross_validate(evidence(10, logprobs, counts, cluster))
     assert report["winner"] == winner, case
     scores = {r["rule"]: r["cv_strict_f1"] for r in report["rules"]}
-    assert list(scores) == [r.label for r in RULES] and report["folds"] == 5 and report["sessions"] == 10
+    without_categories = [r.label for r in RULES if r.name != "category"]  # no category line: no category rule
+    assert list(scores) == without_categories and report["folds"] == 5 and report["sessions"] == 10
     assert scores[winner] == pytest.approx(1.0) == report["calibrated_cv_strict_f1"]
     simpler = list(scores)[: list(scores).index(winner)]
     assert all(scores[r] < scores[winner] - TIE for r in simpler)  # it had to beat every simpler rule
+
+
+def test_the_category_rule_is_one_of_the_rules_where_the_catalogue_has_categories():
+    # the counts, the student and the cluster favour the coarse line; the category partition is the truth
+    report = cross_validate(evidence(10, [-9.0, 0.0, -9.0], [1, 3, 1], COARSE, category=TRUTH))
+    scores = {r["rule"]: r["cv_strict_f1"] for r in report["rules"]}
+    assert list(scores) == [r.label for r in RULES] and report["winner"] == "category"
+    assert scores["category"] == pytest.approx(1.0) and scores["cluster"] < 1.0 - TIE
 
 
 def test_a_choice_rule_outside_its_range_is_refused():

@@ -138,7 +138,12 @@ def build_cmd(
         sample = examples
         if 0 < calibrate_limit < len(examples):
             sample = [examples[i] for i in sorted(random.Random(0).sample(range(len(examples)), calibrate_limit))]
-        calibrator = partial(calibrate_folder, model=model, sessions=sample, cluster=clusters.params)
+        category = None
+        if categories and any(it.categories for s in examples for it in s.items):
+            from ..baselines import CategoryGroups
+
+            category = CategoryGroups().fit(examples).params
+        calibrator = partial(calibrate_folder, model=model, sessions=sample, cluster=clusters.params, category=category)
     manifest = build_pack(out, lines, examples, thoughts, count_tokens, encoder, config, recipe, calibrator)
     c, t = manifest["counts"], manifest["tokens"]
     click.echo(

@@ -21,7 +21,7 @@ from ..prompts import PromptConfig, candidate_lines
 # (90 sessions, shipped student): T 0.5 / 1 / 2 / 3 -> strict F1 0.615 / 0.638 / 0.669 / 0.664.
 # The rule of a pack without calibration.
 CHOICE_TEMPERATURE = 2.0
-RULES = ("cluster", "choice", "student", "learned", "learned+student")
+RULES = ("cluster", "category", "choice", "student", "learned", "learned+student")
 # What the learned rule sees of each candidate line (`candidate_features`), in this order.
 FEATURES = (
     "expected_f1",  # the `choice` rule's own objective: expected strict F1 under the cut counts
@@ -41,6 +41,7 @@ class ChoiceRule:
     """How a pack's candidate partitions become the answer's partition.
 
     cluster   the `cluster` baseline's partition at its tuned cut: the pack offers that one candidate
+    category  the `category` baseline's partition (path, depth, fallback tuned): that one candidate
     choice    expected strict F1 over the hint's candidates, weighed by cut counts alone (no model)
     student   the same, with the student's probabilities taken to the power 1/temperature
     """
