@@ -158,7 +158,7 @@ def test_the_parity_gate_passes_a_correct_merge_and_fails_a_wrong_one(llama_pair
 
     _, base_gguf, adapter = llama_pair
     gold = parity.golden_set(load_sessions(sample_path, split="test"), gguf_chat_tokenizer(base_gguf),
-                             PromptMaker("sft"), 3)  # fmt: skip
+                             PromptMaker("sft"), 3, max_tokens=16)  # fmt: skip
     good = lora_gguf.write_lora_gguf(base_gguf, adapter, tmp_path / "good.gguf")
     assert good["arch"] == "llama"
     ref = parity.gguf_top1_and_generate(base_gguf, gold, adapter=tmp_path / "good.gguf")
@@ -224,3 +224,26 @@ def test_foreign_folders_are_data_never_code(llama_pair, tmp_path):
     with pytest.raises(BkdError, match="does not fit .*made for"):  # a llama adapter over SmolLM2 (also llama)
         write_lora_gguf(default_model_path(), adapter, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.slow
+def test_export_errors_are_one_line_and_leave_nothing(llama_pair, cli, tmp_path):
+    """No tokenizer, an architecture llama.cpp cannot convert, an adapter for another base."""
+    base, _, adapter = llama_pair
+    cases = {}
+    for name, change in (("no-tokenizer", "tokenizer"), ("unknown-arch", "arch")):
+        model = tmp_path / name
+        shutil.copytree(base, model)
+        if change == "tokenizer":
+            (model / "tokenizer.model").unlink()
+        else:
+            config = json.loads((model / "config.json").read_text())
+            (model / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchForCausalLM"]}))
+        cases[name] = model
+    expected = {"no-tokenizer": "no tokenizer", "unknown-arch": "NoSuchForCausalLM"}
+    for name, model in cases.items():
+        out = tmp_path / f"out-{name}"
+        result = cli("export", "--base", model, "--adapter", adapter, "--out", out)
+        assert result.exit_code != 0 and expected[name] in result.output, result.output
+        assert "Traceback" not in result.output and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(cases)  # nothing half-written beside them

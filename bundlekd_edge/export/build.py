@@ -216,12 +216,14 @@ def _from_hf_base(src: Source, tmp: Path, f16: Path, recipe: ExportRecipe, timin
     from .convert import hf_to_gguf
     from .hf_merge import merge_hf
 
+    if not any((src.base.path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        raise BkdError(f"{src.base.path}: no tokenizer (tokenizer.json or tokenizer.model); the GGUF needs one")
     merged = tmp / ".merged-hf"
     t = time.perf_counter()
     merge_hf(src.base.path, src.adapter_dir, merged)
     timings["merge_hf_s"] = round(time.perf_counter() - t, 2)
     t = time.perf_counter()
-    hf_to_gguf(merged, f16, log)
+    hf_to_gguf(merged, f16, log, source=src.base.path)
     timings["convert_s"] = round(time.perf_counter() - t, 2)
     log(f"merged and converted into {f16.name} ({f16.stat().st_size / 2**20:.0f} MiB) by llama.cpp's converter")
     # the adapter alone, for `--adapter` over any GGUF converted from this base: the merged file has its layout

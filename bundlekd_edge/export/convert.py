@@ -83,14 +83,14 @@ def _run(script: str, args: list[str], what: str, log=None) -> None:
         raise BkdError(f"{what} failed in llama.cpp's {script}: {errors[-1].strip()}")
 
 
-def hf_to_gguf(model_dir: str | Path, out: str | Path, log=None) -> Path:
+def hf_to_gguf(model_dir: str | Path, out: str | Path, log=None, source: str | Path = "") -> Path:
     """An HF model folder (safetensors, config, tokenizer) as a GGUF f16 file, tokenizer and chat
-    template included."""
+    template included; `source` names the model in errors (the user's folder, not our merged copy)."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         _run("convert_hf_to_gguf.py", [str(model_dir), "--outfile", str(tmp), "--outtype", "f16"],
-             f"converting {model_dir} to GGUF", log)  # fmt: skip
+             f"converting {source or model_dir} to GGUF", log)  # fmt: skip
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
