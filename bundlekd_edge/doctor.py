@@ -93,6 +93,22 @@ def student_status(name: str) -> dict:
     }
 
 
+def teacher_status() -> list[dict]:
+    """The optional local teachers (`gguf:qwen1.5b`): assembled in the cache, or their packages installed."""
+    import importlib.util
+
+    from .runtime.teacher_file import TEACHERS, teachers_dir
+
+    rows = []
+    for t in TEACHERS.values():
+        path = teachers_dir() / t.file
+        installed = all(importlib.util.find_spec(module) for module, _ in t.parts())
+        ready = path.is_file() or installed
+        fix = None if ready else 'pip install "bundlekd-edge[teacher]" (22 packages, 1.1 GB; optional)'
+        rows.append({"name": t.name, "ready": ready, "assembled": path.is_file(), "path": str(path), "fix": fix})
+    return rows
+
+
 def shipped_students() -> list[str]:
     root = models_dir()
     return sorted(p.name for p in root.iterdir() if (p / STUDENT_CARD).is_file()) if root.is_dir() else []
@@ -125,6 +141,7 @@ def diagnose() -> dict:
         "encoder": encoder,
         "students": students,
         "students_dir": str(models_dir()),
+        "teachers": teacher_status() if llama["ready"] else [],
         "ready": bool(llama["ready"] and base_ready and encoder["ready"] and default["ready"]),
     }
 
@@ -160,6 +177,9 @@ def report(d: dict) -> str:
         state = "merged for this machine" if s.get("merged") else "not merged yet" if s["ready"] else "not ready"
         fix = f" -> {s['fix']}" if s.get("fix") else ""
         lines.append(f"  {mark[s['ready']]} {s['name']}: {state}{fix}" + (f" ({s['error']})" if s.get("error") else ""))
+    for t in d["teachers"]:
+        state = "assembled" if t["assembled"] else "packages installed" if t["ready"] else "not installed"
+        lines.append(f"optional local teacher {t['name']}: {state}" + (f" -> {t['fix']}" if t["fix"] else ""))
     lines.append("ready: `bkd-edge demo` runs the default student" if d["ready"] else f"not ready: run `{SETUP}`")
     return "\n".join(lines)
 
