@@ -57,6 +57,22 @@ def test_the_category_rule_is_one_of_the_rules_where_the_catalogue_has_categorie
     assert scores["category"] == pytest.approx(1.0) and scores["cluster"] < 1.0 - TIE
 
 
+def test_every_rule_before_the_learned_ones_picks_as_choose_partition_does():
+    """The runtime now asks the rule (`ChoiceRule.pick`, the session passed along): for the rules a pack
+    could hold before, that is `choose_partition` exactly, with the student's scores only where used."""
+    from bundlekd_edge.runtime.choice import choose_partition
+
+    lines, counts, logprobs = [TRUTH, COARSE, PAIR], [1, 3, 1], [0.0, -9.0, -1.0]
+    for rule in [ChoiceRule("choice"), *(ChoiceRule("student", t) for t in (5.0, 2.0, 1.0)), ChoiceRule()]:
+        scores = logprobs if rule.uses_student else None
+        assert rule.pick(lines, logprobs, counts) == choose_partition(lines, scores, counts, rule.temperature)
+    assert (
+        ChoiceRule("choice").pick(lines, logprobs, counts)
+        == COARSE
+        != ChoiceRule("student", 1.0).pick(lines, logprobs, counts)
+    )
+
+
 def test_a_choice_rule_outside_its_range_is_refused():
     with pytest.raises(ValueError, match="not one of"):
         ChoiceRule("oracle")
