@@ -95,3 +95,15 @@ def views(max_depths: int = 2) -> list[CategoryView]:
         if max_depths >= 2:
             out += [CategoryView(path, (d, d + 1)) for d in DEPTHS[:-1]]
     return out
+
+
+def category_name(items: list[Item]) -> str:
+    """A no-model name for a bundle: the deepest category all its items share (any of each item's
+    paths), e.g. "Lenses"; "" where they share none below the root, or an item has no categories."""
+    shared = None
+    for item in items:
+        prefixes = {tuple(p[:d]) for p in item.categories if p for d in range(2, len(p) + 1)}
+        shared = prefixes if shared is None else shared & prefixes
+        if not shared:
+            return ""
+    return max(shared, key=len)[-1].strip() if shared else ""

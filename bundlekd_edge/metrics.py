@@ -236,9 +236,11 @@ def bootstrap_strict_f1(
     return float(lo), float(hi)
 
 
-def intent_pairs(gold: list[Session], preds: dict[str, Prediction]) -> list[tuple[str, str]]:
+def intent_pairs(gold: list[Session], preds: dict[str, Prediction], namer=None) -> list[tuple[str, str]]:
     """(predicted intent, true intent) of every predicted bundle that the strict scores match
-    one-to-one to a true bundle sharing items with it (maximal summed Jaccard, as `score_session`)."""
+    one-to-one to a true bundle sharing items with it (maximal summed Jaccard, as `score_session`).
+    `namer(items) -> str` names each predicted bundle from its items instead (a no-model rule,
+    scored on the very bundles the prediction's own names are)."""
     pairs = []
     for s in gold:
         pred = preds.get(s.session_id)
@@ -254,7 +256,11 @@ def intent_pairs(gold: list[Session], preds: dict[str, Prediction]) -> list[tupl
         sim, rows, cols = _match(predicted, [frozenset(b.items) for b in s.bundles])
         for r, c in zip(rows, cols):
             if sim[r, c] > 0 and s.bundles[c].intent:  # a true bundle without a name says nothing
-                pairs.append((named[predicted[r]], s.bundles[c].intent))
+                given = named[predicted[r]]
+                if namer is not None:
+                    by_id = {it.id: it for it in s.items}
+                    given = namer([by_id[x] for x in sorted(predicted[r]) if x in by_id])
+                pairs.append((given, s.bundles[c].intent))
     return pairs
 
 

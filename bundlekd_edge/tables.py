@@ -61,6 +61,10 @@ def quality_table(scores: dict) -> str:
         rows.append({"metric": "intent cosine (matched bundles)", "value": scores["intent_cosine"]})
         rows.append({"metric": "intent named exactly", "value": scores["intent_exact"]})
         rows.append({"metric": "matched bundles with a true intent", "value": scores["intent_pairs"]})
+    if "category_rule_intent_cosine" in scores:
+        rows.append({"metric": "intent cosine, category-name rule (same bundles)",
+                     "value": scores["category_rule_intent_cosine"]})  # fmt: skip
+        rows.append({"metric": "named exactly, category-name rule", "value": scores["category_rule_intent_exact"]})
     if "intent_judge" in scores:
         rows.append({"metric": f"intent judge score 0-1 ({scores.get('intent_judge_model', '')})",
                      "value": scores["intent_judge"]})  # fmt: skip

@@ -15,7 +15,7 @@ from bundlekd_edge.baselines import (
     tune_category_view,
     with_categories,
 )
-from bundlekd_edge.categories import CategoryView, category_partition
+from bundlekd_edge.categories import CategoryView, category_name, category_partition
 from bundlekd_edge.data import Bundle, Item, Session, load_sessions
 from bundlekd_edge.packs import Pack
 
@@ -175,3 +175,28 @@ def test_the_service_and_generate_json_take_categories():
     assert [it.categories for it in s.items] == [(CAMERA,), ()]
     with pytest.raises(ApiError, match="categories"):
         parse_session({"items": [{"id": "a", "categories": "Cameras"}, {"id": "b"}]}, "", "req-2", 200)
+
+
+def test_the_category_name_rule_names_a_bundle_by_the_deepest_category_its_items_share():
+    camera, lens = Item("a", "", (CAMERA,)), Item("b", "", (PHONE, LENS))
+    assert category_name([camera, lens]) == "Camera & Photo"  # any of an item's paths; below the root
+    assert category_name([Item("c", "", (LENS,)), lens]) == "Lenses"
+    assert category_name([camera, Item("m", "", (MOUSE,))]) == ""  # only the root in common
+    assert category_name([camera, Item("x", "")]) == ""
+
+
+def test_eval_intents_shows_the_category_name_rule_on_the_same_bundles(cli, tmp_path):
+    gold = tmp_path / "gold.jsonl"
+    s = _session("g", [CAMERA, LENS, MOUSE, KEYBOARD], [(0, 1), (2, 3)], "test")
+    s.bundles = [replace(b, intent=i) for b, i in zip(s.bundles, ("Camera & Photo", "Desk setup"))]
+    gold.write_text(json.dumps(s.to_dict()) + "\n")
+    pred = tmp_path / "pred.jsonl"  # the model named the first bundle well and the second not at all
+    bundles = [{"items": ["g-0", "g-1"], "intent": "Camera & Photo"}, {"items": ["g-2", "g-3"], "intent": ""}]
+    pred.write_text(json.dumps({"session_id": "g", "valid": True, "bundles": bundles}) + "\n")
+    r = cli("eval", "--gold", gold, "--pred", pred, "--intents", "--json")
+    assert r.exit_code == 0, r.output
+    scores = json.loads(r.output)
+    assert scores["intent_pairs"] == 2 and scores["intent_exact"] == 0.5
+    # the rule: "Camera & Photo" (exact) and "Computers & Accessories" for the desk bundle (close, not exact)
+    assert scores["category_rule_intent_exact"] == 0.5
+    assert scores["category_rule_intent_cosine"] > scores["intent_cosine"]

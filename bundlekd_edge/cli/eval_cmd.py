@@ -34,7 +34,8 @@ from ..tables import quality_table
     "--intents",
     is_flag=True,
     help="Also score the intents of matched bundles: cosine of MiniLM sentence embeddings (the encoder "
-    "packs use, no torch) and the exact-name rate.",
+    "packs use, no torch) and the exact-name rate; where the gold items carry categories, beside those of a "
+    "no-model namer on the same bundles (the deepest category the bundle's items share).",
 )
 @click.option(
     "--judge",
@@ -68,8 +69,14 @@ def eval_(gold, preds, split, out, force, intents, judge, judge_model, judge_key
     if intents or judge:
         from ..embeddings import TextEncoder, default_encoder_dir
 
+        encode = TextEncoder(default_encoder_dir()).encode
         pairs = intent_pairs(sessions, predictions)
-        scores |= intent_scores(pairs, TextEncoder(default_encoder_dir()).encode)
+        scores |= intent_scores(pairs, encode)
+        if any(it.categories for s in sessions for it in s.items):
+            from ..categories import category_name
+
+            named = intent_pairs(sessions, predictions, namer=category_name)
+            scores |= {f"category_rule_{k}": v for k, v in intent_scores(named, encode).items() if k != "intent_pairs"}
     if judge:
         from ..files import cache_dir
         from ..judge import judge_intents
