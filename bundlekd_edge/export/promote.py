@@ -69,6 +69,9 @@ def promote(export_dir: str | Path, name: str, data: dict | None = None, root: s
     problems = verify_export(export_dir, manifest)
     if problems:
         raise BkdError(f"{export_dir}: refusing a damaged export: " + "; ".join(problems))
+    if manifest["base"].get("kind", "gguf") != "gguf":
+        raise BkdError(f"{export_dir}: a shipped student is an adapter over a GGUF base file; this one was trained "
+                       "from an HF folder: ship the export folder itself (generate --model EXPORT)")  # fmt: skip
     adapter = export_dir / ADAPTER_FILE
     if "gguf" not in manifest.get("adapter", {}) or not adapter.is_file():
         raise BkdError(f"{export_dir}: this export has no {ADAPTER_FILE} (made by an older bkd-edge): export again")
