@@ -98,12 +98,15 @@ def views(max_depths: int = 2) -> list[CategoryView]:
 
 
 def category_name(items: list[Item]) -> str:
-    """A no-model name for a bundle: the deepest category all its items share (any of each item's
-    paths), e.g. "Lenses"; "" where they share none below the root, or an item has no categories."""
-    shared = None
+    """A no-model name for a bundle: of the categories below the root that the most of its items
+    carry (any of each item's paths), the deepest, e.g. "Lenses"; "" where no item has categories.
+    (On the shipped default's Electronic test bundles: MiniLM cosine with the true intents 0.474;
+    the deepest category *all* items share, 0.370: it is often only the root.)"""
+    counts: dict[tuple[str, ...], int] = {}
     for item in items:
-        prefixes = {tuple(p[:d]) for p in item.categories if p for d in range(2, len(p) + 1)}
-        shared = prefixes if shared is None else shared & prefixes
-        if not shared:
-            return ""
-    return max(shared, key=len)[-1].strip() if shared else ""
+        for prefix in sorted({tuple(p[:d]) for p in item.categories if p for d in range(2, len(p) + 1)}):
+            counts[prefix] = counts.get(prefix, 0) + 1
+    if not counts:
+        return ""
+    best = max(counts.items(), key=lambda kv: (kv[1], len(kv[0])))[0]  # ties: the first in sorted order
+    return best[-1].strip()
