@@ -31,11 +31,10 @@ SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]  # ids 3, 4, 5 (phi3'
 EOS = 4
 
 
-@pytest.fixture(scope="module")
-def tokenizer_model(tmp_path_factory, sample_path):
+def make_tokenizer(folder, sample_path):
+    """A real sentencepiece model (BPE, byte fallback, the ChatML markers as pieces) trained on the sample."""
     import sentencepiece as spm
 
-    folder = tmp_path_factory.mktemp("spm")
     titles = [item["title"] for line in sample_path.read_text().splitlines() for item in json.loads(line)["items"]]
     answer = '{"bundles": [{"items": [1, 2], "intent": "home office setup"}]}\nSession items:\n1. a\n2. b'
     (folder / "corpus.txt").write_text("\n".join(titles + [answer] * 20))
@@ -45,6 +44,24 @@ def tokenizer_model(tmp_path_factory, sample_path):
         character_coverage=1.0, minloglevel=2,
     )  # fmt: skip
     return folder / "tokenizer.model"
+
+
+def tiny_recipe(base: str, sessions) -> str:
+    """One LoRA step on CPU, evaluated on one val session."""
+    return (
+        f'base = "{base}"\nsessions = "{sessions}"\nmax_steps = 1\nbatch_size = 2\nmax_len = 4096\nlora_r = 4\n'
+        'lora_alpha = 8\nwarmup_steps = 0\ndevice = "cpu"\nprecision = "fp32"\neval_sessions = 1\neval_max_tokens = 8\n'
+    )
+
+
+# A random 2-layer model has no margin to spare at 4 bits (Q4_K_M agrees on ~60% of its decided positions);
+# the 0.8 gate below 8 bits is for trained students. F16 and Q8_0 keep their gates.
+EXPORT_ARGS = ["--quant", "Q8_0,Q4_K_M", "--keep-f16", "--golden", "2", "--gen-max-tokens", "32", "--min-top1", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_model(tmp_path_factory, sample_path):
+    return make_tokenizer(tmp_path_factory.mktemp("spm"), sample_path)
 
 
 def tiny_model(folder, arch: str, tokenizer_model) -> str:
@@ -88,11 +105,7 @@ def peft_adapter(model_dir: str, out, seed: int = 1) -> str:
 def test_train_export_parity_generate(arch, tokenizer_model, sample_path, cli, tmp_path):
     base = tiny_model(tmp_path / f"tiny-{arch}", arch, tokenizer_model)
     recipe = tmp_path / "recipe.toml"
-    recipe.write_text(
-        f'base = "{base}"\nsessions = "{sample_path}"\nmax_steps = 1\nbatch_size = 2\nmax_len = 4096\n'
-        'lora_r = 4\nlora_alpha = 8\nwarmup_steps = 0\ndevice = "cpu"\nprecision = "fp32"\neval_sessions = 1\n'
-        "eval_max_tokens = 8\n"
-    )
+    recipe.write_text(tiny_recipe(base, sample_path))
     run = tmp_path / "run"
     result = cli("train", recipe, "--out", run, "--quiet")
     assert result.exit_code == 0, result.output
@@ -100,10 +113,7 @@ def test_train_export_parity_generate(arch, tokenizer_model, sample_path, cli, t
     assert "lm_head" not in modules and len(modules) >= 4  # every linear layer, by this architecture's names
 
     out = tmp_path / "export"
-    # A random 2-layer model has no margin to spare at 4 bits (Q4_K_M agrees on ~60% of its decided
-    # positions); the 0.8 gate below 8 bits is for trained students. F16 and Q8_0 keep their gates.
-    result = cli("export", run, "--out", out, "--quant", "Q8_0,Q4_K_M", "--keep-f16", "--golden", "2",
-                 "--gen-max-tokens", "32", "--min-top1", "0.5")  # fmt: skip
+    result = cli("export", run, "--out", out, *EXPORT_ARGS)
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["base"]["arch"] == arch and manifest["parity"]["tokenizer"]["eos_token_id"] == EOS

@@ -34,7 +34,7 @@ TINY = {
     "eval_every": 2,  # one evaluation, at the end
     "save_every": 1,
     "device": "cpu",
-    "lora_r": 8,  # a 4.9 MB adapter: small enough to promote to models/
+    "lora_r": 8,  # a 4.9 MB adapter: small enough to promote to bundlekd_edge/students/
     "lora_alpha": 16,
 }
 

@@ -48,7 +48,7 @@ def _exit_on_sigterm() -> None:
 @click.option(
     "--promote",
     metavar="NAME",
-    help="Also install the adapter, its slim pack and a card as the shipped student models/NAME "
+    help="Also install the adapter, its slim pack and a card as the shipped student bundlekd_edge/students/NAME "
     "(then `generate --model NAME`).",
 )
 @click.option(

@@ -87,7 +87,7 @@ bkd-edge generate --model {manifest["name"]}:Q8_0 --sessions S.jsonl --out pred.
 `adapter.gguf` is the same student as a LoRA adapter over the base GGUF (or the GGUF llama.cpp converts from the base)
 ({manifest["adapter"]["gguf"]["bytes"] / 2**20:.1f} MiB, rank {manifest["adapter"]["gguf"]["rank"]}):
 `bkd-edge generate --model base --adapter adapter.gguf ...`, or `ollama create -f Modelfile.adapter`.
-`bkd-edge export RUN --out EXPORT --promote NAME` installs it as a shipped student (models/NAME).
+`bkd-edge export RUN --out EXPORT --promote NAME` installs it as a shipped student (bundlekd_edge/students/NAME).
 
 `manifest.json` holds the sha256 of every file; the runtime refuses a changed file.
 

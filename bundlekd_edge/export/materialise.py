@@ -2,7 +2,7 @@
 
 llama.cpp applies a LoRA adapter as extra matrix products in every layer, so the shipped form (base
 Q4_1 + adapter) prefills at ~230 tok/s where the same student merged runs 2.4x faster at the same
-quality (models/smollm2-bundles/README.md). The first run of a student with an adapter (or
+quality (bundlekd_edge/students/smollm2-bundles/README.md). The first run of a student with an adapter (or
 `make setup`) therefore makes the merged form, with the export's own code:
 
     merge     the base dequantised plus scale * alpha/r * B @ A (`gguf_write.merged_tensors`, numpy), f16 GGUF
