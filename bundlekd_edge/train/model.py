@@ -251,6 +251,7 @@ def score_model(
         raw = choose_first_line(  # the runtime's choice, by the pack's rule
             candidates, maker.pack.choice if maker.pack else None, config,
             lambda lines, ids=prompt_ids: line_logprobs(model, ids, [tok.text_ids(line + "\n") for line in lines]),
+            session=s,  # a learned rule reads the session's items (category purity)
         )  # fmt: skip
         if raw is None:
             cap = max_answer_tokens(len(s.items), config)
