@@ -38,9 +38,13 @@ def test_shards_split_a_run_and_eval_scores_their_union(tmp_path, cli, sample_pa
         out = tmp_path / f"{name}.jsonl"
         r = cli("generate", "--sessions", sample_path, "--limit", 6, "--out", out, "--quiet", *extra)
         assert r.exit_code == 0, r.output
-        runs[name] = {row["session_id"]: row["bundles"] for row in map(json.loads, out.read_text().splitlines())}
+        rows = map(json.loads, out.read_text().splitlines())
+        runs[name] = {row["session_id"]: [b["items"] for b in row["bundles"]] for row in rows}
     assert runs["part-0"] and runs["part-1"] and not set(runs["part-0"]) & set(runs["part-1"])
-    assert {**runs["part-0"], **runs["part-1"]} == runs["all"]  # same sessions, same answers
+    # same sessions, same partitions. An intent can differ at a near-tie: a session's prompt is evaluated
+    # after the prefix it shares with the one before, so its batch split depends on that neighbour, and
+    # on some CPUs and quants (merged Q4_K_S on an AVX-512 build) the rounding moves with the split
+    assert {**runs["part-0"], **runs["part-1"]} == runs["all"]
 
     scores = {}
     for name, preds in (("all", ["--pred", tmp_path / "all.jsonl"]), ("parts", ["--pred", tmp_path / "part-*.jsonl"])):

@@ -30,7 +30,7 @@ from bundlekd_edge.metrics import Prediction, evaluate
 from tests.conftest import bkd_edge, session, write_lines
 
 ROOT = Path(__file__).resolve().parent.parent
-STUDENT = ROOT / "models" / "smollm2-bundles"
+STUDENT = ROOT / "bundlekd_edge" / "students" / "smollm2-bundles"
 
 
 def run(*args, input=None):

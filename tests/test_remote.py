@@ -129,8 +129,10 @@ def test_the_shipped_student_on_a_server_with_its_adapter(tmp_path, cli, sample_
         server.stop()
     r = cli("generate", "--sessions", sample_path, "--limit", 3, "--out", local, "--quiet")
     assert r.exit_code == 0, r.output
-    remote_bundles = [(a[0], a[1]) for a in answers(remote)]
-    assert remote_bundles == [(a[0], a[1]) for a in answers(local)]  # the same partitions chosen
+    # the same partitions chosen; the intents may differ: the server runs the adapter over the Q4_1 base,
+    # locally the default runs merged at this machine's quant
+    partitions = [[(a[0], [b["items"] for b in a[1]]) for a in answers(path)] for path in (remote, local)]
+    assert partitions[0] == partitions[1]
     assert all(a[2] for a in answers(remote))
 
 

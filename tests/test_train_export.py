@@ -791,7 +791,7 @@ def test_training_starts_from_the_shipped_adapter_and_the_ranking_loss_trains_th
 
     student = resolve_student("default:adapter")
     base, (adapter,) = Base("gguf", default_model_path()), student.adapters
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(Recipe().target_modules))
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=Recipe().lora_targets())
     model = get_peft_model(load_base_model(base, torch.float32), lora)
     assert load_adapter(model, adapter.path, base, 16) == 420
     with pytest.raises(BkdError, match="alpha is 16, the recipe's lora_alpha 32"):

@@ -74,6 +74,10 @@ class Recipe:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def lora_targets(self) -> str | list[str]:
+        """`target_modules` as peft takes it: its word 'all-linear' alone, or the module names."""
+        return ALL_LINEAR if self.target_modules == [ALL_LINEAR] else list(self.target_modules)
+
     def prompt_config(self) -> PromptConfig:
         """How the student sees a session: recorded with the run, used again by export and the runtime."""
         return PromptConfig(

@@ -27,7 +27,7 @@ from ..artifacts import building, write_manifest
 from ..data import load_sessions, spread
 from ..files import atomic_write, sha256_file, write_json
 from .model import load_adapter, load_base_model, pick_device, rank_loss, resolve_base, score_model, set_threads
-from .recipe import ALL_LINEAR, Recipe
+from .recipe import Recipe
 from .run_folder import RUN_FORMAT, RUN_SCRATCH, is_finished
 from .sft import (
     IGNORE,
@@ -239,7 +239,7 @@ class Training:
             r=recipe.lora_r,
             lora_alpha=recipe.lora_alpha,
             lora_dropout=recipe.lora_dropout,
-            target_modules=ALL_LINEAR if recipe.target_modules == [ALL_LINEAR] else list(recipe.target_modules),
+            target_modules=recipe.lora_targets(),
         )
         try:
             model = get_peft_model(model, lora)
