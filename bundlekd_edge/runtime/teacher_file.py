@@ -68,7 +68,9 @@ def pinned_teacher(model: str | Path) -> LocalTeacher | None:
         return TEACHERS[str(model)]
     path = Path(model)
     size = path.stat().st_size if path.is_file() else -1
-    return next((t for t in TEACHERS.values() if t.size == size), None)
+    # a copy keeps the pinned file's name: a size alone can be another model's (the 0.5B's Q4_K_M export,
+    # its k-quants falling back to Q5_0, is the very size of the Q5_0 original)
+    return next((t for t in TEACHERS.values() if t.size == size and path.name == t.file), None)
 
 
 def teacher_label(model: str | Path) -> str:
