@@ -343,9 +343,7 @@ def package(src: Source, folder: Path, name: str, models: dict, adapter: dict, s
         shutil.copytree(src.pack.folder, folder / "pack", ignore=shutil.ignore_patterns("state"))
     adapter_files = sorted(p for p in src.adapter_dir.iterdir() if p.is_file())
     run = src.run or {}
-    base_sha = (run.get("base") or {}).get("sha256") or (
-        sha256_file(src.base.path) if src.base.kind == "gguf" else None
-    )
+    base_sha = (run.get("base") or {}).get("sha256") or adapter.get("base_sha256")  # hashed once, by the writer
     fields = {
         "name": name,
         "base": {"path": str(src.base.path), "kind": src.base.kind, "sha256": base_sha, "arch": adapter["arch"]},

@@ -87,6 +87,7 @@ def write_lora_gguf(base_path: str | Path, adapter_dir: str | Path, out_path: st
         raise BkdError(f"{adapter_dir}: the adapter holds no LoRA tensors")
     alpha = lora_scaling(config) * rank  # llama.cpp scales B @ A by alpha / r
 
+    base_sha256 = sha256_file(base_path) if pin_base else None
     out_path = Path(out_path)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     writer = gguf.GGUFWriter(str(tmp), arch)
@@ -97,7 +98,7 @@ def write_lora_gguf(base_path: str | Path, adapter_dir: str | Path, out_path: st
         writer.add_uint32(KEY_RANK, rank)
         if pin_base:
             writer.add_string(KEY_BASE_NAME, base_path.name)
-            writer.add_string(KEY_BASE_SHA256, sha256_file(base_path))
+            writer.add_string(KEY_BASE_SHA256, base_sha256)
         for name, data in tensors:
             writer.add_tensor(name, data)
         writer.write_header_to_file()
@@ -115,18 +116,23 @@ def write_lora_gguf(base_path: str | Path, adapter_dir: str | Path, out_path: st
         "tensor_type": dtype,
         "target_modules": sorted({hf_name.rsplit(".", 2)[-2] for hf_name in pairs}),  # q_proj, ...
         "base": base_path.name,
+        "base_sha256": base_sha256,
         "arch": arch,
     }
 
 
 def cached_gguf_adapter(adapter_dir: str | Path, base_path: str | Path) -> Path:
     """`generate --adapter PEFT_DIR`: the peft folder as a GGUF adapter over `base_path`, converted
-    once and cached under the sha256 of the adapter's two files and of the base."""
-    adapter_dir = Path(adapter_dir)
+    once and cached under the sha256 of the adapter's two files and the base file's identity (path,
+    size, modification time: a multi-GB base is not hashed at every start; the adapter pins its
+    sha256, which the runtime checks as it loads)."""
+    adapter_dir, base_path = Path(adapter_dir), Path(base_path).resolve()
     read_adapter_config(adapter_dir)  # refuse a hostile folder before hashing anything
     key = hashlib.sha256()
-    for part in (adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS, Path(base_path)):
+    for part in (adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS):
         key.update(sha256_file(part).encode())
+    stat = base_path.stat()
+    key.update(f"{base_path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     out = cache_dir() / "adapters" / f"{key.hexdigest()[:24]}.gguf"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,10 @@ def _files(folder: Path, what: str) -> list[Path]:
     return files
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path, missing_ok: bool = False) -> dict:
+    """A JSON object from a folder from elsewhere ({} for a missing file when `missing_ok`)."""
+    if missing_ok and not path.is_file():
+        return {}
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -71,9 +74,9 @@ def read_model_config(folder: str | Path) -> dict:
     files = _files(folder, "model")
     if not (folder / MODEL_CONFIG).is_file():
         raise BkdError(f"{folder}: not an HF model folder (no {MODEL_CONFIG})")
-    config = _read_json(folder / MODEL_CONFIG)
+    config = read_json(folder / MODEL_CONFIG)
     tok_config = folder / "tokenizer_config.json"
-    _no_code(folder, files, [config] + ([_read_json(tok_config)] if tok_config.is_file() else []), "model")
+    _no_code(folder, files, [config, read_json(tok_config, missing_ok=True)], "model")
     if not any(p.suffix == ".safetensors" for p in files):
         pickled = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
         why = f": {pickled[0]} is a pickle file, refused and never loaded (save with safetensors)" if pickled else ""
@@ -99,7 +102,7 @@ def read_adapter_config(folder: str | Path) -> dict:
         pickled = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
         hint = f" ({pickled[0]} is a pickle file: refused, never loaded; save with safetensors)" if pickled else ""
         raise BkdError(f"{folder}: not a peft adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} expected){hint}")
-    config = _read_json(folder / ADAPTER_CONFIG)
+    config = read_json(folder / ADAPTER_CONFIG)
     _no_code(folder, files, [config], "adapter")
     if config.get("peft_type", "LORA") != "LORA":
         raise BkdError(f"{folder}: a {config.get('peft_type')} adapter; only LoRA adapters can be merged or run")

@@ -182,31 +182,24 @@ def torch_top1_and_generate(model_dir, golden: list[Golden], tok) -> Answers:
 def check_tokenizer(hf_dir, tok, gguf_path) -> dict:
     """What other exporters lose in conversion and users find as a GGUF that never stops or talks
     nonsense: the chat template, and the end-of-turn token the model was trained to write."""
-    import json
     from pathlib import Path
 
+    from .model_folder import MODEL_CONFIG, read_json
+
     hf_dir = Path(hf_dir)
-    config = json.loads((hf_dir / "config.json").read_text())
-    tok_config_path = hf_dir / "tokenizer_config.json"
-    tok_config = json.loads(tok_config_path.read_text()) if tok_config_path.is_file() else {}
+    tok_config = read_json(hf_dir / "tokenizer_config.json", missing_ok=True)
     hf_template = bool(tok_config.get("chat_template")) or (hf_dir / "chat_template.jinja").is_file()
     gguf_template = bool(tok.llm.metadata.get("tokenizer.chat_template"))
     if hf_template and not gguf_template:
         raise BkdError(f"{gguf_path}: the chat template of {hf_dir} was lost in conversion")
     eos = set()
-    for where in (config, _json(hf_dir / "generation_config.json")):
-        value = where.get("eos_token_id")
-        eos |= {value} if isinstance(value, int) else set(value or [])
+    for config in (read_json(hf_dir / MODEL_CONFIG), read_json(hf_dir / "generation_config.json", missing_ok=True)):
+        value = config.get("eos_token_id")
+        eos |= set(value) if isinstance(value, list) else {value} if isinstance(value, int) else set()
     if eos and tok.eos_id not in eos:
         raise BkdError(f"{gguf_path}: its end-of-turn token {tok.eos_id} is not the model's ({sorted(eos)}): "
                        "the converted model would not stop where the trained one does")  # fmt: skip
     return {"chat_template": gguf_template, "eos_token_id": tok.eos_id}
-
-
-def _json(path) -> dict:
-    import json
-
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def bundle_sets(text: str, golden: Golden) -> frozenset:

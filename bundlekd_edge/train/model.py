@@ -135,14 +135,14 @@ def _gguf_adapter(path: Path, base: Base, keys: list[str]) -> tuple[float, dict]
     import gguf
     import torch
 
-    from ..export.gguf_write import PERMUTED_QK, arch_shape
+    from ..export.gguf_write import PERMUTED_QK, arch_shape, check_base
     from ..export.lora_gguf import gguf_name, gguf_names
     from ..runtime.adapters import check_adapter
 
     if base.kind != "gguf":
         raise BkdError(f"init_adapter {path}: a GGUF adapter needs a GGUF base (the recipe's base is {base.path})")
 
-    meta = arch_shape(gguf.GGUFReader(base.path), base.path)  # read once (a 49k vocabulary takes seconds)
+    meta = arch_shape(check_base(base.path), base.path)  # read once per file (a 49k vocabulary takes seconds)
     arch = meta["arch"]
     alpha = check_adapter(path, base.path, model_arch=arch, shapes=False)["alpha"]
     arrays = {t.name: np.array(t.data, dtype=np.float32) for t in gguf.GGUFReader(path).tensors}
